@@ -1,0 +1,1 @@
+"""Melanoma-detection workbench: the library (no Streamlit here)."""

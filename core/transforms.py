@@ -1,0 +1,102 @@
+"""Preprocessing as in the reference recipe, on torchvision ``transforms.v2``.
+
+Eval: centre-crop to a square → resize → (Shades-of-Gray) → normalise. Train adds, between resize and normalise,
+random resized crop (scale 0.9–1.0), random zoom, flips, rotation ±15° and colour jitter 0.1. Every geometric step
+is a v2 transform, so a ``tv_tensors.Mask`` passed with its image gets exactly the same geometry (nearest-neighbour),
+while the photometric steps leave masks alone.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalization = Literal["imagenet", "per_image"]
+
+
+class _ImageOnly(v2.Transform):
+    """Base for photometric steps: applied to images (and plain tensors), never to masks."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, (tv_tensors.Mask, tv_tensors.BoundingBoxes)):
+            return inpt
+        return tv_tensors.wrap(self.apply(inpt.as_subclass(torch.Tensor)), like=inpt) \
+            if isinstance(inpt, tv_tensors.TVTensor) else self.apply(inpt)
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CenterSquareCrop(v2.Transform):
+    """Crop the largest centred square: 200×150 → 150×150, 600×450 → 450×450. Keeps the lesion, drops the sides."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        return {"side": min(height, width)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.center_crop, inpt, output_size=[params["side"]] * 2)
+
+
+class PerImageStandardize(_ImageOnly):
+    """Zero mean, unit variance per image and channel (the reference recipe's normalisation)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        mean = image.mean(dim=(-2, -1), keepdim=True)
+        std = image.std(dim=(-2, -1), keepdim=True)
+        return (image - mean) / (std + self.eps)
+
+
+class ShadesOfGray(_ImageOnly):
+    """Colour constancy (Finlayson & Trezzi 2004): estimate the illuminant as the Minkowski p-norm mean of each
+    channel and rescale channels so it becomes grey. Evens out the colour casts of different dermoscopes.
+    Expects a float image in [0, 1]."""
+
+    def __init__(self, power: float = 6.0) -> None:
+        super().__init__()
+        self.power = power
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        illuminant = image.clamp_min(0).pow(self.power).mean(dim=(-2, -1), keepdim=True).pow(1 / self.power)
+        gain = illuminant.mean(dim=-3, keepdim=True) / illuminant.clamp_min(1e-6)
+        return (image * gain).clamp(0, 1)
+
+
+def create_transform(input_size: int = 224, train: bool = False, normalization: Normalization = "imagenet",
+                     shades_of_gray: bool = False, rotation: float = 15.0, jitter: float = 0.1,
+                     crop_scale: tuple[float, float] = (0.9, 1.0), zoom: tuple[float, float] = (1.0, 1.1)) -> v2.Compose:
+    """The pipeline for one image (PIL or uint8 tensor), optionally with its ``tv_tensors.Mask``.
+
+    Returns a float tensor ``(3, input_size, input_size)`` (and the mask, same geometry).
+    """
+    steps: list[v2.Transform] = [v2.ToImage(), CenterSquareCrop(),
+                                 v2.Resize((input_size, input_size), antialias=True)]
+    if train:
+        steps += [
+            v2.RandomResizedCrop(input_size, scale=crop_scale, ratio=(1.0, 1.0), antialias=True),
+            v2.RandomAffine(degrees=0.0, scale=zoom),  # random zoom-in
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(rotation),
+            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
+        ]
+    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.uint8, "others": None},
+                            scale=True))
+    if shades_of_gray:
+        steps.append(ShadesOfGray())
+    if normalization == "imagenet":
+        steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    elif normalization == "per_image":
+        steps.append(PerImageStandardize())
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; choose 'imagenet' or 'per_image'")
+    return v2.Compose(steps)

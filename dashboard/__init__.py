@@ -1,0 +1,1 @@
+"""Streamlit dashboard: entry point (app.py) and UI parts shared by the pages."""

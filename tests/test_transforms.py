@@ -1,0 +1,156 @@
+"""Preprocessing: shapes, normalisation, colour constancy, and image–mask alignment through every geometric step."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from core.data import open_mask, open_rgb
+from core.transforms import IMAGENET_MEAN, CenterSquareCrop, ShadesOfGray, create_transform
+
+
+def l_shaped_mask(height: int = 150, width: int = 200) -> np.ndarray:
+    """An asymmetric, off-centre shape: any flip, rotation or shift of one but not the other shows."""
+    mask = np.zeros((height, width), dtype=bool)
+    mask[30:110, 60:85] = True
+    mask[90:110, 60:140] = True
+    return mask
+
+
+def encode(mask: np.ndarray) -> tuple[Image.Image, tv_tensors.Mask]:
+    """An image whose red channel *is* the mask (255 inside, 0 outside), and the mask itself."""
+    rgb = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = mask * 255
+    rgb[..., 1:] = 60
+    return Image.fromarray(rgb), tv_tensors.Mask(torch.from_numpy(mask).unsqueeze(0).to(torch.uint8))
+
+
+def iou(image: torch.Tensor, mask: torch.Tensor, channel: int = 0) -> float:
+    """Overlap of the image channel that encodes the mask (thresholded half-way) with the mask tensor."""
+    red = image[channel]
+    inside = red > (red.max() + red.min()) / 2
+    m = mask[0].bool()
+    return float((inside & m).sum() / (inside | m).sum())
+
+
+GEOMETRIC = {
+    "centre crop": [CenterSquareCrop()],
+    "resize": [CenterSquareCrop(), v2.Resize((224, 224), antialias=True)],
+    "random resized crop": [v2.RandomResizedCrop(160, scale=(0.9, 1.0), ratio=(1.0, 1.0), antialias=True)],
+    "zoom": [v2.RandomAffine(degrees=0.0, scale=(1.0, 1.1))],
+    "horizontal flip": [v2.RandomHorizontalFlip(p=1.0)],
+    "vertical flip": [v2.RandomVerticalFlip(p=1.0)],
+    "rotation": [v2.RandomRotation(15)],
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", list(GEOMETRIC))
+def test_each_geometric_step_keeps_mask_aligned(name: str, seed: int) -> None:
+    image, mask = encode(l_shaped_mask())
+    torch.manual_seed(seed)
+    out_image, out_mask = v2.Compose([v2.ToImage(), *GEOMETRIC[name]])(image, mask)
+    assert out_image.shape[-2:] == out_mask.shape[-2:]
+    assert iou(out_image.float(), out_mask) > 0.9
+
+
+@pytest.mark.parametrize("normalization", ["imagenet", "per_image"])
+@pytest.mark.parametrize("shades_of_gray", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_full_training_pipeline_keeps_mask_aligned(normalization: str, shades_of_gray: bool, seed: int) -> None:
+    image, mask = encode(l_shaped_mask())
+    torch.manual_seed(seed)
+    out_image, out_mask = create_transform(224, True, normalization, shades_of_gray)(image, mask)
+    assert out_image.shape == (3, 224, 224) and out_mask.shape == (1, 224, 224)
+    assert set(out_mask.unique().tolist()) <= {0, 1}  # nearest-neighbour: still a binary mask
+    assert iou(out_image, out_mask) > 0.9
+
+
+def test_alignment_check_catches_a_misaligned_mask() -> None:
+    """The check above can fail: flip the image alone and the overlap collapses."""
+    image, mask = encode(l_shaped_mask())
+    flipped = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(p=1.0)])(image)
+    assert iou(flipped.float(), mask) < 0.5
+
+
+def test_real_lesion_masks_follow_their_images(ham: pd.DataFrame) -> None:
+    """Real photos with their real (irregular) masks: the mask is burnt into the photo's blue channel, the rest of
+    the photo kept, and after the random training geometry the burnt-in mask and the mask tensor must coincide.
+    (Lesions under 10 % of the frame are left out: on a 20-pixel blob, resampling alone moves IoU by 0.1.)"""
+    transform = create_transform(160, train=True, normalization="imagenet")
+    checked = 0
+    for k, row in enumerate(ham.iloc[::250].itertuples()):
+        raw_mask = open_mask(row.mask_path)
+        if not 0.1 < raw_mask.mean() < 0.9:
+            continue
+        photo = np.asarray(open_rgb(row.path)).copy()
+        photo[..., 2] = raw_mask * 255
+        torch.manual_seed(k)
+        mask = tv_tensors.Mask(torch.from_numpy(raw_mask).unsqueeze(0).to(torch.uint8))
+        image, out_mask = transform(Image.fromarray(photo), mask)
+        assert iou(image, out_mask, channel=2) > 0.9, row.image_id
+        checked += 1
+    assert checked >= 15
+
+
+@pytest.mark.parametrize("size", [(200, 150), (600, 450), (150, 200), (64, 64)])
+@pytest.mark.parametrize("train", [False, True])
+def test_any_input_size_gives_the_model_size(size: tuple[int, int], train: bool) -> None:
+    image = Image.new("RGB", size, (200, 120, 100))
+    assert create_transform(160, train=train)(image).shape == (3, 160, 160)
+
+
+def test_centre_crop_keeps_the_centre_square() -> None:
+    columns = np.tile(np.arange(200, dtype=np.uint8), (150, 1))
+    image = np.stack([columns] * 3, axis=2)
+    out = v2.Compose([v2.ToImage(), CenterSquareCrop()])(Image.fromarray(image))
+    assert out.shape == (3, 150, 150) and out[0, 0, 0] == 25 and out[0, 0, -1] == 174
+
+
+def test_eval_is_deterministic_train_is_random_but_seeded() -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    evaluate, train = create_transform(128), create_transform(128, train=True)
+    assert torch.equal(evaluate(image), evaluate(image))
+    torch.manual_seed(1)
+    a = train(image)
+    torch.manual_seed(1)
+    assert torch.equal(a, train(image))
+    assert not torch.equal(a, train(image))
+
+
+def test_per_image_normalisation() -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(30, 200, (150, 200, 3), dtype=np.uint8))
+    out = create_transform(96, normalization="per_image")(image)
+    assert torch.allclose(out.mean(dim=(1, 2)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(out.std(dim=(1, 2)), torch.ones(3), atol=1e-3)
+
+
+def test_imagenet_normalisation() -> None:
+    mean_colour = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    out = create_transform(96, normalization="imagenet")(Image.new("RGB", (200, 150), mean_colour))
+    assert out.abs().max() < 0.02
+
+
+def test_shades_of_gray_removes_a_colour_cast() -> None:
+    rng = np.random.default_rng(0)
+    grey = torch.from_numpy(rng.uniform(0.2, 0.7, (1, 64, 64))).float().expand(3, 64, 64)
+    cast = grey * torch.tensor([1.3, 1.0, 0.7]).view(3, 1, 1)
+    corrected = ShadesOfGray()(tv_tensors.Image(cast))
+    illuminant = corrected.pow(6).mean(dim=(1, 2)).pow(1 / 6)
+    assert (illuminant.max() - illuminant.min()) < 0.01 < (cast.max(dim=0).values - cast.min(dim=0).values).mean()
+
+
+def test_photometric_steps_leave_masks_alone() -> None:
+    mask = tv_tensors.Mask(torch.from_numpy(l_shaped_mask()).unsqueeze(0).to(torch.uint8))
+    image = tv_tensors.Image(torch.rand(3, 150, 200))
+    _, out = v2.Compose([ShadesOfGray(), v2.Normalize(IMAGENET_MEAN, (0.2, 0.2, 0.2))])(image, mask)
+    assert torch.equal(out, mask)
+
+
+def test_unknown_normalisation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown normalization 'zscore'"):
+        create_transform(normalization="zscore")
