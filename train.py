@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Command line over ``core``: ``split`` (and, as they land, fit / evaluate / predict / explain).
+"""Command line over ``core``.
 
-    python train.py split                 # writes splits/ham10000.csv from the resolved HAM10000 folder
-    python train.py split --folds 5       # also writes splits/ham10000_folds5.csv (train+val only)
+    python train.py split [--folds 5]                       # splits/ham10000.csv (+ a 5-fold file of train+val)
+    python train.py fit --config configs/default.yaml --out runs/NAME [--epochs 3 …]   # flags override the YAML
+    python train.py fit --resume runs/NAME                 # continue an interrupted run
+    python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
+    python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
 """
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from core.data import DataError, read_dataset
+from core.checkpoint import CheckpointError
+from core.config import TrainConfig, add_config_arguments
+from core.data import IMAGE_EXTENSIONS, DataError, read_dataset
+from core.engine import TrainingError
 
 DEFAULT_SPLIT = Path("splits/ham10000.csv")
 
@@ -45,6 +51,76 @@ def cmd_split(args: argparse.Namespace) -> None:
         print(f"wrote {folds_path} (test split held out)")
 
 
+def cmd_fit(args: argparse.Namespace) -> None:
+    from core.engine import fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+        fit(cfg, run_dir, resume=True)
+        return
+    if args.out is None:
+        raise ValueError("fit needs --out RUN_DIR (or --resume RUN_DIR)")
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    cfg = cfg.override(args)
+    if (args.out / "model.safetensors").exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already holds a trained run; use --resume, --overwrite or another --out")
+    fit(cfg, args.out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from core.engine import evaluate_run, load_run, predict_frame, resolve_device
+    from core.io import atomic_write, atomic_write_text
+    from core import metrics
+
+    if args.data is None:
+        evaluate_run(args.run, args.device)
+        return
+    # An external labelled set: apply the run's val-chosen thresholds, never choose new ones here.
+    device = resolve_device(args.device)
+    cfg, model = load_run(args.run, device)
+    frame = predict_frame(cfg, model, read_dataset(args.data, args.images), device)
+    name = Path(args.data).stem
+    atomic_write(Path(args.run) / f"predictions_{name}.csv", lambda tmp: frame.drop(
+        columns=["path", "mask_path"]).to_csv(tmp, index=False, float_format="%.6f"))
+    thresholds = json.loads((Path(args.run) / "metrics.json").read_text())["thresholds"]
+    labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
+    report = {"n": len(frame), "auroc": metrics.auroc(labels, probs),
+              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
+              "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+    atomic_write_text(Path(args.run) / f"metrics_{name}.json", json.dumps(report, indent=1))
+    print(f"{name}: {len(frame)} images, AUROC {report['auroc']:.4f} "
+          f"(95% CI {report['auroc_ci'][0]:.3f}–{report['auroc_ci'][1]:.3f})")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from core.io import atomic_write
+    from core.predictor import Predictor
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise DataError(f"--images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    predictor = Predictor.load(args.run, args.device)
+    rows, failed = [], []
+    for path in files:
+        try:
+            rows.append({"image": path.name, "probability": predictor.predict(path).probability})
+        except DataError as err:
+            failed.append(str(err))
+    frame = pd.DataFrame(rows, columns=["image", "probability"])
+    atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+    print(f"wrote {len(frame)} predictions to {args.out}")
+    for message in failed:
+        print(f"skipped: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--seed", type=int, default=0)
     out.add_argument("--folds", type=int, default=0, help="also write an N-fold assignment of train+val")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("fit", help="train a model into a run directory, then evaluate it")
+    run = p.add_argument_group("run")
+    run.add_argument("--config", type=Path, help="YAML config (e.g. configs/default.yaml); flags override it")
+    run.add_argument("--out", type=Path, help="run directory to create")
+    run.add_argument("--resume", type=Path, help="continue the interrupted run in this directory")
+    run.add_argument("--overwrite", action="store_true", help="train into --out even if it holds a run")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on val and test, or on another labelled set")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", help="a label CSV (ISIC 2018/2019 ground truth or image,label) instead of the split")
+    p.add_argument("--images", help="image folder for --data")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="P(malignant) for every image in a folder")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write: image,probability")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -67,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ValueError) as err:
+    except (DataError, CheckpointError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,9 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Normalization = Literal["imagenet", "per_image"]
+# "imagenet": ImageNet mean/std; "per_image": zero mean, unit variance per image (the reference recipe's); or an
+# explicit (mean, std) pair, e.g. what the pretrained weights were trained with (core.model.pretrained_config).
+Normalization = Literal["imagenet", "per_image"] | tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class _ImageOnly(v2.Transform):
@@ -71,6 +73,28 @@ class ShadesOfGray(_ImageOnly):
         return (image * gain).clamp(0, 1)
 
 
+def resize_transform(input_size: int) -> v2.Compose:
+    """Centre square → ``input_size``, still uint8: what every path (train, eval, preload, predict) starts with."""
+    return v2.Compose([v2.ToImage(), CenterSquareCrop(), v2.Resize((input_size, input_size), antialias=True)])
+
+
+def normalize_transform(normalization: Normalization = "imagenet", shades_of_gray: bool = False) -> v2.Compose:
+    """uint8 → float in [0, 1] → (Shades-of-Gray) → normalised. Works on one image or a batch."""
+    steps: list[v2.Transform] = [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.uint8,
+                                             "others": None}, scale=True)]
+    if shades_of_gray:
+        steps.append(ShadesOfGray())
+    if normalization == "imagenet":
+        steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    elif normalization == "per_image":
+        steps.append(PerImageStandardize())
+    elif isinstance(normalization, (tuple, list)) and len(normalization) == 2:
+        steps.append(v2.Normalize(list(normalization[0]), list(normalization[1])))
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; choose 'imagenet', 'per_image' or (mean, std)")
+    return v2.Compose(steps)
+
+
 def create_transform(input_size: int = 224, train: bool = False, normalization: Normalization = "imagenet",
                      shades_of_gray: bool = False, rotation: float = 15.0, jitter: float = 0.1,
                      crop_scale: tuple[float, float] = (0.9, 1.0), zoom: tuple[float, float] = (1.0, 1.1)) -> v2.Compose:
@@ -78,8 +102,7 @@ def create_transform(input_size: int = 224, train: bool = False, normalization: 
 
     Returns a float tensor ``(3, input_size, input_size)`` (and the mask, same geometry).
     """
-    steps: list[v2.Transform] = [v2.ToImage(), CenterSquareCrop(),
-                                 v2.Resize((input_size, input_size), antialias=True)]
+    steps: list[v2.Transform] = [resize_transform(input_size)]
     if train:
         steps += [
             v2.RandomResizedCrop(input_size, scale=crop_scale, ratio=(1.0, 1.0), antialias=True),
@@ -89,14 +112,4 @@ def create_transform(input_size: int = 224, train: bool = False, normalization: 
             v2.RandomRotation(rotation),
             v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
         ]
-    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.uint8, "others": None},
-                            scale=True))
-    if shades_of_gray:
-        steps.append(ShadesOfGray())
-    if normalization == "imagenet":
-        steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
-    elif normalization == "per_image":
-        steps.append(PerImageStandardize())
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}; choose 'imagenet' or 'per_image'")
-    return v2.Compose(steps)
+    return v2.Compose([*steps, normalize_transform(normalization, shades_of_gray)])

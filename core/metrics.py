@@ -1,0 +1,210 @@
+"""Evaluation metrics for the binary classifier (label 1 = malignant, score = probability of malignancy).
+
+Everything is scikit-learn underneath; this module fixes the conventions so every report agrees:
+
+* A case is called positive iff ``prob >= threshold`` (the same rule as ``sklearn.metrics.roc_curve``).
+* A ratio whose denominator is zero (PPV with no positive calls, specificity with no benign cases, …) is ``nan``,
+  never 0: it is undefined, and a 0 would read as "every call was wrong". ``json.dumps`` writes it as ``NaN``.
+* Thresholds are chosen on the validation split and applied to test, never chosen on test:
+  :func:`choose_thresholds` sees one split, :func:`threshold_report` only ever passes it the validation split.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from scipy.stats import rankdata
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
+                             recall_score, roc_auc_score, roc_curve)
+
+AGE_BANDS = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
+SUBGROUP_COLUMNS = ["group", "value", "n", "n_malignant", "auroc"]
+
+
+def _check(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0/1 ints and probabilities as floats in [0, 1], of equal non-zero length, or a ValueError."""
+    y = np.asarray(labels)
+    p = np.asarray(probs, dtype=float)
+    if y.ndim != 1 or p.ndim != 1 or len(y) != len(p) or len(y) == 0:
+        raise ValueError(f"labels and probs must be non-empty 1-D arrays of one length, got {y.shape}, {p.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(np.unique(y).tolist()) - {0, 1})[:5]}")
+    if not (np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1):
+        raise ValueError("probs must be finite and within [0, 1]")
+    return y.astype(np.int64), p
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < y.sum() < len(y)
+
+
+def _check_both_classes(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_check`, and both classes present: a threshold chosen on one class means nothing."""
+    y, p = _check(labels, probs)
+    if not _both_classes(y):
+        raise ValueError("need both benign (0) and malignant (1) labels to choose a threshold")
+    return y, p
+
+
+def auroc(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Area under the ROC curve; ``nan`` when only one class is present (AUROC is undefined there)."""
+    y, p = _check(labels, probs)
+    return float(roc_auc_score(y, p)) if _both_classes(y) else float("nan")
+
+
+def _auroc_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """AUROC of every row of 2-D ``labels``/``probs`` at once, via the Mann–Whitney rank identity.
+
+    Exists only because ``roc_auc_score`` takes one sample per call, too slow for thousands of bootstrap resamples.
+    Rows with one class give ``nan``.
+    """
+    ranks = rankdata(probs, axis=1)  # average ranks for ties, which counts a tie as half a win, as roc_auc_score does
+    n_pos = labels.sum(axis=1)
+    n_neg = labels.shape[1] - n_pos
+    u = (ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def bootstrap_auroc_ci(labels: ArrayLike, probs: ArrayLike, n_boot: int = 2000, alpha: float = 0.05,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap ``(1 - alpha)`` CI of the AUROC, resampling images with replacement.
+
+    Resamples holding one class only are skipped (their AUROC is undefined); ``(nan, nan)`` when the data hold one
+    class only. Resamples are drawn in chunks to keep memory bounded for large splits.
+    """
+    y, p = _check(labels, probs)
+    if not _both_classes(y):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // len(y))
+    aucs = []
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(y), size=(min(chunk, n_boot - start), len(y)))
+        aucs.append(_auroc_rows(y[idx], p[idx]))
+    aucs = np.concatenate(aucs)
+    aucs = aucs[~np.isnan(aucs)]
+    low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _roc(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``roc_curve`` at every distinct score, without its leading ``inf`` threshold (no case is called positive)."""
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    return fpr[1:], tpr[1:], thresholds[1:]
+
+
+def youden_threshold(labels: ArrayLike, probs: ArrayLike) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity − 1 (the highest one, on ties)."""
+    fpr, tpr, thresholds = _roc(*_check_both_classes(labels, probs))
+    return float(thresholds[np.argmax(tpr - fpr)])
+
+
+def sensitivity_threshold(labels: ArrayLike, probs: ArrayLike, min_sensitivity: float = 0.95) -> float:
+    """Highest threshold whose sensitivity on these data is ≥ ``min_sensitivity``: the best specificity that keeps it.
+
+    Screening wants a bounded miss rate first; Youden's J may trade misses for specificity.
+    """
+    if not 0 < min_sensitivity <= 1:
+        raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
+    _, tpr, thresholds = _roc(*_check_both_classes(labels, probs))
+    # tpr rises as the threshold falls and reaches 1 at the lowest score, so a first index always exists.
+    return float(thresholds[np.argmax(tpr >= min_sensitivity)])
+
+
+def binary_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float) -> dict[str, float | int]:
+    """Confusion matrix and the usual rates at one threshold (positive iff ``prob >= threshold``; undefined → nan)."""
+    y, p = _check(labels, probs)
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    nan = np.nan
+    return {
+        "threshold": float(threshold),
+        "sensitivity": float(recall_score(y, pred, pos_label=1, zero_division=nan)),
+        "specificity": float(recall_score(y, pred, pos_label=0, zero_division=nan)),
+        "ppv": float(precision_score(y, pred, pos_label=1, zero_division=nan)),
+        "npv": float(precision_score(y, pred, pos_label=0, zero_division=nan)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if _both_classes(y) else nan,
+        "f1": float(f1_score(y, pred, pos_label=1, zero_division=nan)),
+        "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=nan)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+    }
+
+
+def calibration(labels: ArrayLike, probs: ArrayLike, n_bins: int = 10) -> dict[str, float | list]:
+    """Expected calibration error and reliability curve over ``n_bins`` equal-width bins (empty bins left out).
+
+    ECE = Σ (bin count / n) · |observed fraction positive − mean predicted prob|. The counts come from the same
+    bin rule as ``sklearn.calibration.calibration_curve``, so they line up with its (non-empty) bins.
+    """
+    y, p = _check(labels, probs)
+    fraction_positive, mean_predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    counts = counts[counts > 0]
+    ece = float(np.sum(counts / len(y) * np.abs(fraction_positive - mean_predicted)))
+    return {"ece": ece, "mean_predicted": mean_predicted.tolist(), "fraction_positive": fraction_positive.tolist(),
+            "count": counts.tolist()}
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Ages in clinical bands (``<30``, ``30-44``, ``45-59``, ``60-74``, ``75+``), ``unknown`` where missing."""
+    bands = pd.cut(age, bins=[-np.inf, 30, 45, 60, 75, np.inf], right=False, labels=list(AGE_BANDS[:-1]))
+    return bands.cat.add_categories("unknown").fillna("unknown").cat.set_categories(AGE_BANDS, ordered=True)
+
+
+def subgroup_auroc(frame: pd.DataFrame, prob_col: str = "probability", label_col: str = "label",
+                   by: Sequence[str] = ("sex", "age_band", "localization", "dx_type"),
+                   min_count: int = 20) -> pd.DataFrame:
+    """AUROC per value of each metadata column, to spot groups the model serves worse.
+
+    ``age_band`` is derived from ``age`` when the frame has no such column. Grouping columns the frame lacks are
+    skipped (ISIC and plain ``image,label`` CSVs carry no metadata). AUROC is ``nan`` for a group with fewer than
+    ``min_count`` images or with one class only; missing values form their own ``"nan"`` group.
+    """
+    if "age_band" in by and "age_band" not in frame and "age" in frame:
+        frame = frame.assign(age_band=age_band(frame["age"]))
+    missing = [c for c in (prob_col, label_col) if c not in frame]
+    if missing:
+        raise ValueError(f"subgroup_auroc: frame has no column(s) {missing}; it has {list(frame.columns)}")
+    rows = []
+    for column in (c for c in by if c in frame):
+        for value, group in frame.groupby(column, dropna=False, observed=True, sort=True):
+            labels = group[label_col].to_numpy()
+            score = auroc(labels, group[prob_col].to_numpy()) if len(group) >= min_count else float("nan")
+            rows.append({"group": column, "value": str(value), "n": len(group),
+                         "n_malignant": int(labels.sum()), "auroc": score})
+    return pd.DataFrame(rows, columns=SUBGROUP_COLUMNS)
+
+
+def choose_thresholds(labels: ArrayLike, probs: ArrayLike, min_sensitivity: float = 0.95) -> dict[str, float]:
+    """The operating points, chosen on one split (the validation split): fixed 0.5, Youden, and ``sens{pct}``."""
+    return {"0.5": 0.5,
+            "youden": youden_threshold(labels, probs),
+            f"sens{min_sensitivity * 100:g}": sensitivity_threshold(labels, probs, min_sensitivity)}
+
+
+def _split_report(labels: ArrayLike, probs: ArrayLike, thresholds: dict[str, float], n_boot: int,
+                  seed: int) -> dict:
+    y, p = _check_both_classes(labels, probs)
+    return {"n": len(y), "n_malignant": int(y.sum()), "auroc": auroc(y, p),
+            "auroc_ci": list(bootstrap_auroc_ci(y, p, n_boot=n_boot, seed=seed)),
+            "at_threshold": {name: binary_metrics(y, p, t) for name, t in thresholds.items()}}
+
+
+def threshold_report(val_labels: ArrayLike, val_probs: ArrayLike, test_labels: ArrayLike, test_probs: ArrayLike,
+                     min_sensitivity: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Thresholds chosen on validation, then metrics at each of them on validation and on test. JSON-ready.
+
+    The test split never reaches :func:`choose_thresholds`, so its numbers are an honest estimate of what the
+    chosen operating points will do on unseen data.
+    """
+    thresholds = choose_thresholds(val_labels, val_probs, min_sensitivity)
+    return {"min_sensitivity": float(min_sensitivity), "thresholds": thresholds,
+            "val": _split_report(val_labels, val_probs, thresholds, n_boot, seed),
+            "test": _split_report(test_labels, test_probs, thresholds, n_boot, seed)}
+

@@ -1,0 +1,165 @@
+"""Loss, sampler, batch augmentation, config and checkpoint files: the parts of the engine, one at a time."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core import checkpoint
+from core.augment import BatchAugment
+from core.config import TrainConfig, add_config_arguments
+from core.losses import BinaryFocalLoss, create_loss
+from core.sampler import BalancedSampler
+from tests.test_transforms import l_shaped_mask
+
+
+# --- focal loss ---------------------------------------------------------------------------------------------------
+
+def test_focal_loss_matches_hand_computed_values() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    targets = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    alpha, gamma = 0.6, 2.0
+    expected = []
+    for z, y in zip(logits.tolist(), targets.tolist()):
+        p = 1 / (1 + math.exp(-z))
+        p_t, a_t = (p, alpha) if y == 1 else (1 - p, 1 - alpha)
+        expected.append(-a_t * (1 - p_t) ** gamma * math.log(p_t))
+    assert BinaryFocalLoss(alpha, gamma)(logits, targets).item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_focal_loss_with_gamma_zero_is_weighted_bce() -> None:
+    logits, targets = torch.randn(50), (torch.rand(50) > 0.5).float()
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert BinaryFocalLoss(alpha=0.5, gamma=0.0)(logits, targets).item() == pytest.approx(0.5 * bce.item(), rel=1e-5)
+
+
+def test_focal_loss_is_stable_for_extreme_logits() -> None:
+    loss = BinaryFocalLoss()(torch.tensor([80.0, -80.0]), torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(loss) and loss > 10
+
+
+def test_unknown_loss() -> None:
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        create_loss("hinge")
+
+
+# --- balanced sampler ---------------------------------------------------------------------------------------------
+
+def test_sampler_draws_sixty_forty() -> None:
+    labels = np.r_[np.ones(195), np.zeros(805)]
+    draws = np.array(list(BalancedSampler(labels, 0.4, num_samples=20_000, seed=1)))
+    assert labels[draws].mean() == pytest.approx(0.4, abs=0.015)
+
+
+def test_sampler_is_seeded_per_epoch_and_shards_across_ranks() -> None:
+    labels = (np.arange(300) % 5 == 0).astype(int)
+    full = BalancedSampler(labels, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    shards = []
+    for rank in range(2):
+        part = BalancedSampler(labels, seed=3, rank=rank, world_size=2)
+        part.set_epoch(2)
+        shards.append(list(part))
+    assert shards[0] == order[0::2] and shards[1] == order[1::2] and len(shards[0]) == len(part)
+    full.set_epoch(3)
+    assert list(full) != order
+
+
+def test_sampler_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        BalancedSampler(np.zeros(10))
+
+
+# --- batch augmentation -------------------------------------------------------------------------------------------
+
+def test_batch_augment_draws_per_sample_and_is_seeded() -> None:
+    x = torch.rand(1, 3, 64, 64).repeat(6, 1, 1, 1)
+    augment = BatchAugment()
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert all(not torch.equal(a[0], a[k]) for k in range(1, 6))  # each sample its own draw
+
+
+def test_batch_augment_geometry_is_a_mild_similarity() -> None:
+    """The L-shaped figure survives: area within the zoom/crop range, never flipped into noise."""
+    shape = torch.from_numpy(l_shaped_mask(96, 96)).float()
+    x = torch.stack([shape, torch.zeros_like(shape), torch.zeros_like(shape)]).unsqueeze(0).repeat(64, 1, 1, 1)
+    out = BatchAugment(jitter=0.0)(x, torch.Generator().manual_seed(1))
+    ratio = (out[:, 0] > 0.5).float().mean(dim=(1, 2)) / shape.mean()
+    # area grows by 1/scale × zoom² ∈ [1, 1/0.9 × 1.21 ≈ 1.34] (a bit lost to the frame edge)
+    assert ratio.min() > 0.85 and ratio.max() < 1.45
+    flipped_x = torch.from_numpy(l_shaped_mask(96, 96)[:, ::-1].copy()).float()
+    overlap = lambda m: ((out[:, 0] > 0.5) & (m > 0.5)).float().sum(dim=(1, 2))  # noqa: E731
+    assert (overlap(flipped_x) > overlap(shape)).any() and (overlap(shape) > overlap(flipped_x)).any()
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+def test_config_yaml_round_trip_and_flag_override(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=7, zoom=[1.0, 1.2])
+    cfg.to_yaml(tmp_path / "c.yaml")
+    loaded = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert loaded == cfg
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--lr", "0.001", "--tta-flips", "true", "--train-limit", "64"])
+    merged = loaded.override(args)
+    assert (merged.lr, merged.tta_flips, merged.train_limit, merged.epochs) == (0.001, True, 64, 7)
+
+
+def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key\\(s\\) learning_rate"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name", ["reference.yaml", "default.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    from core.data import PROJECT_ROOT
+    TrainConfig.from_yaml(PROJECT_ROOT / "configs" / name)
+
+
+# --- checkpoint files ---------------------------------------------------------------------------------------------
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(1))
+
+
+def test_weights_round_trip_in_fp16(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    checkpoint.save_weights(model, tmp_path / "m.safetensors", dtype=torch.float16)
+    other = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    checkpoint.load_weights(other, tmp_path / "m.safetensors")
+    assert torch.allclose(other[0].weight, model[0].weight, atol=1e-3)
+    assert other[1].num_batches_tracked.dtype == torch.long
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    checkpoint.save_weights(nn.Linear(4, 3), tmp_path / "m.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match=r"shape mismatch.*weight: file \(3, 4\) vs model \(2, 4\)"):
+        checkpoint.load_weights(nn.Linear(4, 2), tmp_path / "m.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors file"):
+        checkpoint.load_weights(nn.Linear(4, 3), tmp_path / "bad.safetensors")
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+    tensors, meta = checkpoint.optimizer_to_tensors(optimizer)
+    checkpoint.save_training_state(tmp_path / "last.safetensors", tensors, meta | {"epoch": 4})
+    loaded, loaded_meta = checkpoint.load_training_state(tmp_path / "last.safetensors")
+    fresh = torch.optim.AdamW(nn.Linear(4, 1).parameters(), lr=1e-2)
+    checkpoint.optimizer_from_tensors(fresh, loaded, loaded_meta)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded_meta["epoch"] == 4
