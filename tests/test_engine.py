@@ -105,3 +105,31 @@ def test_corrupt_weights_are_reported(tiny_run: Path, tmp_path: Path) -> None:
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors"):
         Predictor.load(broken)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(ham_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 tiny_run: Path) -> None:
+    """Interrupt after epoch 1 (Ctrl-C), resume: same history and the very same weights as the run without a stop."""
+    import core.engine
+
+    real = core.engine.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[11] == 1:  # the epoch argument: stop before the second epoch trains
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    cfg = TrainConfig(data_dir=str(ham_dir), **TINY)
+    monkeypatch.setattr(core.engine, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "resumed")
+    assert list(pd.read_csv(tmp_path / "resumed" / "history.csv")["epoch"]) == [1]  # epoch 1 intact on disk
+    monkeypatch.setattr(core.engine, "train_one_epoch", real)
+    assert train.main(["fit", "--resume", str(tmp_path / "resumed")]) == 0
+    ours = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    theirs = pd.read_csv(tiny_run / "history.csv")
+    pd.testing.assert_frame_equal(ours[["epoch", "train_loss", "val_auroc"]], theirs[["epoch", "train_loss", "val_auroc"]])
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "resumed" / "last.safetensors")), load_file(str(tiny_run / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
