@@ -6,6 +6,7 @@
     python train.py fit --resume runs/NAME                 # continue an interrupted run
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
+    python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
 """
 from __future__ import annotations
 
@@ -121,6 +122,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"skipped: {message}", file=sys.stderr)
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from core.audit import explain_split
+
+    summary = explain_split(args.run, args.split, args.method, args.limit, corner_threshold=args.corner_threshold)
+    flagged, by = summary["flagged"], summary["by_correctness"]
+    print(f"{summary['n']} {args.split} images, {args.method}: {flagged['flagged']} corner-focused "
+          f"({100 * flagged['rate']:.1f} %; rule {summary['corner_flag_rule']}); correct {100 * by['correct']['rate']:.1f} %"
+          f" vs incorrect {100 * by['incorrect']['rate']:.1f} % flagged; AUROC flagged {summary['auroc']['flagged']:.3f}"
+          f" vs unflagged {summary['auroc']['unflagged']:.3f}")
+    print(f"wrote attention_{args.split}.csv, cams_{args.split}.npz and attention_summary.json in {args.run}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="CSV to write: image,probability")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM + attention scores for every image of a split")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "hirescam", "layercam"])
+    p.add_argument("--limit", type=int, help="only the first N images (a quick look)")
+    p.add_argument("--corner-threshold", type=float, default=0.5,
+                   help="flag attention as corner-focused when corner_fraction >= this (uniform = 0.25)")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

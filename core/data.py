@@ -7,6 +7,7 @@ Bad input raises :class:`DataError` naming the file, the rows and the problem, n
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -243,14 +244,17 @@ def read_dataset(source: str | os.PathLike | None = None, image_dir: str | os.Pa
                     f"(image,MEL,NV,…) or image,label — found columns {', '.join(map(str, header))}")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to RGB, upright (EXIF orientation applied). Errors name the file."""
+def open_rgb(image: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+    """Decode an image (path, bytes or PIL image) to RGB, upright (EXIF orientation applied).
+    Errors name the file and say why."""
+    if isinstance(image, Image.Image):
+        return ImageOps.exif_transpose(image).convert("RGB")
+    name = "uploaded bytes" if isinstance(image, bytes) else str(image)
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from err
+        raise DataError(f"{name}: cannot read image ({err})") from err
 
 
 def open_mask(path: str | os.PathLike) -> np.ndarray:

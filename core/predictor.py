@@ -1,7 +1,6 @@
 """The Python API the dashboard and ``train.py predict`` use: ``Predictor.load(run_dir).predict(image)``."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -9,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from core.data import DataError
+from core.data import open_rgb
 from core.engine import Preprocess, load_run, predict_probabilities
 from core.transforms import resize_transform
 
@@ -23,22 +22,11 @@ class Prediction:
     probability: float                     # P(malignant)
     model_input: np.ndarray                # the image as the model sees it: uint8 (S, S, 3) after crop + resize
     thresholds: dict[str, float] = field(default_factory=dict)  # chosen on val: "0.5", "youden", "sens95"
+    cam: np.ndarray | None = None          # with explain=True: Grad-CAM (S, S) in [0, 1], aligned with model_input
+    attention: dict = field(default_factory=dict)  # with explain=True: corner/border fractions, flag, dark corners
 
     def is_malignant(self, threshold: float) -> bool:
         return self.probability >= threshold
-
-
-def to_rgb(image: ImageInput) -> Image.Image:
-    """Path, bytes or PIL image → upright RGB PIL image; anything unreadable is a ``DataError`` that says why."""
-    if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
-    source = io.BytesIO(image) if isinstance(image, bytes) else image
-    name = "uploaded bytes" if isinstance(image, bytes) else str(image)
-    try:
-        with Image.open(source) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{name}: cannot read image ({err})") from err
 
 
 class Predictor:
@@ -60,11 +48,19 @@ class Predictor:
 
     def model_input(self, image: ImageInput) -> torch.Tensor:
         """uint8 ``(3, S, S)``: centre square, resized — exactly what evaluation feeds the model."""
-        return self.resize(to_rgb(image)).as_subclass(torch.Tensor)
+        return self.resize(open_rgb(image)).as_subclass(torch.Tensor)
 
-    @torch.inference_mode()
-    def predict(self, image: ImageInput) -> Prediction:
+    def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam") -> Prediction:
+        """P(malignant) for one image; with ``explain`` also its CAM (``method`` from ``core.explain.CAM_METHODS``)
+        and attention scores."""
         pixels = self.model_input(image)
-        probability = predict_probabilities(self.model, pixels.unsqueeze(0), self.preprocess, self.device,
+        batch = pixels.unsqueeze(0)
+        probability = predict_probabilities(self.model, batch, self.preprocess, self.device,
                                             tta_flips=self.config.tta_flips, amp=self.config.amp)[0]
-        return Prediction(float(probability), pixels.permute(1, 2, 0).numpy().copy(), dict(self.thresholds))
+        view = pixels.permute(1, 2, 0).numpy().copy()
+        result = Prediction(float(probability), view, dict(self.thresholds))
+        if explain:
+            from core import explain as xai
+            result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method)[0]
+            result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}
+        return result

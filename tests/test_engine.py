@@ -133,3 +133,37 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(ham_dir: Path, t
     from safetensors.torch import load_file
     a, b = load_file(str(tmp_path / "resumed" / "last.safetensors")), load_file(str(tiny_run / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
+
+
+def test_predictor_names_unreadable_input(tiny_run: Path) -> None:
+    from core.data import DataError
+    predictor = Predictor.load(tiny_run)
+    with pytest.raises(DataError, match="uploaded bytes: cannot read image"):
+        predictor.predict(b"definitely not an image")
+    from PIL import Image
+    rgba = Image.new("RGBA", (300, 200), (120, 60, 40, 128))
+    result = predictor.predict(rgba)
+    assert 0 <= result.probability <= 1 and result.model_input.shape == (64, 64, 3)
+    assert set(result.thresholds) == {"0.5", "youden", "sens95"}
+
+
+def test_explain_command_on_twenty_images(tiny_run: Path) -> None:
+    assert train.main(["explain", "--run", str(tiny_run), "--split", "test", "--limit", "20"]) == 0
+    table = pd.read_csv(tiny_run / "attention_test.csv")
+    assert len(table) == 20 and table["image_id"].is_unique
+    for column in ("corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
+                   "flag", "dark_corner_score", "deletion_blur_change", "deletion_remove_change", "correct"):
+        assert column in table.columns, column
+    assert table["corner_fraction"].between(0, 1).all() and table["outside_lesion_fraction"].notna().all()
+    store = np.load(tiny_run / "cams_test.npz")
+    assert store["cam"].shape == (20, 56, 56) and store["cam"].dtype == np.uint8
+    assert list(store["image_id"]) == table["image_id"].tolist()
+    summary = json.loads((tiny_run / "attention_summary.json").read_text())
+    assert summary["n"] == 20 and {"flagged", "by_correctness", "by_dx", "auroc", "deletion_top20_change",
+                                   "background_lesion_ratio_by_dx", "corner_vs_dark_corners_spearman"} <= set(summary)
+
+
+def test_predictor_explains(tiny_run: Path, ham: pd.DataFrame) -> None:
+    result = Predictor.load(tiny_run).predict(ham["path"][0], explain=True)
+    assert result.cam.shape == (64, 64) and 0 <= result.cam.min() and result.cam.max() <= 1
+    assert {"corner_fraction", "flag", "dark_corner_score"} <= set(result.attention)
