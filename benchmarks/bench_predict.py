@@ -1,6 +1,7 @@
-"""CPU latency of ``Predictor.predict`` on one 600×450 JPEG (the original HAM10000 resolution), median of N calls.
+"""CPU latency of ``Predictor.predict`` on one 600×450 JPEG (the original HAM10000 resolution), median of N calls;
+with ``--explain`` of ``predict(image, explain=True)`` (probability + Grad-CAM + attention scores).
 
-    python benchmarks/bench_predict.py --run models/default [--threads 2] [--repeats 50]
+    python benchmarks/bench_predict.py --run models/default [--explain] [--threads 2] [--repeats 50]
 """
 from __future__ import annotations
 
@@ -30,19 +31,20 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("models/default"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--explain", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     predictor = Predictor.load(args.run)
     jpeg = original_size_jpeg()
     for _ in range(5):
-        predictor.predict(jpeg)  # warm-up: first calls allocate
+        predictor.predict(jpeg, explain=args.explain)  # warm-up: first calls allocate
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        predictor.predict(jpeg)
+        predictor.predict(jpeg, explain=args.explain)
         times.append(1000 * (time.perf_counter() - start))
     cfg = predictor.config
-    print(f"Predictor.predict, 600x450 JPEG, {cfg.model} @ {cfg.input_size}px, tta_flips={cfg.tta_flips}, "
+    print(f"Predictor.predict(explain={args.explain}), 600x450 JPEG, {cfg.model} @ {cfg.input_size}px, tta_flips={cfg.tta_flips}, "
           f"{args.threads} threads: median {statistics.median(times):.1f} ms, "
           f"p90 {sorted(times)[int(0.9 * len(times))]:.1f} ms over {args.repeats} calls")
 

@@ -1,5 +1,8 @@
 """``train.py explain``: Grad-CAM and attention scores for every image of a split, and what they add up to.
 
+Each CAM explains the decision the model made for that image (malignant or benign at the Youden threshold chosen
+on val); the deletion checks perturb what that CAM points at.
+
 Writes into the run directory ``attention_<split>.csv`` (image_id, label, dx, probability, correct, every score,
 flag, deletion changes), ``cams_<split>.npz`` (CAMs at 56×56, uint8, with their image ids) and
 ``attention_summary.json``.
@@ -56,7 +59,9 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
     for start in tqdm(range(0, len(frame), batch_size), desc=f"Grad-CAM {split}", disable=None):
         batch = images[start:start + batch_size]
         inputs = preprocess(batch)
-        cams = explain.compute_cam(model, inputs, method)
+        # Explain the decision the model made (at the val-chosen threshold), as Tschandl et al. did.
+        predicted = (frame["probability"][start:start + len(batch)] >= threshold).astype(int).tolist()
+        cams = explain.compute_cam(model, inputs, method, predicted)
         blur = explain.deletion_change(model, inputs, cams, 0.2, "blur")
         remove = explain.deletion_change(model, inputs, cams, 0.2, "remove")
         # Baseline: blur a region of the same size and a realistic shape that is *not* this image's attention
@@ -95,7 +100,9 @@ def summarize(table: pd.DataFrame, threshold: float, method: str, corner_thresho
     def group_auroc(part: pd.DataFrame) -> float:
         return metrics.auroc(part["label"], part["probability"]) if part["label"].nunique() == 2 else float("nan")
 
-    ratio = table.groupby("dx")["background_lesion_ratio"].mean()
+    # inf where a CAM puts nothing on the lesion: the median is robust to it, the mean is over finite values.
+    ratio = table.replace([np.inf], np.nan).groupby("dx")["background_lesion_ratio"]
+    ratio_median = table.groupby("dx")["background_lesion_ratio"].median()
     return {
         "method": method, "threshold_youden_val": threshold, "corner_flag_rule": f"corner_fraction >= {corner_threshold}",
         "n": int(len(table)), "flagged": rate(table),
@@ -112,7 +119,8 @@ def summarize(table: pd.DataFrame, threshold: float, method: str, corner_thresho
                     "remove_mean_abs": float(part["deletion_remove_change"].abs().mean()),
                     "blur_other_cam_mean_abs": float(part["deletion_blur_change_other_cam"].abs().mean())}
             for group, part in (("flagged", table[flagged]), ("unflagged", table[~flagged]))},
-        "background_lesion_ratio_by_dx": {dx: {"ours": float(value), "tschandl_2020": TSCHANDL_RATIO.get(dx)}
-                                          for dx, value in ratio.items()},
+        "background_lesion_ratio_by_dx": {dx: {"median": float(ratio_median[dx]), "mean_finite": float(value),
+                                               "tschandl_2020": TSCHANDL_RATIO.get(dx)}
+                                          for dx, value in ratio.mean().items()},
         "mean_outside_lesion_fraction": float(table["outside_lesion_fraction"].mean()),
     }

@@ -77,9 +77,12 @@ def _gradients_to_input_only(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gradcam") -> np.ndarray:
+def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gradcam",
+                categories: list[int] | None = None) -> np.ndarray:
     """CAMs ``(N, S, S)`` float32 in [0, 1], aligned with ``inputs`` (the normalised float batch ``(N, 3, S, S)``
-    the model takes), for the malignant direction of the single logit.
+    the model takes). ``categories`` says per image which decision to explain: 1 the malignant direction of the
+    single logit (the default), 0 the benign one (``BinaryClassifierOutputTarget`` negates the logit) — pass the
+    predicted class to explain what the model decided.
 
     The model runs in eval mode (deterministic: no dropout, BatchNorm running statistics); hooks are released when
     the call ends, even on error. Each map is min–max scaled per image by the library, so it says *where*, not how
@@ -92,7 +95,10 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
     layer = target_layer(model)
     device = next(model.parameters()).device
     x = inputs.detach().to(device, torch.float32).clone().requires_grad_(True)
-    targets = [BinaryClassifierOutputTarget(1)] * len(x)
+    categories = [1] * len(x) if categories is None else [int(c) for c in categories]
+    if len(categories) != len(x):
+        raise ValueError(f"{len(categories)} categories for {len(x)} images")
+    targets = [BinaryClassifierOutputTarget(c) for c in categories]
     cams = None
     with _gradients_to_input_only(model), torch.enable_grad():
         # The library's __exit__ swallows IndexError, hence ``cams`` is checked below rather than returned here.

@@ -61,6 +61,7 @@ class Predictor:
         result = Prediction(float(probability), view, dict(self.thresholds))
         if explain:
             from core import explain as xai
-            result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method)[0]
+            decided = int(result.probability >= self.thresholds.get("youden", 0.5))  # explain what was decided
+            result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
             result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}
         return result

@@ -392,3 +392,14 @@ def test_real_image_mask_and_cam_share_the_model_view(ham, lite0: torch.nn.Modul
     assert 0 <= scores["corner_fraction"] <= 1 and 0 <= scores["outside_lesion_fraction"] <= 1
     assert np.isfinite(scores["background_lesion_ratio"])
     assert np.isfinite(explain.dark_corner_score(image))
+
+
+def test_categories_choose_which_decision_is_explained(blob_model: torch.nn.Module, inputs: torch.Tensor) -> None:
+    """Category 0 explains the benign direction (negated logit): on the blob model, whose logit grows with the
+    blob, the malignant CAM sits on the blob and the benign one does not."""
+    malignant = explain.compute_cam(blob_model, inputs, "gradcam", [1, 1])
+    benign = explain.compute_cam(blob_model, inputs, "gradcam", [0, 0])
+    assert not np.allclose(malignant, benign)
+    np.testing.assert_array_equal(explain.compute_cam(blob_model, inputs, "gradcam"), malignant)  # default: 1
+    with pytest.raises(ValueError, match="1 categories for 2 images"):
+        explain.compute_cam(blob_model, inputs, "gradcam", [1])

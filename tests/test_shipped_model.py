@@ -1,0 +1,57 @@
+"""The committed run in models/default: complete, consistent with itself, and reproducible from its checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from core.data import PROJECT_ROOT
+from core.predictor import Predictor
+
+RUN = PROJECT_ROOT / "models" / "default"
+
+
+def test_run_files_are_there_and_small() -> None:
+    for name in ("config.yaml", "model.safetensors", "history.csv", "metrics.json", "predictions_val.csv",
+                 "predictions_test.csv", "attention_test.csv", "cams_test.npz", "attention_summary.json"):
+        assert (RUN / name).is_file(), name
+    assert (RUN / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+def test_metrics_match_the_predictions() -> None:
+    report = json.loads((RUN / "metrics.json").read_text())
+    for split in ("val", "test"):
+        frame = pd.read_csv(RUN / f"predictions_{split}.csv")
+        assert report[split]["auroc"] == pytest.approx(roc_auc_score(frame["label"], frame["probability"]))
+        youden = report[split]["at_threshold"]["youden"]
+        called = frame["probability"] >= report["thresholds"]["youden"]
+        assert youden["tp"] == int((called & (frame["label"] == 1)).sum())
+
+
+def test_predictions_cover_the_committed_split() -> None:
+    split = pd.read_csv(PROJECT_ROOT / "splits" / "ham10000.csv")
+    for name in ("val", "test"):
+        frame = pd.read_csv(RUN / f"predictions_{name}.csv")
+        assert set(frame["image_id"]) == set(split.loc[split["split"] == name, "image_id"])
+
+
+def test_checkpoint_reproduces_the_committed_predictions(ham: pd.DataFrame) -> None:
+    predictor = Predictor.load(RUN)
+    saved = pd.read_csv(RUN / "predictions_test.csv").head(12)
+    paths = ham.set_index("image_id")["path"]
+    ours = np.array([predictor.predict(paths[i]).probability for i in saved["image_id"]])
+    np.testing.assert_allclose(ours, saved["probability"], atol=1e-4)
+
+
+def test_attention_outputs_cover_the_test_split() -> None:
+    table = pd.read_csv(RUN / "attention_test.csv")
+    test = pd.read_csv(RUN / "predictions_test.csv")
+    assert set(table["image_id"]) == set(test["image_id"])
+    store = np.load(RUN / "cams_test.npz")
+    assert store["cam"].shape == (len(table), 56, 56)
+    summary = json.loads((RUN / "attention_summary.json").read_text())
+    assert summary["n"] == len(table) and summary["flagged"]["flagged"] == int(table["flag"].sum())
