@@ -70,29 +70,13 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import json
-
-    from core.engine import evaluate_run, load_run, predict_frame, resolve_device
-    from core.io import atomic_write, atomic_write_text
-    from core import metrics
+    from core.engine import evaluate_external, evaluate_run
 
     if args.data is None:
         evaluate_run(args.run, args.device)
         return
-    # An external labelled set: apply the run's val-chosen thresholds, never choose new ones here.
-    device = resolve_device(args.device)
-    cfg, model = load_run(args.run, device)
-    frame = predict_frame(cfg, model, read_dataset(args.data, args.images), device)
-    name = Path(args.data).stem
-    atomic_write(Path(args.run) / f"predictions_{name}.csv", lambda tmp: frame.drop(
-        columns=["path", "mask_path"]).to_csv(tmp, index=False, float_format="%.6f"))
-    thresholds = json.loads((Path(args.run) / "metrics.json").read_text())["thresholds"]
-    labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
-    report = {"n": len(frame), "auroc": metrics.auroc(labels, probs),
-              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
-              "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
-    atomic_write_text(Path(args.run) / f"metrics_{name}.json", json.dumps(report, indent=1))
-    print(f"{name}: {len(frame)} images, AUROC {report['auroc']:.4f} "
+    report = evaluate_external(args.run, args.data, args.images, args.device)
+    print(f"{report['name']}: {report['n']} images, AUROC {report['auroc']:.4f} "
           f"(95% CI {report['auroc_ci'][0]:.3f}–{report['auroc_ci'][1]:.3f})")
 
 

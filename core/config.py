@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -84,14 +84,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     section = {"data_dir": "data", "model": "model", "loss": "loss and sampling", "rotation": "augmentation",
                "epochs": "optimisation", "tta_flips": "evaluation", "seed": "run"}
     current = "data"
+    hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         current = section.get(f.name, current)
         group = groups.setdefault(current, parser.add_argument_group(current))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
-        if f.name in ("train_limit",):
-            kind = int
+        base = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None → X
+        kind = {bool: _bool, int: int, float: float}.get(base, str)
         if isinstance(default, list):
             group.add_argument(flag, type=float, nargs=2, default=None, help=f"(default: {default})")
         else:

@@ -347,6 +347,31 @@ def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, devic
     return out
 
 
+def write_predictions(frame: pd.DataFrame, path: Path) -> None:
+    """The prediction columns first, then whatever metadata the source has; no local file paths."""
+    extra = [c for c in frame.columns if c not in PREDICTION_COLUMNS + ["path", "mask_path", "split"]]
+    out = frame[PREDICTION_COLUMNS + extra]
+    atomic_write(path, lambda tmp: out.to_csv(tmp, index=False, float_format="%.6f"))
+
+
+def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto") -> dict:
+    """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
+    are applied, never new ones chosen. Writes predictions_<name>.csv and metrics_<name>.json."""
+    run_dir = Path(run_dir)
+    device = resolve_device(device_name)
+    cfg, model = load_run(run_dir, device)
+    frame = predict_frame(cfg, model, read_dataset(data, images), device)
+    name = Path(data).stem
+    write_predictions(frame, run_dir / f"predictions_{name}.csv")
+    thresholds = json.loads((run_dir / "metrics.json").read_text())["thresholds"]
+    labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
+    report = {"name": name, "n": len(frame), "auroc": metrics.auroc(labels, probs),
+              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
+              "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+    atomic_write_text(run_dir / f"metrics_{name}.json", json.dumps(report, indent=1))
+    return report
+
+
 def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
     """Predict val and test with the best checkpoint; thresholds chosen on val, applied to test.
     Writes predictions_{val,test}.csv and metrics.json."""
@@ -356,10 +381,7 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
     frames = load_splits(cfg)
     predictions = {name: predict_frame(cfg, model, frames[name], device) for name in ("val", "test")}
     for name, frame in predictions.items():
-        extra = [c for c in frame.columns if c not in PREDICTION_COLUMNS + ["path", "mask_path", "split"]]
-        out = frame[PREDICTION_COLUMNS + extra]
-        atomic_write(run_dir / f"predictions_{name}.csv",
-                     lambda tmp, out=out: out.to_csv(tmp, index=False, float_format="%.6f"))
+        write_predictions(frame, run_dir / f"predictions_{name}.csv")
     val, test = predictions["val"], predictions["test"]
     report = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
                                       test["label"].to_numpy(), test["probability"].to_numpy())
