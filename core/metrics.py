@@ -208,3 +208,14 @@ def threshold_report(val_labels: ArrayLike, val_probs: ArrayLike, test_labels: A
             "val": _split_report(val_labels, val_probs, thresholds, n_boot, seed),
             "test": _split_report(test_labels, test_probs, thresholds, n_boot, seed)}
 
+
+
+OUTCOMES = ("TP", "FP", "FN", "TN")
+
+
+def outcomes(labels: ArrayLike, probs: ArrayLike, threshold: float) -> np.ndarray:
+    """Each case's cell of the confusion matrix at ``threshold`` (positive iff ``prob >= threshold``, as in
+    ``binary_metrics``): ``"TP"``, ``"FP"``, ``"FN"`` or ``"TN"``."""
+    y, p = _check(labels, probs)
+    predicted = p >= threshold
+    return np.where(predicted, np.where(y == 1, "TP", "FP"), np.where(y == 1, "FN", "TN"))

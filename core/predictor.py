@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class Predictor:
         metrics_path = self.run_dir / "metrics.json"
         self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
                                              if metrics_path.is_file() else {})
+        # Grad-CAM hooks live on the shared model: one explanation at a time, or concurrent callers (dashboard
+        # sessions are threads) would read each other's activations.
+        self._explain_lock = threading.Lock()
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
@@ -50,9 +54,10 @@ class Predictor:
         """uint8 ``(3, S, S)``: centre square, resized — exactly what evaluation feeds the model."""
         return self.resize(open_rgb(image)).as_subclass(torch.Tensor)
 
-    def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam") -> Prediction:
+    def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam",
+                threshold: float | None = None) -> Prediction:
         """P(malignant) for one image; with ``explain`` also its CAM (``method`` from ``core.explain.CAM_METHODS``)
-        and attention scores."""
+        and attention scores. The CAM explains the class decided at ``threshold`` (default: Youden on val)."""
         pixels = self.model_input(image)
         batch = pixels.unsqueeze(0)
         probability = predict_probabilities(self.model, batch, self.preprocess, self.device,
@@ -61,7 +66,11 @@ class Predictor:
         result = Prediction(float(probability), view, dict(self.thresholds))
         if explain:
             from core import explain as xai
-            decided = int(result.probability >= self.thresholds.get("youden", 0.5))  # explain what was decided
-            result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
+            if threshold is None:
+                threshold = self.thresholds.get("youden", 0.5)
+            decided = int(result.probability >= threshold)  # explain what was decided
+            with self._explain_lock:
+                result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method,
+                                             [decided])[0]
             result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}
         return result

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.data import PROJECT_ROOT, DataError, resolve_data_dir
+from core.audit import model_view_masks
+from core.checkpoint import MODEL_FILE
+from core.data import PROJECT_ROOT, DataError, open_rgb, read_ham10000, resolve_data_dir
+from core.metrics import age_band
+from core.predictor import Predictor
+from core.runs import RunError, read_attention, read_cams, read_predictions
 from core.split import read_split
+from core.transforms import resize_transform
 
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "ham10000.csv"
 
@@ -28,3 +35,93 @@ def data_dir_or_none() -> tuple[Path | None, str]:
         return resolve_data_dir(), ""
     except DataError as err:
         return None, str(err)
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def _run_stamp(run: Path) -> float:
+    """Newest modification time in a run directory: a cache key that changes when the run is re-evaluated."""
+    return max((_mtime(p) for p in run.glob("*")), default=0.0) if run.is_dir() else 0.0
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _predictor(run: str, stamp: float) -> Predictor:
+    return Predictor.load(run)
+
+
+def predictor(run: Path) -> Predictor:
+    """The run's model, loaded once per process and shared by all sessions (read-only; CAMs are serialised)."""
+    return _predictor(str(run), _mtime(run / MODEL_FILE))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _metadata(data_dir: str) -> pd.DataFrame:
+    return read_ham10000(data_dir)[["image_id", "path", "mask_path"]]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataFrame:
+    frame = read_predictions(run, split)
+    if split == "test":
+        try:
+            attention = read_attention(run, split)
+        except RunError:
+            attention = None
+        if attention is not None:
+            # "correct" there is at the Youden threshold; pages derive outcomes at the current threshold instead.
+            keep = [c for c in attention.columns if c == "image_id" or c not in {*frame.columns, "correct"}]
+            frame = frame.merge(attention[keep], on="image_id", how="left", validate="one_to_one")
+    if "age" in frame:
+        frame["age_band"] = age_band(frame["age"]).astype(str)
+    if data_dir is not None:
+        frame = frame.merge(_metadata(data_dir), on="image_id", how="left", validate="one_to_one")
+    return frame
+
+
+def cases(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:
+    """One row per image of a split: prediction, metadata, attention scores (test) and image paths (if the images
+    were found). Raises RunError when the run lacks its predictions."""
+    return _cases(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _cams(run: str, stamp: float) -> dict[str, np.ndarray]:
+    return read_cams(run, "test")
+
+
+def stored_cams(run: Path) -> dict[str, np.ndarray]:
+    """Test-split CAMs from ``train.py explain`` (empty when the run has none)."""
+    try:
+        return _cams(str(run), _run_stamp(run))
+    except RunError:
+        return {}
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def thumbnail(path: str, size: int = 160) -> np.ndarray:
+    """A small copy for the grid: decoded once per image, never the full image per rerun."""
+    image = open_rgb(path)
+    image.thumbnail((size, size))
+    return np.asarray(image)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def model_view(path: str, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): the centre square resized, as the model sees it (and as stored CAMs are aligned)."""
+    return resize_transform(size)(open_rgb(path)).permute(1, 2, 0).numpy().copy()
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def model_view_mask(path: str, size: int) -> np.ndarray:
+    return model_view_masks([path], size)[0]
+
+
+def cases_or_stop(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:
+    """``cases``, or an error box saying what the run lacks and how to make it, and the page stops there."""
+    try:
+        return cases(run, split, data_dir)
+    except (RunError, DataError) as err:
+        st.error(f"Cannot open the {split} predictions of `{run}`.\n\n{err}")
+        st.stop()

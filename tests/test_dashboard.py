@@ -1,6 +1,8 @@
-"""The dashboard starts and renders: in Streamlit's AppTest, and as a real server (what `make dashboard` runs)."""
+"""Every dashboard page in Streamlit's AppTest, against the shipped run: numbers agree with core.metrics, filters
+count right, bad uploads give messages; plus the real server `make dashboard` starts."""
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -8,30 +10,234 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from core import metrics
 from core.data import PROJECT_ROOT
+from core.predictor import Predictor
+from core.runs import DEFAULT_RUN, read_metrics, read_predictions
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
+PAGES = ["predict", "threshold", "browse", "audit", "training", "data"]
+IMAGE_ID = "ISIC_0024306"
+
+
+def open_page(page: str, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page != "predict":
+        at.switch_page(str(PROJECT_ROOT / "pages" / f"{page}.py")).run()
+    return at
+
+
+def test_pages_render_without_errors(ham_dir: Path) -> None:
+    """One AppTest walks every page, as a user switching pages would (the model and tables load once)."""
+    at = open_page("predict")
+    for page in PAGES:
+        at.switch_page(str(PROJECT_ROOT / "pages" / f"{page}.py")).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, [e.value for e in at.error])
+        assert any("not a medical device" in c.value for c in at.sidebar.caption)
 
 
 def test_data_page_shows_the_split(ham_dir: Path) -> None:
-    at = AppTest.from_file(APP, default_timeout=60).run()
-    assert not at.exception and not at.error
+    at = open_page("data")
     assert at.title[0].value == "Data & split"
     table = at.dataframe[0].value
     assert table.loc["all", "images"] == 10015 and set(table.index) == {"train", "val", "test", "all"}
-    assert any("not a medical device" in c.value for c in at.sidebar.caption)
     assert any(str(ham_dir) in c.value for c in at.caption)
 
 
-def test_missing_images_give_a_message_not_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HAM10000_DIR", str(tmp_path / "nowhere"))
-    at = AppTest.from_file(APP, default_timeout=60).run()
+def _png(mode: str, size: tuple[int, int] = (120, 90)) -> bytes:
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    (rgb.convert(mode) if mode != "RGB" else rgb).save(buffer, format="PNG" if mode != "CMYK" else "JPEG")
+    return buffer.getvalue()
+
+
+def test_predict_shows_the_probability_of_an_uploaded_photo(ham_dir: Path) -> None:
+    path = ham_dir / "images" / f"{IMAGE_ID}.jpg"
+    at = open_page("predict")
+    at.file_uploader[0].upload(path.name, path.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception and not at.error
+    expected = Predictor.load(DEFAULT_RUN).predict(path).probability
+    assert [m.value for m in at.metric] == [f"{expected:.3f}"]
+    assert any("benign" in m.value or "malignant" in m.value for m in at.markdown if "Decision at" in m.value)
+    assert any("not a medical device" in w.value for w in at.warning)
+
+
+def test_predict_takes_several_photos_and_odd_modes(ham_dir: Path) -> None:
+    """Grayscale, palette, RGBA and CMYK photos are converted, not refused: one probability each."""
+    uploads = [(f"photo_{mode}.{'jpg' if mode == 'CMYK' else 'png'}", _png(mode), "image/png")
+               for mode in ("L", "P", "RGBA", "CMYK")]
+    at = open_page("predict")
+    at.file_uploader[0].set_value(uploads)
+    at.run()
+    assert not at.exception and not at.error
+    assert len(at.metric) == 4 and all(0 <= float(m.value) <= 1 for m in at.metric)
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("notes.jpg", b"this is not an image", "cannot"),
+    ("truncated.jpg", None, "trunc"),
+    ("tiny.png", "tiny", "small"),
+])
+def test_predict_names_a_bad_upload(ham_dir: Path, name: str, content: bytes | str | None, reason: str) -> None:
+    if content is None:
+        content = (ham_dir / "images" / f"{IMAGE_ID}.jpg").read_bytes()[:1500]
+    elif content == "tiny":
+        content = _png("RGB", (1, 1))
+    at = open_page("predict")
+    at.file_uploader[0].upload(name, content, "image/png")
+    at.run()
     assert not at.exception
-    assert "Images not found" in at.warning[0].value and "nowhere" in at.warning[0].value
-    assert len(at.dataframe) == 1  # the split table does not need the images
+    assert len(at.error) == 1 and name in at.error[0].value and reason in at.error[0].value.lower()
+    assert not at.metric
+
+
+def _table_with(at: AppTest, column: str, skip: int = 0) -> pd.DataFrame:
+    """The ``skip``-th table on the page that has ``column``."""
+    return [d.value for d in at.dataframe if column in d.value.columns][skip]
+
+
+def _confusion(at: AppTest) -> tuple[int, int, int, int]:
+    table = next(d.value for d in at.dataframe if "predicted malignant" in d.value.columns)
+    return (int(table.loc["actual malignant", "predicted malignant"]), int(table.loc["actual benign",
+            "predicted malignant"]), int(table.loc["actual malignant", "predicted benign"]),
+            int(table.loc["actual benign", "predicted benign"]))
+
+
+def _expected(split: str, threshold: float) -> tuple[int, int, int, int]:
+    frame = read_predictions(DEFAULT_RUN, split)
+    at = metrics.binary_metrics(frame["label"], frame["probability"], threshold)
+    return at["tp"], at["fp"], at["fn"], at["tn"]
+
+
+def test_threshold_slider_moves_the_confusion_matrix() -> None:
+    at = open_page("threshold")
+    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    assert at.sidebar.slider[0].value == pytest.approx(youden, abs=1e-4)
+    assert _confusion(at) == _expected("test", youden)
+    at.sidebar.slider[0].set_value(0.5).run()
+    assert _confusion(at) == _expected("test", 0.5)
+    assert _confusion(at) != _expected("test", youden)
+
+
+def test_presets_and_the_val_split() -> None:
+    at = open_page("threshold")
+    sens95 = read_metrics(DEFAULT_RUN)["thresholds"]["sens95"]
+    at.button(key="preset-sens95").click().run()
+    assert at.sidebar.slider[0].value == pytest.approx(sens95, abs=1e-4)
+    tp, fp, fn, tn = _confusion(at)
+    assert (tp, fp, fn, tn) == _expected("test", sens95)
+    at.segmented_control(key="explorer_split").set_value("val").run()
+    val = _expected("val", sens95)
+    assert _confusion(at) == val and val[0] / (val[0] + val[2]) >= 0.95  # chosen on val for ≥ 95 % sensitivity
+
+
+def test_threshold_is_shared_across_pages() -> None:
+    at = open_page("threshold")
+    at.button(key="preset-0.5").click().run()
+    at.switch_page(str(PROJECT_ROOT / "pages" / "browse.py")).run()
+    tp, fp, fn, tn = _expected("test", 0.5)
+    assert f"TP {tp}, FP {fp}, FN {fn}, TN {tn}" in _match_line(at)
+
+
+def _match_line(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if "test images match" in m.value)
+
+
+def test_browser_filters_count_right(ham_dir: Path) -> None:
+    at = open_page("browse")
+    frame = read_predictions(DEFAULT_RUN, "test")
+    threshold = at.sidebar.slider[0].value
+    outcome = metrics.outcomes(frame["label"], frame["probability"], threshold)
+    assert _match_line(at).startswith(f"**{len(frame):,} of {len(frame):,}")
+    assert len([b for b in at.button if b.label == "Open"]) == 24  # one page, never the whole split
+
+    at.multiselect(key="f_outcome").set_value(["FN"]).run()
+    assert _match_line(at).startswith(f"**{(outcome == 'FN').sum()} of")
+    at.multiselect(key="f_dx").set_value(["mel"]).run()
+    expected = ((outcome == "FN") & (frame["dx"] == "mel")).sum()
+    assert _match_line(at).startswith(f"**{expected} of") and 0 < expected < (outcome == "FN").sum()
+    at.multiselect(key="f_sex").set_value(["female"]).run()
+    expected = ((outcome == "FN") & (frame["dx"] == "mel") & (frame["sex"] == "female")).sum()
+    assert _match_line(at).startswith(f"**{expected} of")
+
+
+def test_browser_probability_and_age_filters(ham_dir: Path) -> None:
+    at = open_page("browse")
+    frame = read_predictions(DEFAULT_RUN, "test")
+    at.slider(key="f_prob").set_value((0.9, 1.0)).run()
+    assert _match_line(at).startswith(f"**{frame['probability'].between(0.9, 1.0).sum()} of")
+    at.slider(key="f_prob").set_value((0.0, 1.0))
+    at.slider(key="f_age").set_value((60, 100))
+    at.checkbox(key="f_age_unknown").uncheck().run()
+    assert _match_line(at).startswith(f"**{frame['age'].between(60, 100).sum()} of")
+
+
+def test_browser_opens_a_case_with_image_cam_and_mask(ham_dir: Path) -> None:
+    at = open_page("browse")
+    first = next(b for b in at.button if b.label == "Open")
+    first.click().run()
+    image_id = first.key.removeprefix("open-")
+    assert not at.exception and not at.error
+    assert any(image_id in s.value for s in at.subheader)
+    captions = [caption for element in at.get("image") for caption in element.captions]
+    assert "as the model sees it" in captions and any("Grad-CAM" in c for c in captions)
+    assert any("lesion mask outline" in c for c in captions) or any("No lesion mask" in i.value for i in at.info)
+
+
+def test_browser_without_images_says_how_to_point_at_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HAM10000_DIR", str(tmp_path / "nowhere"))
+    at = open_page("browse")
+    assert not at.exception
+    assert any("HAM10000_DIR" in i.value and "nowhere" in i.value for i in at.info)
+    assert len(at.dataframe[0].value) == 1500  # the table still works
+
+
+def test_audit_ranks_mistakes_and_exports(ham_dir: Path) -> None:
+    at = open_page("audit", threshold=0.5, chart_threshold=0.5)
+    frame = read_predictions(DEFAULT_RUN, "test")
+    outcome = metrics.outcomes(frame["label"], frame["probability"], 0.5)
+    table = at.dataframe(key="audit_table").value
+    assert len(table) == np.isin(outcome, ["FP", "FN"]).sum()
+    assert table["mistake_confidence"].is_monotonic_decreasing
+    assert (table["mistake_confidence"] >= 0.5).all()  # a mistake at 0.5 is at least half sure of itself
+    at.multiselect(key="audit_kinds").set_value(["FN"]).run()
+    assert len(at.dataframe(key="audit_table").value) == (outcome == "FN").sum()
+    assert at.get("download_button")  # export of the current selection
+    flagged = _table_with(at, "corner_fraction", skip=1)
+    assert len(flagged) == pd.read_csv(DEFAULT_RUN / "attention_test.csv")["flag"].sum()
+
+
+def test_training_report_shows_metrics_and_runs() -> None:
+    at = open_page("training")
+    table = _table_with(at, "AUROC (95 % CI)")
+    assert len(table) == 6 and set(table["split"]) == {"val", "test"}
+    runs = _table_with(at, "val_auroc")
+    assert "default" in set(runs["run"])
+
+
+def test_a_broken_run_is_explained_on_every_page(tmp_path: Path) -> None:
+    broken = tmp_path / "half_run"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((DEFAULT_RUN / "config.yaml").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    at = open_page("predict", run=broken)
+    assert not at.exception and "Cannot load the model" in at.error[0].value
+    for page in ("threshold", "browse", "audit"):
+        at.switch_page(str(PROJECT_ROOT / "pages" / f"{page}.py")).run()
+        assert not at.exception
+        assert "predictions_" in at.error[0].value and "train.py evaluate" in at.error[0].value
 
 
 def _free_port() -> int:

@@ -1,0 +1,131 @@
+"""A run directory read back by viewers (the dashboard): what it holds, and clear errors for what it lacks.
+
+``train.py fit`` writes config + weights; ``evaluate`` adds metrics and predictions; ``explain`` adds the attention
+audit. A viewer needs to know which of these exist, so each reader names the missing file and the command that
+makes it instead of failing somewhere deeper.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.checkpoint import MODEL_FILE
+from core.config import TrainConfig
+from core.data import PROJECT_ROOT
+
+PREDICTION_COLUMNS = ("image_id", "label", "probability")
+ATTENTION_COLUMNS = ("image_id", "corner_fraction", "border_fraction", "flag", "dark_corner_score")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc")
+DEFAULT_RUN = PROJECT_ROOT / "models" / "default"
+
+
+class RunError(ValueError):
+    """A run directory, or one of its files, is missing or unreadable; the message says which and how to fix it."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file()
+
+
+def find_runs(*roots: str | Path) -> list[Path]:
+    """Run directories in ``roots`` (each a run itself or a folder of runs), sorted by name, without repeats."""
+    found: dict[Path, None] = {}
+    for root in map(Path, roots):
+        candidates = [root] if is_run_dir(root) else sorted(p for p in root.glob("*") if p.is_dir())
+        found.update((p.resolve(), None) for p in candidates if is_run_dir(p))
+    return list(found)
+
+
+def _fix(run: Path, command: str) -> str:
+    return f"run `python train.py {command} --run {run}` to make it"
+
+
+def read_config(run: str | Path) -> TrainConfig:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"run directory {run} does not exist")
+    if not is_run_dir(run):
+        raise RunError(f"{run} is not a run directory: it needs config.yaml and {MODEL_FILE} "
+                       f"(written by `python train.py fit --out {run}`)")
+    try:
+        return TrainConfig.from_yaml(run / "config.yaml")
+    except Exception as err:  # noqa: BLE001 — any parse or field error means the same thing to the user
+        raise RunError(f"{run / 'config.yaml'} is not a valid run config ({err})") from err
+
+
+def read_metrics(run: str | Path) -> dict:
+    path = Path(run) / "metrics.json"
+    if not path.is_file():
+        raise RunError(f"{path} is missing; {_fix(Path(run), 'evaluate')}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is not readable JSON ({err}); {_fix(Path(run), 'evaluate')} again") from err
+    for key in ("thresholds", "val", "test"):
+        if key not in report:
+            raise RunError(f"{path} has no '{key}' section; {_fix(Path(run), 'evaluate')} again")
+    return report
+
+
+def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise RunError(f"{path} is missing; {fix}")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is not a readable CSV ({err}); {fix} again") from err
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise RunError(f"{path} lacks column(s) {', '.join(missing)}; {fix} again")
+    return frame
+
+
+def read_predictions(run: str | Path, split: str) -> pd.DataFrame:
+    """``predictions_<split>.csv``: image_id, lesion_id, dx, label, probability and the metadata columns."""
+    return _read_csv(Path(run) / f"predictions_{split}.csv", PREDICTION_COLUMNS, _fix(Path(run), "evaluate"))
+
+
+def read_attention(run: str | Path, split: str = "test") -> pd.DataFrame:
+    """``attention_<split>.csv``: the Grad-CAM attention scores of every image (``train.py explain``)."""
+    return _read_csv(Path(run) / f"attention_{split}.csv", ATTENTION_COLUMNS,
+                     _fix(Path(run), f"explain --split {split}"))
+
+
+def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
+    """The stored CAMs of a split: image_id → uint8 ``(56, 56)`` map (255 = most attended)."""
+    path = Path(run) / f"cams_{split}.npz"
+    if not path.is_file():
+        raise RunError(f"{path} is missing; {_fix(Path(run), f'explain --split {split}')}")
+    try:
+        with np.load(path, allow_pickle=False) as store:
+            return dict(zip(store["image_id"].tolist(), store["cam"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise RunError(f"{path} is not a readable CAM store ({err}); {_fix(Path(run), 'explain')} again") from err
+
+
+def read_history(run: str | Path) -> pd.DataFrame:
+    return _read_csv(Path(run) / "history.csv", HISTORY_COLUMNS, f"it is written by `python train.py fit --out {run}`")
+
+
+def run_summary(run: str | Path) -> dict:
+    """One row of the runs table: what was trained and how it scored (NaN where the run was not evaluated)."""
+    run = Path(run)
+    cfg = read_config(run)
+    row = {"run": run.name, "path": str(run), "model": cfg.model, "input_size": cfg.input_size,
+           "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
+           "tta_flips": cfg.tta_flips}
+    nan = float("nan")
+    try:
+        report = read_metrics(run)
+    except RunError:
+        return row | {"val_auroc": nan, "test_auroc": nan, "test_auroc_ci_low": nan, "test_auroc_ci_high": nan,
+                      "test_balanced_accuracy_youden": nan}
+    low, high = report["test"].get("auroc_ci", [nan, nan])
+    return row | {"val_auroc": report["val"]["auroc"], "test_auroc": report["test"]["auroc"],
+                  "test_auroc_ci_low": low, "test_auroc_ci_high": high,
+                  "test_balanced_accuracy_youden":
+                      report["test"]["at_threshold"].get("youden", {}).get("balanced_accuracy", nan)}

@@ -1,0 +1,88 @@
+"""Case views shared by the browser and the audit: the paged thumbnail grid and one case's image / CAM / mask."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.data import DX_NAMES, DataError
+from core.overlay import cam_overlay, outline_mask
+from dashboard import loaders, state
+
+OPACITY_KEY = "cam_opacity"
+OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
+                "FN": "malignant, called benign", "TN": "benign, called benign"}
+METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
+SCORES = ["probability", "outcome", "corner_fraction", "border_fraction", "outside_lesion_fraction",
+          "background_lesion_ratio", "dark_corner_score", "flag"]
+
+
+def has_images(frame: pd.DataFrame) -> bool:
+    return "path" in frame and frame["path"].notna().any()
+
+
+def opacity_slider() -> float:
+    return st.slider("CAM opacity", 0.0, 1.0, 0.5, 0.05, key=OPACITY_KEY)
+
+
+def page_of(frame: pd.DataFrame, key: str, per_page: int) -> pd.DataFrame:
+    """The rows of the page the user picked (1-based), clamped to the pages there are."""
+    pages = max(1, math.ceil(len(frame) / per_page))
+    page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1, key=key)
+    start = (min(int(page), pages) - 1) * per_page
+    return frame.iloc[start:start + per_page]
+
+
+def thumbnail_grid(frame: pd.DataFrame, on_open: Callable[[str], None], columns: int = 6) -> None:
+    """Thumbnails (cached, small) with an Open button each; captions say outcome, dx and probability."""
+    for start in range(0, len(frame), columns):
+        for column, (_, row) in zip(st.columns(columns), frame.iloc[start:start + columns].iterrows()):
+            with column:
+                try:
+                    st.image(loaders.thumbnail(row["path"]), width="stretch")
+                except DataError as err:
+                    st.warning(str(err))
+                st.caption(f"**{row['outcome']}** · {row['dx']} · p={row['probability']:.2f}"
+                           + (" · ⚠ corner" if bool(row.get("flag", False)) else ""))
+                st.button("Open", key=f"open-{row['image_id']}", on_click=on_open, args=(row["image_id"],),
+                          width="stretch")
+
+
+def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
+    """The stored CAM of a test case (from ``train.py explain``), else one computed now at the current threshold."""
+    stored = loaders.stored_cams(run).get(row["image_id"])
+    if stored is not None:
+        return stored, "Grad-CAM of the decision at the val Youden threshold (stored by `train.py explain`)"
+    prediction = loaders.predictor(run).predict(row["path"], explain=True, threshold=state.threshold())
+    return prediction.cam, "Grad-CAM of the decision at the current threshold (computed now)"
+
+
+def case_detail(row: pd.Series, run: Path, size: int, opacity: float) -> None:
+    """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
+    st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
+    if bool(row.get("flag", False)):
+        st.warning(f"Corner-focused attention: {row['corner_fraction']:.0%} of the Grad-CAM lies in the four "
+                   "corners. The score may rest on the image frame (vignetting, rulers), not on the lesion.")
+    if has_images(pd.DataFrame([row])):
+        view = loaders.model_view(row["path"], size)
+        cam, cam_note = case_cam(row, run)
+        image_col, cam_col, mask_col = st.columns(3)
+        image_col.image(view, caption="as the model sees it", width="stretch")
+        cam_col.image(cam_overlay(view, cam, opacity), caption=cam_note, width="stretch")
+        if isinstance(row.get("mask_path"), str):
+            mask = loaders.model_view_mask(row["mask_path"], size)
+            mask_col.image(outline_mask(cam_overlay(view, cam, opacity), mask), width="stretch",
+                           caption="lesion mask outline (green) over the CAM")
+        else:
+            mask_col.info("No lesion mask for this image.")
+    else:
+        st.info("Images not found, so only the numbers are shown. " + state.images_hint())
+    scores, metadata = st.columns(2)
+    shown = [c for c in SCORES if c in row.index]
+    scores.dataframe(row[shown].astype(str).rename("value"), width="stretch")
+    metadata.dataframe(row[[c for c in METADATA if c in row.index]].astype(str).rename("value"), width="stretch")
+    st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")

@@ -1,0 +1,109 @@
+"""Session state every page shares: which run is open and the decision threshold.
+
+Both are plain session-state keys changed only in widget callbacks, which run before the script: that way a control
+on one page (a preset button, the chart's slider) can move a widget defined earlier in the run (the sidebar slider).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+from core.data import PROJECT_ROOT
+from core.runs import DEFAULT_RUN, RunError, find_runs, read_config, read_metrics
+
+RUN_KEY = "run"
+THRESHOLD_KEY = "threshold"
+CHART_THRESHOLD_KEY = "chart_threshold"  # the value the explorer chart starts from; changes only from outside it
+PRESET_LABELS = {"0.5": "0.5", "youden": "Youden (val)", "sens95": "≥95 % sensitivity (val)"}
+
+
+def run_argument(argv: list[str] | None = None) -> Path | None:
+    """``--run DIR`` after ``streamlit run dashboard/app.py --``; None without it."""
+    parser = argparse.ArgumentParser(prog="dashboard", add_help=False)
+    parser.add_argument("--run", type=Path)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.run
+
+
+def available_runs() -> list[Path]:
+    """The run named by ``--run`` first (even if broken: the pages then say what is wrong), then every run under
+    ``models/`` and ``runs/``."""
+    asked = run_argument()
+    found = find_runs(PROJECT_ROOT / "models", PROJECT_ROOT / "runs")
+    if asked is None:
+        return found
+    asked = asked.resolve()
+    return [asked] + [run for run in found if run != asked]
+
+
+def run_label(run: Path) -> str:
+    try:
+        return str(run.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(run)
+
+
+def current_run() -> Path:
+    if RUN_KEY not in st.session_state:
+        runs = available_runs()
+        st.session_state[RUN_KEY] = runs[0] if runs else DEFAULT_RUN
+    return st.session_state[RUN_KEY]
+
+
+def run_thresholds(run: Path) -> dict[str, float]:
+    """The run's operating points chosen on val; empty if it was never evaluated."""
+    try:
+        return {name: float(value) for name, value in read_metrics(run)["thresholds"].items()}
+    except RunError:
+        return {}
+
+
+def default_threshold(run: Path) -> float:
+    return run_thresholds(run).get("youden", 0.5)
+
+
+def set_threshold(value: float) -> None:
+    """Move the shared threshold (and the explorer chart's starting point) from a callback."""
+    value = float(min(max(value, 0.0), 1.0))
+    st.session_state[THRESHOLD_KEY] = value
+    st.session_state[CHART_THRESHOLD_KEY] = value
+
+
+def threshold() -> float:
+    if THRESHOLD_KEY not in st.session_state:
+        set_threshold(default_threshold(current_run()))
+    return float(st.session_state[THRESHOLD_KEY])
+
+
+def chart_threshold() -> float:
+    threshold()
+    return float(st.session_state[CHART_THRESHOLD_KEY])
+
+
+def restart_chart_at_threshold() -> None:
+    """A chart drawn afresh starts where the shared threshold is now (safe outside callbacks: not a widget key)."""
+    st.session_state[CHART_THRESHOLD_KEY] = threshold()
+
+
+def select_run(run: Path) -> None:
+    """Open another run: its own Youden threshold becomes the shared threshold."""
+    st.session_state[RUN_KEY] = run
+    set_threshold(default_threshold(run))
+
+
+def images_hint() -> str:
+    """How to point the app at the HAM10000 images, for pages that need them."""
+    return ("Point the app at the HAM10000 folder (with `HAM10000_metadata.csv` and `images/`): set "
+            "`HAM10000_DIR=/path/to/ham10000` before `make dashboard`, or place it at `data/ham10000` or "
+            f"`../shared/data/ham10000` beside `{PROJECT_ROOT.name}/`.")
+
+
+def run_input_size(run: Path) -> int:
+    """The run's input size (the model view's side); 224 if its config is unreadable (pages then show the error)."""
+    try:
+        return read_config(run).input_size
+    except RunError:
+        return 224

@@ -1,0 +1,82 @@
+"""Test-split browser: filter the test images by outcome, diagnosis, score, attention and metadata; open a case."""
+import pandas as pd
+import streamlit as st
+
+from core import metrics
+from core.data import DX_NAMES
+from dashboard import gallery, loaders, state
+
+CASE_KEY = "browse_case"
+PER_PAGE = 24
+
+st.title("Test-split browser")
+run = state.current_run()
+data_dir, problem = loaders.data_dir_or_none()
+cases = loaders.cases_or_stop(run, "test", data_dir)
+size = state.run_input_size(run)
+threshold = state.threshold()
+cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
+
+
+def choices(column: str) -> list[str]:
+    return sorted(cases[column].dropna().astype(str).unique()) if column in cases else []
+
+
+with st.expander("Filters", expanded=True):
+    row1 = st.columns(4)
+    outcome = row1[0].multiselect(f"Outcome at {threshold:.3f}", list(metrics.OUTCOMES), key="f_outcome",
+                                  help="; ".join(f"{k}: {v}" for k, v in gallery.OUTCOME_HELP.items()))
+    dx = row1[1].multiselect("True diagnosis", choices("dx"), format_func=lambda d: f"{d} — {DX_NAMES.get(d, d)}",
+                             key="f_dx")
+    low, high = row1[2].slider("P(malignant)", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_prob")
+    flag = row1[3].selectbox("Attention", ["any", "corner-focused", "not corner-focused"], key="f_flag",
+                             disabled="flag" not in cases)
+    row2 = st.columns(4)
+    ages = cases["age"].dropna() if "age" in cases else pd.Series(dtype=float)
+    age_range = row2[0].slider("Age", 0, 100, (0, 100), 5, key="f_age", disabled=ages.empty)
+    include_unknown_age = row2[0].checkbox("include unknown age", True, key="f_age_unknown")
+    sex = row2[1].multiselect("Sex", choices("sex"), key="f_sex")
+    site = row2[2].multiselect("Localization", choices("localization"), key="f_site")
+    order = row2[3].selectbox("Sort by", ["most malignant first", "most benign first", "image id"], key="f_sort")
+
+shown = cases[cases["probability"].between(low, high)]
+if outcome:
+    shown = shown[shown["outcome"].isin(outcome)]
+if dx:
+    shown = shown[shown["dx"].isin(dx)]
+if flag != "any" and "flag" in shown:
+    shown = shown[shown["flag"].astype(bool) == (flag == "corner-focused")]
+if "age" in shown and age_range != (0, 100):
+    in_range = shown["age"].between(*age_range)
+    shown = shown[in_range | (shown["age"].isna() & include_unknown_age)]
+elif "age" in shown and not include_unknown_age:
+    shown = shown[shown["age"].notna()]
+if sex:
+    shown = shown[shown["sex"].astype(str).isin(sex)]
+if site:
+    shown = shown[shown["localization"].astype(str).isin(site)]
+sort_by = {"most malignant first": ("probability", False), "most benign first": ("probability", True),
+           "image id": ("image_id", True)}[order]
+shown = shown.sort_values(sort_by[0], ascending=sort_by[1], kind="stable")
+counts = shown["outcome"].value_counts().reindex(list(metrics.OUTCOMES), fill_value=0)
+st.markdown(f"**{len(shown):,} of {len(cases):,} test images match** — "
+            + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def open_case(image_id: str) -> None:
+    st.session_state[CASE_KEY] = image_id
+
+
+if not gallery.has_images(cases):
+    st.info(f"Images not found, so the grid shows no thumbnails.\n\n{problem}\n\n{state.images_hint()}")
+    st.dataframe(shown[[c for c in gallery.METADATA + gallery.SCORES if c in shown]], hide_index=True,
+                 key="browse_table")
+elif len(shown):
+    gallery.thumbnail_grid(gallery.page_of(shown, "browse_page", PER_PAGE), open_case)
+
+chosen = st.session_state.get(CASE_KEY)
+if chosen is not None and chosen in set(cases["image_id"]):
+    st.divider()
+    gallery.case_detail(cases.set_index("image_id", drop=False).loc[chosen], run, size,
+                        st.session_state.get(gallery.OPACITY_KEY, 0.5))
+    gallery.opacity_slider()

@@ -1,0 +1,83 @@
+"""Predict: upload dermoscopic photos, get P(malignant), the decision at the shared threshold, and its Grad-CAM."""
+import pandas as pd
+import streamlit as st
+
+from core import metrics
+from core.data import DataError
+from core.explain import CAM_METHODS
+from core.overlay import cam_overlay
+from core.predictor import Prediction
+from core.runs import RunError
+from dashboard import gallery, loaders, state
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"]
+RESULTS_KEY = "predict_results"  # this session's predictions, by upload: uploads never leave the session
+
+st.title("Predict")
+st.warning("Research tool, not a medical device. It has not been validated for clinical use: never base a "
+           "diagnosis or a treatment decision on it.", icon=":material/warning:")
+run = state.current_run()
+try:
+    predictor = loaders.predictor(run)
+except (RunError, DataError, RuntimeError, ValueError) as err:
+    st.error(f"Cannot load the model of `{run}`: {err}")
+    st.stop()
+
+threshold = state.threshold()
+options = st.columns([2, 1, 1])
+uploads = options[0].file_uploader("Dermoscopic photo(s): JPEG, PNG, BMP, TIFF or WebP, up to 25 MB each",
+                                   type=UPLOAD_TYPES, accept_multiple_files=True, key="uploads")
+method = options[1].selectbox("CAM method", list(CAM_METHODS), key="cam_method")
+with options[2]:
+    opacity = gallery.opacity_slider()
+
+try:
+    test = loaders.cases(run, "test")
+    at = metrics.binary_metrics(test["label"], test["probability"], threshold)
+    st.caption(f"At threshold **{threshold:.3f}** the model has sensitivity **{at['sensitivity']:.1%}** and "
+               f"specificity **{at['specificity']:.1%}** on the {len(test):,} test images (change it in the sidebar "
+               "or on the Threshold explorer).")
+except RunError:
+    st.caption(f"Threshold {threshold:.3f}. This run has no test predictions, so its sensitivity and specificity "
+               "at this threshold are unknown.")
+
+
+def predict(upload) -> Prediction | str:
+    """This session's cached prediction for one upload (per CAM method and explained class), or the error text."""
+    results = st.session_state.setdefault(RESULTS_KEY, {})
+    key = (upload.file_id, method, threshold)
+    if key not in results:
+        try:
+            results[key] = predictor.predict(upload.getvalue(), explain=True, method=method, threshold=threshold)
+        except DataError as err:
+            results[key] = str(err).replace("uploaded bytes", upload.name)
+    return results[key]
+
+
+current = {upload.file_id for upload in uploads or []}
+st.session_state[RESULTS_KEY] = {k: v for k, v in st.session_state.get(RESULTS_KEY, {}).items() if k[0] in current}
+if not uploads:
+    st.info("Upload one or more photos of a skin lesion (dermoscopy, lesion centred) to see a prediction.")
+for upload in uploads or []:
+    st.divider()
+    result = predict(upload)
+    if isinstance(result, str):
+        st.error(f"**{upload.name}** cannot be used: {result}")
+        continue
+    malignant = result.is_malignant(threshold)
+    st.subheader(upload.name)
+    image_col, cam_col, numbers = st.columns([1, 1, 1.2])
+    image_col.image(result.model_input, caption="as the model sees it (centre square, resized)", width="stretch")
+    cam_col.image(cam_overlay(result.model_input, result.cam, opacity), width="stretch",
+                  caption=f"{method} of the '{'malignant' if malignant else 'benign'}' decision")
+    numbers.metric("P(malignant)", f"{result.probability:.3f}")
+    verdict = "**malignant** (≥ threshold)" if malignant else "**benign** (< threshold)"
+    numbers.markdown(f"Decision at {threshold:.3f}: {verdict}")
+    if result.attention["flag"]:
+        numbers.warning(f"Corner-focused attention: {result.attention['corner_fraction']:.0%} of the CAM lies in "
+                        "the image corners. The prediction may rest on the frame, not the lesion.")
+    numbers.dataframe(pd.Series({"CAM share in the corners": f"{result.attention['corner_fraction']:.1%}",
+                                 "CAM share in the border": f"{result.attention['border_fraction']:.1%}",
+                                 "dark-corner score": f"{result.attention['dark_corner_score']:.3f}",
+                                 "corner-focused": "yes" if result.attention["flag"] else "no"},
+                                name="attention"), width="stretch")

@@ -1,0 +1,57 @@
+"""Threshold explorer: what a decision threshold buys and costs, on test (or val), live while dragging."""
+import pandas as pd
+import streamlit as st
+
+from core import metrics
+from dashboard import charts, loaders, state
+
+st.title("Threshold explorer")
+run = state.current_run()
+split = st.segmented_control("Split", ["test", "val"], default="test", key="explorer_split",
+                             help="Thresholds are chosen on val and applied to test, never chosen on test.") or "test"
+frame = loaders.cases_or_stop(run, split)
+labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
+
+presets = state.run_thresholds(run)
+columns = st.columns(len(presets) + 1)
+columns[0].markdown("**Presets** (chosen on val)")
+for column, (name, value) in zip(columns[1:], presets.items()):
+    column.button(f"{state.PRESET_LABELS.get(name, name)} = {value:.3f}", key=f"preset-{name}",
+                  on_click=state.set_threshold, args=(value,), width="stretch")
+
+chart_key = f"explorer-{split}-{state.chart_threshold()}"
+if chart_key not in st.session_state:  # a fresh chart (page opened again): start it where the threshold is now
+    state.restart_chart_at_threshold()
+    chart_key = f"explorer-{split}-{state.chart_threshold()}"
+
+
+def follow_chart() -> None:
+    """The chart's slider moved: the rest of the app follows (the chart itself already has)."""
+    picked = st.session_state[chart_key].selection.get(charts.THRESHOLD_PARAM)
+    if picked:
+        st.session_state[state.THRESHOLD_KEY] = float(picked[0]["threshold"])
+
+
+st.altair_chart(charts.threshold_explorer(frame, state.chart_threshold()), key=chart_key, on_select=follow_chart,
+                selection_mode=[charts.THRESHOLD_PARAM])
+st.caption("Drag the slider under the figures: they follow in the browser; the tables below and the other pages "
+           "follow when it stops. Positive (malignant) iff P(malignant) ≥ threshold.")
+
+threshold = state.threshold()
+at = metrics.binary_metrics(labels, probs, threshold)
+st.subheader(f"{split} at threshold {threshold:.3f}")
+left, right = st.columns([1, 2])
+left.dataframe(pd.DataFrame([[at["tp"], at["fn"]], [at["fp"], at["tn"]]], index=["actual malignant", "actual benign"],
+                            columns=["predicted malignant", "predicted benign"]), key="confusion")
+rates = {name: at[name] for name in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1",
+                                      "macro_f1", "accuracy")}
+right.dataframe(pd.DataFrame([rates]).style.format("{:.3f}"), hide_index=True, key="rates")
+
+comparison = pd.DataFrame(
+    [{"operating point": state.PRESET_LABELS.get(name, name), **metrics.binary_metrics(labels, probs, value)}
+     for name, value in [*presets.items(), ("current", threshold)]])
+st.markdown(f"**Operating points on {split}** — AUROC {metrics.auroc(labels, probs):.3f}")
+st.dataframe(comparison[["operating point", "threshold", "sensitivity", "specificity", "ppv", "npv",
+                         "balanced_accuracy", "f1", "tp", "fp", "fn", "tn"]].style.format(precision=3),
+             hide_index=True)
+st.altair_chart(charts.calibration_chart(metrics.calibration(labels, probs)))

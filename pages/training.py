@@ -1,0 +1,53 @@
+"""Training report: how the open run was trained, how it scored, and how it compares with the other runs."""
+import pandas as pd
+import streamlit as st
+
+from core.runs import RunError, read_config, read_history, read_metrics, run_summary
+from dashboard import charts, state
+
+st.title("Training report")
+run = state.current_run()
+try:
+    config = read_config(run)
+except RunError as err:
+    st.error(str(err))
+    st.stop()
+
+st.markdown(f"`{state.run_label(run)}`: **{config.model}** at {config.input_size} px, {config.epochs} epochs, "
+            f"normalisation *{config.normalization}*, EMA {config.ema_decay or 'off'}, "
+            f"flip TTA {'on' if config.tta_flips else 'off'}.")
+try:
+    st.altair_chart(charts.history_charts(read_history(run)))
+except RunError as err:
+    st.info(str(err))
+
+st.header("Metrics")
+try:
+    report = read_metrics(run)
+except RunError as err:
+    st.info(str(err))
+else:
+    rows = []
+    for split in ("val", "test"):
+        part = report[split]
+        low, high = part["auroc_ci"]
+        for name, at in part["at_threshold"].items():
+            rows.append({"split": split, "AUROC (95 % CI)": f"{part['auroc']:.3f} ({low:.3f}–{high:.3f})",
+                         "threshold": f"{state.PRESET_LABELS.get(name, name)} = {at['threshold']:.3f}",
+                         **{k: at[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "macro_f1",
+                                               "ppv", "npv", "tp", "fp", "fn", "tn")}})
+    st.dataframe(pd.DataFrame(rows).style.format(precision=3), hide_index=True, key="metrics_table")
+    st.caption("Thresholds are chosen on val and applied unchanged to test. CIs: 2,000 bootstrap resamples.")
+    if "calibration_test" in report:
+        st.altair_chart(charts.calibration_chart(report["calibration_test"]))
+
+with st.expander("Resolved config (config.yaml)"):
+    st.code((run / "config.yaml").read_text(), language="yaml")
+
+st.header("All runs")
+table = pd.DataFrame([run_summary(path) for path in state.available_runs() if path.is_dir()])
+if len(table):
+    st.dataframe(table.drop(columns="path").style.format(precision=4, na_rep="—"), hide_index=True,
+                 key="runs_table")
+st.caption("Runs are the directories under models/ and runs/ that hold config.yaml and model.safetensors. "
+           "Compare them on val AUROC: the test split is for reporting, not choosing.")
