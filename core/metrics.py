@@ -115,23 +115,37 @@ def sensitivity_threshold(labels: ArrayLike, probs: ArrayLike, min_sensitivity: 
     return float(thresholds[np.argmax(tpr >= min_sensitivity)])
 
 
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
 def binary_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float) -> dict[str, float | int]:
-    """Confusion matrix and the usual rates at one threshold (positive iff ``prob >= threshold``; undefined → nan)."""
+    """Confusion matrix and the usual rates at one threshold (positive iff ``prob >= threshold``; undefined → nan).
+
+    Counted with numpy rather than five scikit-learn calls: the dashboard recomputes this on every threshold move
+    (a test checks it against scikit-learn).
+    """
     y, p = _check(labels, probs)
-    pred = (p >= threshold).astype(np.int64)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    nan = np.nan
+    predicted = p >= threshold
+    positive = y == 1
+    tp = int(np.count_nonzero(predicted & positive))
+    fp = int(np.count_nonzero(predicted & ~positive))
+    fn = int(np.count_nonzero(~predicted & positive))
+    tn = len(y) - tp - fp - fn
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    f1_positive, f1_negative = _ratio(2 * tp, 2 * tp + fp + fn), _ratio(2 * tn, 2 * tn + fn + fp)
     return {
         "threshold": float(threshold),
-        "sensitivity": float(recall_score(y, pred, pos_label=1, zero_division=nan)),
-        "specificity": float(recall_score(y, pred, pos_label=0, zero_division=nan)),
-        "ppv": float(precision_score(y, pred, pos_label=1, zero_division=nan)),
-        "npv": float(precision_score(y, pred, pos_label=0, zero_division=nan)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if _both_classes(y) else nan,
-        "f1": float(f1_score(y, pred, pos_label=1, zero_division=nan)),
-        "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=nan)),
-        "accuracy": float(accuracy_score(y, pred)),
-        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "balanced_accuracy": (sensitivity + specificity) / 2 if _both_classes(y) else float("nan"),
+        "f1": f1_positive,
+        "macro_f1": float(np.nanmean([f1_positive, f1_negative])) if not (np.isnan(f1_positive) and np.isnan(
+            f1_negative)) else float("nan"),
+        "accuracy": _ratio(tp + tn, len(y)),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
 
 

@@ -101,7 +101,7 @@ def histogram_chart(base: alt.Chart) -> alt.Chart:
     bars = base.mark_bar(opacity=0.6, binSpacing=0).encode(
         x=alt.X("probability:Q", bin=alt.Bin(extent=[0, 1], step=0.025), title="P(malignant)"),
         y=alt.Y("count():Q", stack=None, title="images"),
-        color=alt.Color("class:N", scale=CLASS_COLOURS, title="true class"))
+        color=alt.Color("class:N", scale=CLASS_COLOURS, title="true class", legend=alt.Legend(orient="top")))
     rule = base.transform_aggregate(n="count()").transform_calculate(
         t=f"{THRESHOLD_PARAM}.threshold").mark_rule(color="black", strokeWidth=2).encode(x="t:Q")
     return (bars + rule).properties(width=560, height=200, title="Scores per true class")

@@ -15,6 +15,7 @@ from core.predictor import Predictor
 from core.runs import RunError, read_attention, read_cams, read_predictions
 from core.split import read_split
 from core.transforms import resize_transform
+from dashboard import charts
 
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "ham10000.csv"
 
@@ -125,3 +126,14 @@ def cases_or_stop(run: Path, split: str = "test", data_dir: Path | None = None) 
     except (RunError, DataError) as err:
         st.error(f"Cannot open the {split} predictions of `{run}`.\n\n{err}")
         st.stop()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _explorer_spec(run: str, split: str, stamp: float, value: float) -> dict:
+    return charts.threshold_explorer(read_predictions(run, split), value).to_dict(validate=False)
+
+
+def explorer_spec(run: Path, split: str, value: float) -> dict:
+    """The explorer's Vega-Lite spec, built once per (run, split, start value): while the user drags, reruns reuse
+    it instead of re-serialising every test prediction."""
+    return _explorer_spec(str(run), split, _run_stamp(run), value)

@@ -32,8 +32,8 @@ def follow_chart() -> None:
         st.session_state[state.THRESHOLD_KEY] = float(picked[0]["threshold"])
 
 
-st.altair_chart(charts.threshold_explorer(frame, state.chart_threshold()), key=chart_key, on_select=follow_chart,
-                selection_mode=[charts.THRESHOLD_PARAM])
+st.vega_lite_chart(loaders.explorer_spec(run, split, state.chart_threshold()), key=chart_key, on_select=follow_chart,
+                   selection_mode=[charts.THRESHOLD_PARAM])
 st.caption("Drag the slider under the figures: they follow in the browser; the tables below and the other pages "
            "follow when it stops. Positive (malignant) iff P(malignant) ≥ threshold.")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
+                             recall_score, roc_auc_score, roc_curve)
 
 from core import metrics
 
@@ -56,12 +57,21 @@ def test_bad_input_is_rejected() -> None:
 
 def test_metrics_agree_with_scikit_learn(scores) -> None:
     labels, probs = scores
-    for threshold in (0.3, 0.4, 0.55):
+    for threshold in (0.0, 0.3, 0.4, 0.55, 1.01):
         m = metrics.binary_metrics(labels, probs, threshold)
         predicted = (probs >= threshold).astype(int)
+        nan = float("nan")
+        assert m["sensitivity"] == pytest.approx(recall_score(labels, predicted, zero_division=nan), nan_ok=True)
+        assert m["specificity"] == pytest.approx(recall_score(labels, predicted, pos_label=0, zero_division=nan),
+                                                 nan_ok=True)
+        assert m["ppv"] == pytest.approx(precision_score(labels, predicted, zero_division=nan), nan_ok=True)
+        assert m["npv"] == pytest.approx(precision_score(labels, predicted, pos_label=0, zero_division=nan),
+                                         nan_ok=True)
+        assert m["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
-        assert m["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
-        assert m["f1"] == pytest.approx(f1_score(labels, predicted))
+        assert m["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro", zero_division=nan),
+                                              nan_ok=True)
+        assert m["f1"] == pytest.approx(f1_score(labels, predicted, zero_division=nan), nan_ok=True)
         assert [m["tn"], m["fp"], m["fn"], m["tp"]] == confusion_matrix(labels, predicted).ravel().tolist()
     assert metrics.auroc(labels, probs) == pytest.approx(roc_auc_score(labels, probs))
 

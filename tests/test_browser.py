@@ -1,0 +1,175 @@
+"""End to end in a real browser: headless Debian Chromium (driven by Playwright, no browser download) against
+`streamlit run` on localhost. Screenshots go to tests/artifacts/ (or $E2E_ARTIFACTS)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core import metrics
+from core.data import PROJECT_ROOT
+from core.predictor import Predictor
+from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", PROJECT_ROOT / "tests" / "artifacts"))
+PAGES = {"": "Predict", "threshold": "Threshold explorer", "browse": "Test-split browser", "audit": "Error audit",
+         "training": "Training report", "data": "Data & split"}
+CHROME_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(ham_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    log = (ARTIFACTS / "streamlit.log")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
+                                   str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"streamlit did not come up: {log.read_text()}")
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not Path(CHROMIUM).is_file():
+        message = f"Chromium not found at {CHROMIUM} (Debian package `chromium`; .ci/run installs it)"
+        if os.environ.get("REQUIRE_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_url: str) -> Iterator:
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)
+    yield tab
+    context.close()
+
+
+def settle(tab) -> None:
+    """Wait until the script run the last interaction started has finished (Streamlit's running indicator)."""
+    tab.wait_for_timeout(300)
+    tab.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=90_000)
+
+
+def open_page(tab, app_url: str, path: str) -> None:
+    tab.goto(f"{app_url}/{path}")
+    tab.get_by_role("heading", name=PAGES[path], level=1).wait_for()
+    settle(tab)
+
+
+def no_exceptions(tab) -> None:
+    assert tab.locator("[data-testid=stException]").count() == 0, tab.locator("[data-testid=stException]").all_inner_texts()
+
+
+def shot(tab, name: str) -> None:
+    tab.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def test_every_page_opens(page, app_url: str) -> None:
+    for path, title in PAGES.items():
+        open_page(page, app_url, path)
+        no_exceptions(page)
+        shot(page, f"page_{path or 'predict'}")
+
+
+def test_upload_shows_probability_and_overlay(page, app_url: str, ham_dir: Path) -> None:
+    image = ham_dir / "images" / "ISIC_0024306.jpg"
+    open_page(page, app_url, "")
+    page.locator("input[type=file]").set_input_files(str(image))
+    metric = page.locator("[data-testid=stMetricValue]")
+    metric.wait_for()
+    assert metric.inner_text() == f"{Predictor.load(DEFAULT_RUN).predict(image).probability:.3f}"
+    page.get_by_text("gradcam of the").wait_for()
+    assert page.locator("[data-testid=stMain] [data-testid=stImage] img").count() >= 2  # photo + CAM overlay
+    no_exceptions(page)
+    shot(page, "predict_upload")
+
+
+def _cell(tab, name: str) -> int:
+    """A confusion-matrix count as drawn by Vega in the browser (text like ``TP 248``)."""
+    text = tab.locator("svg text", has_text=re.compile(rf"^{name} \d+$")).first.text_content()
+    return int(text.split()[1])
+
+
+def test_dragging_the_threshold_moves_the_confusion_matrix(page, app_url: str) -> None:
+    open_page(page, app_url, "threshold")
+    frame = read_predictions(DEFAULT_RUN, "test")
+    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    before = metrics.binary_metrics(frame["label"], frame["probability"], youden)
+    assert (_cell(page, "TP"), _cell(page, "FN")) == (before["tp"], before["fn"])
+
+    slider = page.locator(".vega-bind input[type=range]")
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * youden, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.55, y, steps=5)
+    during = _cell(page, "TP")  # redrawn in the browser while the button is still down
+    page.mouse.move(box["x"] + box["width"] * 0.75, y, steps=5)
+    page.mouse.up()
+    value = float(slider.input_value())
+    after = metrics.binary_metrics(frame["label"], frame["probability"], value)
+    assert value > 0.6 and during < before["tp"]
+    assert [_cell(page, c) for c in ("TP", "FP", "FN", "TN")] == [after[k] for k in ("tp", "fp", "fn", "tn")]
+    # The rest of the app follows: the sidebar's shared threshold comes to the chart's value.
+    page.locator("[data-testid=stSidebar] [data-testid=stSliderThumbValue]", has_text=f"{value:.3f}").wait_for()
+    no_exceptions(page)
+    shot(page, "threshold_dragged")
+
+
+def test_filtering_the_browser(page, app_url: str) -> None:
+    open_page(page, app_url, "browse")
+    frame = read_predictions(DEFAULT_RUN, "test")
+    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    false_negatives = (metrics.outcomes(frame["label"], frame["probability"], youden) == "FN").sum()
+    page.get_by_text(f"{len(frame):,} of {len(frame):,} test images match").wait_for()
+    page.locator("[data-testid=stMultiSelect] input").first.click()
+    page.keyboard.type("FN")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.mouse.click(1400, 60)  # close the option list
+    page.get_by_text(f"{false_negatives} of {len(frame):,} test images match").wait_for()
+    settle(page)
+    page.locator("[data-testid=stButton] button", has_text="Open").first.click()
+    page.get_by_text("as the model sees it").wait_for()
+    no_exceptions(page)
+    shot(page, "browse_filtered")
