@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 dashboard: $(STAMP)
-	$(BIN)/streamlit run dashboard/app.py
+	$(BIN)/streamlit run dashboard/app.py $(if $(RUN),-- --run $(RUN))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -101,7 +101,11 @@ def no_exceptions(tab) -> None:
 
 
 def shot(tab, name: str) -> None:
+    """The page as shown, and a copy with every photo masked: those may go in the README (the HAM10000 images are
+    licensed and never copied into the repository)."""
     tab.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    tab.screenshot(path=str(ARTIFACTS / "masked" / f"{name}.png"), mask=[tab.locator("[data-testid=stImage]")],
+                   mask_color="#d9d9d9")
 
 
 def test_every_page_opens(page, app_url: str) -> None:
@@ -138,6 +142,8 @@ def test_dragging_the_threshold_moves_the_confusion_matrix(page, app_url: str) -
     assert (_cell(page, "TP"), _cell(page, "FN")) == (before["tp"], before["fn"])
 
     slider = page.locator(".vega-bind input[type=range]")
+    slider.scroll_into_view_if_needed()
+    settle(page)
     box = slider.bounding_box()
     y = box["y"] + box["height"] / 2
     page.mouse.move(box["x"] + box["width"] * youden, y)
