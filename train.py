@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from core.checkpoint import CheckpointError
 from core.config import TrainConfig, add_config_arguments
 from core.data import IMAGE_EXTENSIONS, DataError, read_dataset
-from core.engine import TrainingError
+from core.engine import Interrupted, TrainingError
 
 DEFAULT_SPLIT = Path("splits/ham10000.csv")
 
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during fit: the shell's exit status for that signal
+        return 128 + (signal.SIGTERM if isinstance(err, Interrupted) else signal.SIGINT)
     return 0
 
 

@@ -81,11 +81,20 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
     table["correct"] = (table["probability"] >= threshold).astype(int) == table["label"]
     atomic_write(run_dir / f"attention_{split}.csv",
                  lambda tmp: table.to_csv(tmp, index=False, float_format="%.5f"))
-    atomic_write(run_dir / f"cams_{split}.npz", lambda tmp: np.savez_compressed(
-        tmp.open("wb"), image_id=table["image_id"].to_numpy(dtype=str), cam=np.stack(store)))
+    write_cam_store(run_dir / f"cams_{split}.npz", table["image_id"].to_numpy(dtype=str), np.stack(store))
     summary = summarize(table, threshold, method, corner_threshold)
     atomic_write_text(run_dir / "attention_summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def write_cam_store(path: Path, image_ids: np.ndarray, cams: np.ndarray) -> None:
+    """``image_id`` and ``cam`` arrays in one .npz (through an open handle: given a path, numpy would add ".npz"
+    to the temporary file's name)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, image_id=image_ids, cam=cams)
+
+    atomic_write(path, write)
 
 
 def summarize(table: pd.DataFrame, threshold: float, method: str, corner_threshold: float) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,25 +46,47 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def save_training_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Resume state: tensors (model, EMA, optimiser moments) in safetensors, everything else in JSON.
-
-    The JSON is written last, so a kill between the two leaves the previous JSON pointing at a complete epoch:
-    ``meta['epoch']`` is checked against the tensors' own metadata on load.
+    """Resume state in one file: tensors (model, EMA, optimiser moments) in safetensors, everything else (epoch,
+    scheduler, best AUROC, …) as JSON in its header. One atomic rename commits an epoch, so a kill at any moment
+    leaves the previous epoch's state or this one, never tensors of one epoch with the counters of another.
+    ``last.json`` beside it is a readable copy for people and the dashboard; resuming never trusts it.
     """
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"epoch": str(meta["epoch"])}))
+    header = {"epoch": str(meta["epoch"]), "meta": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     atomic_write_text(path.with_name(STATE_META), json.dumps(meta, indent=1))
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = load_training_meta(path)
+    return _read(path), meta
+
+
+def load_training_meta(path: str | Path) -> dict[str, Any]:
+    """What :func:`save_training_state` committed beside the tensors (reads the file's header only)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no resumable state in {path.parent} ({path.name} missing: no epoch has finished)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        return json.loads(header["meta"]) if "meta" in header else _meta_of_older_runs(path, header)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable training state ({err})") from err
+
+
+def _meta_of_older_runs(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    """Runs saved before the meta moved into the header kept it only in last.json, written second: trusted only
+    when it names the same epoch as the tensors (a kill between the two writes leaves them disagreeing)."""
     meta_path = path.with_name(STATE_META)
     if not meta_path.is_file():
         raise CheckpointError(f"no resumable state in {path.parent} ({STATE_META} missing)")
     meta = json.loads(meta_path.read_text())
-    tensors = _read(path)
-    return tensors, meta
+    if str(meta.get("epoch")) != header.get("epoch"):
+        raise CheckpointError(f"{meta_path} (epoch index {meta.get('epoch')}) and {path} (epoch index "
+                              f"{header.get('epoch')}) disagree: the run was stopped while saving and cannot resume")
+    return meta
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,8 +11,13 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from core import checkpoint, metrics
 from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, open_rgb, read_dataset
-from core.io import atomic_write, atomic_write_text
+from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from core.losses import create_loss
 from core.model import create_model, pretrained_config
 from core.sampler import BalancedSampler
@@ -36,10 +41,15 @@ from core.split import apply_split, read_split
 from core.transforms import Normalization, normalize_transform, resize_transform
 
 PREDICTION_COLUMNS = ["image_id", "lesion_id", "dx", "label", "probability"]
+HISTORY_FILE = "history.csv"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, out of memory); the message says what to change."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM during :func:`fit`, raised the way Ctrl-C raises ``KeyboardInterrupt`` so both stop alike."""
 
 
 @dataclass
@@ -182,20 +192,18 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             with _autocast(device, cfg.amp):
                 logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. "
+                                    "The last good checkpoint is kept: lower --lr, or check the data")
+            (loss / cfg.grad_accum).backward()
+            if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model, step=scheduler.last_epoch)  # the optimiser step count drives EMA warm-up
         except torch.OutOfMemoryError as err:
-            raise TrainingError(f"out of GPU memory at batch size {cfg.batch_size}: try --batch-size "
-                                f"{max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2} "
-                                "(same effective batch)") from err
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. The "
-                                "last good checkpoint is kept: lower --lr, or check the data")
-        (loss / cfg.grad_accum).backward()
-        if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model, step=scheduler.last_epoch)  # the optimiser step count drives EMA warm-up
+            raise TrainingError(out_of_memory_advice(cfg)) from err
         total_loss += loss.item() * len(index)
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}",
@@ -203,6 +211,15 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "img_per_s": seen * dist_info.world_size / seconds,
             "train_seconds": seconds}
+
+
+def out_of_memory_advice(cfg: TrainConfig) -> str:
+    """Halve the batch and double gradient accumulation: the optimiser sees (about) the same effective batch."""
+    if cfg.batch_size == 1:
+        return "out of GPU memory at batch size 1: try a smaller --input-size or --model"
+    batch, accum = (cfg.batch_size + 1) // 2, cfg.grad_accum * 2
+    return (f"out of GPU memory at batch size {cfg.batch_size}: try --batch-size {batch} --grad-accum {accum} "
+            f"(effective batch {batch * accum}, as now {cfg.batch_size * cfg.grad_accum}, with gradient accumulation)")
 
 
 def _device_description(device: torch.device) -> str:
@@ -213,10 +230,54 @@ def _device_description(device: torch.device) -> str:
 
 def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train per ``cfg`` into ``run_dir`` (config.yaml, model.safetensors = best by val AUROC, history.csv,
-    last.safetensors/last.json for --resume), then evaluate the best checkpoint on val and test."""
+    last.safetensors/last.json for --resume), then evaluate the best checkpoint on val and test.
+
+    Ctrl-C, SIGTERM or a kill at any moment leaves the last finished epoch whole on disk (every write is atomic,
+    and last.safetensors, written after the history and best weights, commits the epoch); ``resume=True`` goes on
+    from there.
+    """
+    run_dir = Path(run_dir)
+    with _sigterm_interrupts():
+        try:
+            return _fit(cfg, run_dir, resume)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":
+                _report_interruption(run_dir)
+            raise
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's pre-emption) stops training as Ctrl-C does, with an exception: pending
+    ``finally`` blocks remove temporary files and nothing half-written is left. Handlers can only be set from the
+    main thread; called from another one (a dashboard session), SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_interruption(run_dir: Path) -> None:
+    try:
+        done = checkpoint.load_training_meta(run_dir / checkpoint.STATE_FILE)["epoch"] + 1
+    except checkpoint.CheckpointError:
+        print(f"interrupted before the first epoch finished: nothing in {run_dir} to resume", file=sys.stderr)
+        return
+    print(f"interrupted: {run_dir} holds epoch {done} whole (checkpoint and history); continue with "
+          f"`python train.py fit --resume {run_dir}`", file=sys.stderr)
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     from timm.utils import ModelEmaV3
 
-    run_dir = Path(run_dir)
     dist_info = setup_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank)
     if dist_info.main:
@@ -256,15 +317,12 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     history: list[dict] = []
     start_epoch, best_auroc, since_best = 0, -1.0, 0
     if resume:
-        tensors, meta = checkpoint.load_training_state(run_dir / checkpoint.STATE_FILE)
-        checkpoint._unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        checkpoint.optimizer_from_tensors(optimizer, tensors, meta)
-        scheduler.load_state_dict(meta["scheduler"])
+        meta = _restore(run_dir, model, ema, optimizer, scheduler)
         start_epoch, best_auroc, since_best = meta["epoch"] + 1, meta["best_auroc"], meta["since_best"]
-        history = pd.read_csv(run_dir / "history.csv").iloc[:start_epoch].to_dict("records")
+        history = _committed_history(run_dir, start_epoch)
         if dist_info.main:
+            remove_stale_temp_files(run_dir, (checkpoint.MODEL_FILE, checkpoint.STATE_FILE, checkpoint.STATE_META,
+                                              HISTORY_FILE))
             print(f"resuming {run_dir} after epoch {start_epoch} (best val AUROC so far {best_auroc:.4f})")
 
     if dist_info.main:
@@ -277,6 +335,9 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         eval_model = ema.module if ema is not None else checkpoint._unwrap(model)
         t_eval = time.perf_counter()
         val_probs = predict_probabilities(eval_model, val_images, preprocess, device, cfg.eval_batch_size, amp=cfg.amp)
+        if not np.isfinite(val_probs).all():  # weights gone NaN in the epoch's last step: never save them
+            raise TrainingError(f"the model's val predictions are not finite after epoch {epoch + 1}; stopping. The "
+                                "last good checkpoint is kept: lower --lr, or check the data")
         val_auroc = metrics.auroc(val_labels, val_probs)
         val_loss = float(loss_fn(torch.logit(torch.tensor(val_probs).clamp(1e-6, 1 - 1e-6)),
                                  torch.tensor(val_labels, dtype=torch.float32)))
@@ -287,9 +348,12 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         improved = val_auroc > best_auroc
         best_auroc, since_best = (val_auroc, 0) if improved else (best_auroc, since_best + 1)
         if dist_info.main:
+            # Order matters: the training state is written last and commits the epoch. A stop before it leaves
+            # the previous epoch committed; its extra history row (and best weights) are redone identically.
             if improved:
                 checkpoint.save_weights(eval_model, run_dir / checkpoint.MODEL_FILE, dtype=torch.float16,
                                         metadata={"epoch": str(epoch + 1), "val_auroc": f"{val_auroc:.6f}"})
+            write_history(history, run_dir / HISTORY_FILE)
             tensors = {f"model.{k}": v for k, v in checkpoint._unwrap(model).state_dict().items()}
             if ema is not None:
                 tensors |= {f"ema.{k}": v for k, v in ema.module.state_dict().items()}
@@ -298,8 +362,6 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
                                            optim_meta | {"epoch": epoch, "best_auroc": best_auroc,
                                                          "since_best": since_best,
                                                          "scheduler": scheduler.state_dict()})
-            frame = pd.DataFrame(history)
-            atomic_write(run_dir / "history.csv", lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
             print(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
                   f"val AUROC {val_auroc:.4f}{' *' if improved else ''}  {row['img_per_s']:.0f} img/s  "
                   f"{row['seconds']:.1f}s", flush=True)
@@ -314,6 +376,38 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         del train_images, val_images
         evaluate_run(run_dir)
     return run_dir
+
+
+def _restore(run_dir: Path, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """Load the last committed epoch into model, EMA, optimiser and scheduler; returns its counters."""
+    path = run_dir / checkpoint.STATE_FILE
+    tensors, meta = checkpoint.load_training_state(path)
+    try:
+        checkpoint._unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        checkpoint.optimizer_from_tensors(optimizer, tensors, meta)
+        scheduler.load_state_dict(meta["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise checkpoint.CheckpointError(f"{path} does not fit the model and optimiser that {run_dir / 'config.yaml'} "
+                                         f"describes: {str(err)[:300]}") from err
+    return meta
+
+
+def _committed_history(run_dir: Path, epochs: int) -> list[dict]:
+    """The history rows of the ``epochs`` committed epochs (a stop just before a commit leaves one row more)."""
+    path = run_dir / HISTORY_FILE
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if len(frame) < epochs:
+        raise checkpoint.CheckpointError(f"{path} holds {len(frame)} epoch(s) but {checkpoint.STATE_FILE} has "
+                                         f"{epochs}: cannot resume exactly")
+    return frame.iloc[:epochs].to_dict("records")
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    frame = pd.DataFrame(history)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def check_ranks_agree(model: nn.Module) -> None:

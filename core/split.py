@@ -20,7 +20,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from core.data import DataError, open_rgb
+from core.data import DataError, open_rgb, read_csv
 from core.io import atomic_write
 
 SPLITS = ("train", "val", "test")
@@ -134,17 +134,24 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_split(path: str | os.PathLike) -> pd.DataFrame:
-    """A split file, validated: right columns, known split names, no lesion in two splits."""
+    """A split file, validated: readable CSV, right columns, known split names, each image once, no lesion in two
+    splits. (Ids the dataset lacks are :func:`apply_split`'s check.)"""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} not found; create it with `python train.py split`")
-    frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    frame = read_csv(path)
     missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(SPLIT_COLUMNS)}")
-    unknown = sorted(set(frame["split"]) - set(SPLITS))
-    if unknown:
-        raise DataError(f"{path}: unknown split name(s) {unknown}; expected {', '.join(SPLITS)}")
+    unknown = frame[~frame["split"].isin(SPLITS)]
+    if len(unknown):
+        names = sorted(unknown["split"].fillna("(empty)").astype(str).unique())
+        raise DataError(f"{path}: unknown split name(s) {names} for {len(unknown)} image(s), e.g. "
+                        f"{', '.join(unknown['image_id'].astype(str)[:5])}; expected {', '.join(SPLITS)}")
+    repeated = frame[frame["image_id"].duplicated(keep=False)]
+    if len(repeated):
+        raise DataError(f"{path}: {repeated['image_id'].nunique()} image id(s) listed more than once, e.g. "
+                        f"{', '.join(repeated['image_id'].drop_duplicates()[:5])}")
     straddling = frame.groupby("lesion_id")["split"].nunique()
     straddling = straddling[straddling > 1]
     if len(straddling):

@@ -28,7 +28,7 @@ def ham(ham_dir: Path) -> pd.DataFrame:
     return read_ham10000(ham_dir)
 
 
-def write_image(path: Path, size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
+def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
     """A small random RGB image the test owns (never a copy of the licensed data)."""
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)

@@ -143,6 +143,11 @@ def test_split_fractions_must_fit_twenty_folds() -> None:
     ("image_id,lesion_id,dx,label\nI1,L1,nv,0\n", r"missing column\(s\) split"),
     ("image_id,lesion_id,dx,label,split\nI1,L1,nv,0,holdout\n", r"unknown split name\(s\) \['holdout'\]"),
     ("image_id,lesion_id,dx,label,split\nI1,L1,nv,0,train\nI2,L1,nv,0,test\n", r"1 lesion\(s\) appear in more"),
+    ("image_id,lesion_id,dx,label,split\nI1,L1,nv,0,train\nI1,L1,nv,0,train\n", r"1 image id\(s\) listed more than once.*I1"),
+    ("image_id,lesion_id,dx,label,split\nI1,L1,nv,0,\nI2,L2,nv,0,val\nI3,L3,nv,0,dev\n",
+     r"unknown split name\(s\) \['\(empty\)', 'dev'\] for 2 image\(s\), e.g. I1, I3"),
+    ("", "not a readable CSV file"),
+    ("\x00\x81garbage,\"\n\"\"x", "not a readable CSV file"),
 ])
 def test_bad_split_files(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "s.csv").write_text(content)
