@@ -38,14 +38,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(ham_dir: Path) -> Iterator[str]:
+def server_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's TMPDIR: uploads must not land there (or anywhere else on disk)."""
+    return tmp_path_factory.mktemp("server_tmp")
+
+
+@pytest.fixture(scope="module")
+def app_url(ham_dir: Path, server_tmp: Path) -> Iterator[str]:
     port = _free_port()
     log = (ARTIFACTS / "streamlit.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
                                    str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(server_tmp)})
         try:
             deadline = time.monotonic() + 90
             while True:
@@ -170,7 +176,7 @@ def test_filtering_the_browser(page, app_url: str) -> None:
     page.get_by_text(f"{len(frame):,} of {len(frame):,} test images match").wait_for()
     page.locator("[data-testid=stMultiSelect] input").first.click()
     page.keyboard.type("FN")
-    page.keyboard.press("Enter")
+    page.locator("[role=option]", has_text="FN").first.click()
     page.keyboard.press("Escape")
     page.mouse.click(1400, 60)  # close the option list
     page.get_by_text(f"{false_negatives} of {len(frame):,} test images match").wait_for()
@@ -179,3 +185,54 @@ def test_filtering_the_browser(page, app_url: str) -> None:
     page.get_by_text("as the model sees it").wait_for()
     no_exceptions(page)
     shot(page, "browse_filtered")
+
+
+def _files_changed_since(root: Path, since: float, skip: tuple[str, ...]) -> list[Path]:
+    changed = []
+    for path in root.rglob("*"):
+        if any(part in skip for part in path.relative_to(root).parts):
+            continue
+        try:
+            if path.is_file() and path.stat().st_mtime >= since:
+                changed.append(path)
+        except OSError:
+            continue
+    return changed
+
+
+def test_uploads_stay_in_memory_and_in_their_session(browser, app_url: str, server_tmp: Path, ham_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """An upload is never written to disk and never shown to another session."""
+    image = tmp_path / "private_photo.jpg"
+    image.write_bytes((ham_dir / "images" / "ISIC_0024306.jpg").read_bytes())
+    started = time.time()
+    alice = browser.new_context(viewport={"width": 1500, "height": 1100})
+    bob = browser.new_context(viewport={"width": 1500, "height": 1100})
+    try:
+        a, b = alice.new_page(), bob.new_page()
+        for tab in (a, b):
+            tab.set_default_timeout(60_000)
+            open_page(tab, app_url, "")
+        a.locator("input[type=file]").set_input_files(str(image))
+        a.locator("[data-testid=stMetricValue]").wait_for()
+        assert a.get_by_text("private_photo.jpg").count() >= 1
+        b.reload()
+        open_page(b, app_url, "")
+        assert b.locator("[data-testid=stMetricValue]").count() == 0
+        assert b.get_by_text("private_photo.jpg").count() == 0
+    finally:
+        alice.close()
+        bob.close()
+    skip = (".git", ".venv", "artifacts", "__pycache__", ".pytest_cache", ".hypothesis")
+    assert not _files_changed_since(server_tmp, started, ())
+    assert not _files_changed_since(PROJECT_ROOT, started, skip)
+
+
+def test_uploads_over_the_cap_are_refused_by_the_uploader(page, app_url: str, tmp_path: Path) -> None:
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG" + bytes(26 * 2**20))
+    open_page(page, app_url, "")
+    page.locator("input[type=file]").set_input_files(str(big))
+    page.get_by_text(re.compile(r"File must be 25(\.0)? ?MB or smaller")).wait_for()
+    assert page.locator("[data-testid=stMetricValue]").count() == 0
+    no_exceptions(page)

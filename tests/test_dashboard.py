@@ -20,6 +20,7 @@ from core import metrics
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from dashboard import loaders
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
 PAGES = ["predict", "threshold", "browse", "audit", "training", "data"]
@@ -267,3 +268,33 @@ def test_streamlit_server_serves_the_app() -> None:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_repeated_explained_uploads_leak_no_hooks_or_memory(ham_dir: Path) -> None:
+    """40 uploads with Grad-CAM in one session: no hook is left on the shared model and memory stays flat."""
+    images = sorted((ham_dir / "images").glob("*.jpg"))[:40]
+    at = open_page("predict")
+
+    def upload(path: Path) -> None:
+        at.file_uploader[0].set_value((path.name, path.read_bytes(), "image/jpeg"))
+        at.run()
+        assert not at.exception and len(at.metric) == 1
+
+    for path in images[:10]:  # warm-up: allocator pools and caches fill
+        upload(path)
+    before = _rss_mb()
+    for path in images[10:]:
+        upload(path)
+    growth = _rss_mb() - before
+    shared = loaders.predictor(DEFAULT_RUN)  # the process-wide cached model every session used
+    hooks = [m for m in shared.model.modules() if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks]
+    assert not hooks, f"{len(hooks)} modules still carry hooks"
+    assert growth < 40, f"resident memory grew {growth:.0f} MB over 30 explained uploads"
+

@@ -1,0 +1,32 @@
+"""The dashboard under concurrent use: `benchmarks/load_dashboard.py` at CI scale (the 20-session, 60-second run and
+its numbers are in benchmarks/RESULTS.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.data import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_concurrent_sessions_upload_and_move_the_threshold_without_errors(ham_dir: Path) -> None:
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).is_file():
+        if os.environ.get("REQUIRE_DATA") == "1":
+            pytest.fail(f"Chromium not found at {chromium}")
+        pytest.skip(f"Chromium not found at {chromium}")
+    done = subprocess.run([sys.executable, "benchmarks/load_dashboard.py", "--sessions", "4", "--seconds", "20",
+                           "--images", str(ham_dir / "images")], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["n_errors"] == 0
+    assert result["upload"]["n"] >= 4 and result["threshold_preset"]["n"] >= 12  # every session got work done
+    memory = result["server_rss_mb"]
+    assert memory["last"] < memory["after_warmup"] + 400, memory  # no runaway growth while the load is steady
