@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core import metrics
 from core.data import DX_NAMES, DataError
 from core.overlay import cam_overlay, outline_mask
 from dashboard import loaders, state
@@ -19,6 +21,25 @@ OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malig
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
 SCORES = ["probability", "outcome", "corner_fraction", "border_fraction", "outside_lesion_fraction",
           "background_lesion_ratio", "dark_corner_score", "flag"]
+
+
+class TestCases(NamedTuple):
+    run: Path
+    cases: pd.DataFrame       # one row per test image, with its ``outcome`` at ``threshold``
+    size: int                 # the run's input size: side of the model view
+    threshold: float
+    images_problem: str       # why the images were not found ("" when they were)
+
+
+def test_cases_at_threshold() -> TestCases:
+    """The open run's test split at the shared threshold, for the pages that browse it; the page stops with a
+    message if the run has no test predictions."""
+    run = state.current_run()
+    data_dir, problem = loaders.data_dir_or_none()
+    cases = loaders.cases_or_stop(run, "test", data_dir)
+    threshold = state.threshold()
+    cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
+    return TestCases(run, cases, state.run_input_size(run), threshold, problem)
 
 
 def has_images(frame: pd.DataFrame) -> bool:

@@ -1,18 +1,11 @@
 """Error audit: the model's most confident mistakes, corner-focused attention, and where it does worse."""
-import altair as alt
-import pandas as pd
 import streamlit as st
 
 from core import metrics
-from dashboard import charts, gallery, loaders, state
+from dashboard import charts, gallery, state
 
 st.title("Error audit")
-run = state.current_run()
-data_dir, problem = loaders.data_dir_or_none()
-cases = loaders.cases_or_stop(run, "test", data_dir)
-size = state.run_input_size(run)
-threshold = state.threshold()
-cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
+run, cases, size, threshold, problem = gallery.test_cases_at_threshold()
 cases["correct"] = cases["outcome"].isin(["TP", "TN"])
 # How sure the model was of its wrong answer: P(malignant) for a false positive, P(benign) for a false negative.
 cases["mistake_confidence"] = cases["probability"].where(cases["outcome"] == "FP", 1 - cases["probability"])

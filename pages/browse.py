@@ -4,18 +4,13 @@ import streamlit as st
 
 from core import metrics
 from core.data import DX_NAMES
-from dashboard import gallery, loaders, state
+from dashboard import gallery, state
 
 CASE_KEY = "browse_case"
 PER_PAGE = 24
 
 st.title("Test-split browser")
-run = state.current_run()
-data_dir, problem = loaders.data_dir_or_none()
-cases = loaders.cases_or_stop(run, "test", data_dir)
-size = state.run_input_size(run)
-threshold = state.threshold()
-cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
+run, cases, size, threshold, problem = gallery.test_cases_at_threshold()
 
 
 def choices(column: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -115,7 +114,7 @@ def shot(tab, name: str) -> None:
 
 
 def test_every_page_opens(page, app_url: str) -> None:
-    for path, title in PAGES.items():
+    for path in PAGES:
         open_page(page, app_url, path)
         no_exceptions(page)
         shot(page, f"page_{path or 'predict'}")

@@ -270,15 +270,21 @@ def test_streamlit_server_serves_the_app() -> None:
         server.wait(timeout=20)
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+def _live_tensors() -> int:
+    import gc
+    import warnings
+
+    import torch
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module attributes warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
 
 
-def test_repeated_explained_uploads_leak_no_hooks_or_memory(ham_dir: Path) -> None:
-    """40 uploads with Grad-CAM in one session: no hook is left on the shared model and memory stays flat."""
+def test_repeated_explained_uploads_leak_no_hooks_or_tensors(ham_dir: Path) -> None:
+    """40 uploads with Grad-CAM in one session: no hook is left on the shared model, no tensor outlives its call,
+    and the session keeps only the current upload's result (counts, not resident memory: the allocator's RSS is
+    too noisy to judge a leak by in a busy test process; the soak in benchmarks/RESULTS.md measures RSS)."""
     images = sorted((ham_dir / "images").glob("*.jpg"))[:40]
     at = open_page("predict")
 
@@ -287,14 +293,20 @@ def test_repeated_explained_uploads_leak_no_hooks_or_memory(ham_dir: Path) -> No
         at.run()
         assert not at.exception and len(at.metric) == 1
 
-    for path in images[:10]:  # warm-up: allocator pools and caches fill
+    for path in images[:10]:  # warm-up: caches fill
         upload(path)
-    before = _rss_mb()
+    before = _live_tensors()
     for path in images[10:]:
         upload(path)
-    growth = _rss_mb() - before
+    assert _live_tensors() <= before + 2, f"{_live_tensors() - before} more live tensors after 30 uploads"
+    assert len(at.session_state["predict_results"]) == 1
     shared = loaders.predictor(DEFAULT_RUN)  # the process-wide cached model every session used
     hooks = [m for m in shared.model.modules() if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks]
     assert not hooks, f"{len(hooks)} modules still carry hooks"
-    assert growth < 40, f"resident memory grew {growth:.0f} MB over 30 explained uploads"
 
+
+def test_run_argument_after_double_dash() -> None:
+    """`make dashboard RUN=DIR` = `streamlit run dashboard/app.py -- --run DIR`: the script sees `--run DIR`."""
+    from dashboard.state import run_argument
+    assert run_argument(["--run", "runs/x"]) == Path("runs/x")
+    assert run_argument(["--other", "1"]) is None
