@@ -4,6 +4,7 @@
     python train.py split [--folds 5]                       # splits/ham10000.csv (+ a 5-fold file of train+val)
     python train.py fit --config configs/default.yaml --out runs/NAME [--epochs 3 …]   # flags override the YAML
     python train.py fit --resume runs/NAME                 # continue an interrupted run
+    python train.py cv --config configs/default.yaml --out runs/cv_NAME   # 5 lesion-wise folds: mean ± sd
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
@@ -68,6 +69,16 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if (args.out / "model.safetensors").exists() and not args.overwrite:
         raise ValueError(f"{args.out} already holds a trained run; use --resume, --overwrite or another --out")
     fit(cfg, args.out)
+
+
+def cmd_cv(args: argparse.Namespace) -> None:
+    from core.cv import cross_validate
+
+    cfg = (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).override(args)
+    summary = cross_validate(cfg, args.out, args.folds_file, args.only_folds)
+    shown = summary[summary["metric"].str.match(r"(val|test)_auroc$|test_youden_")]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wrote {args.out}/cv_folds.csv and {args.out}/cv_summary.csv (mean, sd, min, max of every metric)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -142,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="train into --out even if it holds a run")
     add_config_arguments(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("cv", help="lesion-wise k-fold cross-validation over train+val: mean ± sd of every metric")
+    run = p.add_argument_group("cross-validation")
+    run.add_argument("--config", type=Path, help="YAML config (e.g. configs/default.yaml); flags override it")
+    run.add_argument("--out", type=Path, required=True, help="folder for fold<k>/ run directories and the summary")
+    run.add_argument("--folds-file", default="splits/ham10000_folds5.csv",
+                     help="fold assignment of train+val (default: %(default)s; `train.py split --folds 5` makes it)")
+    run.add_argument("--only-folds", type=int, nargs="+", help="train only these folds (e.g. one per machine)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("evaluate", help="metrics of a run on val and test, or on another labelled set")
     p.add_argument("--run", type=Path, required=True)

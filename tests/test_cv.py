@@ -1,0 +1,87 @@
+"""`train.py cv`: fold files validated, fold splits built right, a tiny real 3-fold run summarised and resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import train
+from core import cv
+from core.config import TrainConfig
+from core.data import PROJECT_ROOT, DataError
+from core.split import read_split
+
+TINY = dict(input_size=64, epochs=1, batch_size=16, eval_batch_size=256, head_warmup_epochs=0, ema_decay=0.0,
+            amp=False, device="cpu")
+
+
+def _small_folds(n_folds: int = 3) -> pd.DataFrame:
+    """Whole lesions of the committed fold file, 10 malignant and 14 benign images per fold."""
+    folds = cv.read_folds(PROJECT_ROOT / "splits" / "ham10000_folds5.csv")
+    parts = []
+    for k in range(n_folds):
+        part = folds[folds["fold"] == k]
+        for label, n in ((1, 10), (0, 14)):
+            lesions = part[part["label"] == label]["lesion_id"].drop_duplicates().head(n)
+            parts.append(part[part["lesion_id"].isin(lesions)])
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_fold_file_problems_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "folds.csv"
+    bad.write_text("image_id,lesion_id,dx,label\nA,L1,nv,0\n")
+    with pytest.raises(DataError, match="missing column"):
+        cv.read_folds(bad)
+    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nB,L1,nv,0,1\nC,L2,mel,1,1\n")
+    with pytest.raises(DataError, match="more than one fold.*L1"):
+        cv.read_folds(bad)
+    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nC,L2,mel,1,0\n")
+    with pytest.raises(DataError, match="at least 2 folds"):
+        cv.read_folds(bad)
+    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,x\nC,L2,mel,1,0\n")
+    with pytest.raises(DataError, match="non-integer fold for A"):
+        cv.read_folds(bad)
+
+
+def test_fold_split_holds_out_one_fold_and_keeps_the_test_split() -> None:
+    folds = _small_folds()
+    split = read_split(PROJECT_ROOT / "splits" / "ham10000.csv")
+    test = split[split["split"] == "test"]
+    for k in range(3):
+        made = cv.fold_split(folds, test, k)
+        assert set(made.loc[made["split"] == "val", "image_id"]) == set(folds.loc[folds["fold"] == k, "image_id"])
+        assert set(made.loc[made["split"] == "train", "image_id"]) == set(folds.loc[folds["fold"] != k, "image_id"])
+        assert set(made.loc[made["split"] == "test", "image_id"]) == set(test["image_id"])
+    with pytest.raises(DataError, match="both the fold file and the test split"):
+        cv.fold_split(folds, folds.assign(split="test"), 0)
+
+
+def test_three_fold_cv_end_to_end(ham_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folds_file = tmp_path / "folds.csv"
+    _small_folds().to_csv(folds_file, index=False)
+    split = read_split(PROJECT_ROOT / "splits" / "ham10000.csv")
+    small_split = tmp_path / "split.csv"
+    test = split[split["split"] == "test"]
+    pd.concat([test[test["label"] == 1].head(15), test[test["label"] == 0].head(25)]).to_csv(small_split, index=False)
+    out = tmp_path / "cv"
+    code = train.main(["cv", "--out", str(out), "--folds-file", str(folds_file), "--split-file", str(small_split),
+                       "--data-dir", str(ham_dir), *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]])
+    assert code == 0
+    table = pd.read_csv(out / "cv_folds.csv")
+    assert list(table["fold"]) == [0, 1, 2]
+    for k in range(3):  # each fold is a full run directory, evaluated on its own held-out fold
+        report = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        assert report["val"]["n"] == (_small_folds()["fold"] == k).sum() and report["test"]["n"] == 40
+        assert table.loc[k, "test_auroc"] == pytest.approx(report["test"]["auroc"], abs=1e-6)
+    summary = pd.read_csv(out / "cv_summary.csv").set_index("metric")
+    assert summary.loc["test_auroc", "mean"] == pytest.approx(table["test_auroc"].mean(), abs=1e-6)
+    assert summary.loc["test_auroc", "sd"] == pytest.approx(table["test_auroc"].std(ddof=1), abs=1e-6)
+    assert TrainConfig.from_yaml(out / "cv_config.yaml").input_size == 64
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(cv, "fit", no_training)  # running it again reuses the finished folds
+    assert cv.cross_validate(TrainConfig.from_yaml(out / "cv_config.yaml"), out, folds_file).shape[0] == len(summary)
