@@ -26,6 +26,7 @@ class TrainConfig:
     normalization: str = "pretrained"      # "pretrained" (the weights' own mean/std) | "imagenet" | "per_image"
     shades_of_gray: bool = False
     drop_rate: float = 0.2
+    head: str = "binary"                   # "binary": one logit | "dx": 7 HAM10000 diagnoses, P = mel+bcc+akiec
     # loss and sampling
     loss: str = "focal"                    # "focal" | "bce"
     focal_alpha: float = 0.6

@@ -35,7 +35,13 @@ from core.config import TrainConfig
 from core.data import PROJECT_ROOT, open_rgb, read_dataset
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from core.losses import create_loss
-from core.model import create_model, pretrained_config
+from core.model import (
+    DX_CLASSES,
+    create_model,
+    head_outputs,
+    malignant_probability,
+    pretrained_config,
+)
 from core.sampler import BalancedSampler
 from core.split import apply_split, read_split
 from core.transforms import Normalization, normalize_transform, resize_transform
@@ -145,10 +151,22 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
         batch = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
         views = [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1, -2)] if tta_flips else [batch]
         with _autocast(device, amp):
-            p = torch.stack([torch.sigmoid(model(v.contiguous(memory_format=torch.channels_last)).float().view(-1))
+            p = torch.stack([malignant_probability(model(v.contiguous(memory_format=torch.channels_last)))
                              for v in views]).mean(0)
         probabilities.append(p.cpu())
     return torch.cat(probabilities).numpy().astype(np.float64)
+
+
+def training_targets(frame: pd.DataFrame, head: str) -> torch.Tensor:
+    """What the loss compares the logits with: the 0/1 label ``(N,)``, or for the dx head the one-hot diagnosis
+    ``(N, 7)`` (float, so mixup can blend it). The sampler balances on the binary label either way."""
+    if head_outputs(head) == 1:
+        return torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    unknown = sorted(set(frame["dx"]) - set(DX_CLASSES))
+    if unknown:
+        raise TrainingError(f"the dx head knows {', '.join(DX_CLASSES)}; the training data also has {unknown}")
+    index = torch.tensor(frame["dx"].map(DX_CLASSES.index).to_numpy())
+    return torch.nn.functional.one_hot(index, len(DX_CLASSES)).float()
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -289,10 +307,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     train_images = preload_images(frames["train"]["path"].tolist(), cfg.input_size).to(device)
     val_images = preload_images(frames["val"]["path"].tolist(), cfg.input_size).to(device)
     load_seconds = time.perf_counter() - t0
-    train_labels = torch.tensor(frames["train"]["label"].to_numpy(), dtype=torch.float32)
+    train_targets = training_targets(frames["train"], cfg.head)
     val_labels = frames["val"]["label"].to_numpy()
 
-    model = create_model(cfg.model, pretrained=cfg.pretrained, drop_rate=cfg.drop_rate).to(device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, num_outputs=head_outputs(cfg.head),
+                         drop_rate=cfg.drop_rate).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # Warm-up ramps the decay as (1 + step) / (10 + step): without it a 0.999 EMA is still ~40 % ImageNet init
@@ -310,7 +329,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     draws = len(sampler) if sampler is not None else len(train_images) // dist_info.world_size
     steps_per_epoch = math.ceil(draws // cfg.batch_size / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
-    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
+    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head)
+    # Validation loss is the binary loss of P(malignant) for either head, so runs with different heads compare.
+    val_loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
     augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom))
     preprocess = Preprocess(cfg)
 
@@ -330,7 +351,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
               f"val {len(val_images)} images preloaded in {load_seconds:.1f}s")
     for epoch in range(start_epoch, cfg.epochs):
         set_backbone_trainable(model, epoch >= cfg.head_warmup_epochs)
-        stats = train_one_epoch(train_model, train_images, train_labels, sampler, augment, preprocess, loss_fn,
+        stats = train_one_epoch(train_model, train_images, train_targets, sampler, augment, preprocess, loss_fn,
                                 optimizer, scheduler, cfg, device, epoch, ema, dist_info)
         eval_model = ema.module if ema is not None else checkpoint._unwrap(model)
         t_eval = time.perf_counter()
@@ -339,7 +360,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
             raise TrainingError(f"the model's val predictions are not finite after epoch {epoch + 1}; stopping. The "
                                 "last good checkpoint is kept: lower --lr, or check the data")
         val_auroc = metrics.auroc(val_labels, val_probs)
-        val_loss = float(loss_fn(torch.logit(torch.tensor(val_probs).clamp(1e-6, 1 - 1e-6)),
+        val_loss = float(val_loss_fn(torch.logit(torch.tensor(val_probs).clamp(1e-6, 1 - 1e-6)),
                                  torch.tensor(val_labels, dtype=torch.float32)))
         row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": val_loss, "val_auroc": val_auroc,
                "lr": optimizer.param_groups[0]["lr"], "img_per_s": stats["img_per_s"],
@@ -427,7 +448,7 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[T
     if not (run_dir / "config.yaml").is_file():
         raise checkpoint.CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-    model = create_model(cfg.model, pretrained=False, drop_rate=cfg.drop_rate)
+    model = create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
     checkpoint.load_weights(model, run_dir / checkpoint.MODEL_FILE)
     model = model.to(device or torch.device("cpu")).to(memory_format=torch.channels_last).eval()
     return cfg, model

@@ -18,9 +18,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+
+from core.model import malignant_log_odds, malignant_probability
 
 CAM_METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "layercam": LayerCAM,
@@ -77,12 +78,24 @@ def _gradients_to_input_only(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class MalignantTarget:
+    """pytorch-grad-cam target: the log-odds of malignancy (category 1) or of benignity (0) of one image's output.
+    For the single logit this is the logit (as the library's ``BinaryClassifierOutputTarget``); for the dx head it
+    is log P(mel ∪ bcc ∪ akiec) − log P(the rest), so both heads are explained by the same decision."""
+
+    def __init__(self, category: int) -> None:
+        self.sign = 1.0 if category == 1 else -1.0
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return self.sign * malignant_log_odds(output.unsqueeze(0))[0]
+
+
 def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gradcam",
                 categories: list[int] | None = None) -> np.ndarray:
     """CAMs ``(N, S, S)`` float32 in [0, 1], aligned with ``inputs`` (the normalised float batch ``(N, 3, S, S)``
     the model takes). ``categories`` says per image which decision to explain: 1 the malignant direction of the
-    single logit (the default), 0 the benign one (``BinaryClassifierOutputTarget`` negates the logit) — pass the
-    predicted class to explain what the model decided.
+    single logit or of the dx head's malignant mass (the default), 0 the benign one (:class:`MalignantTarget`) —
+    pass the predicted class to explain what the model decided.
 
     The model runs in eval mode (deterministic: no dropout, BatchNorm running statistics); hooks are released when
     the call ends, even on error. Each map is min–max scaled per image by the library, so it says *where*, not how
@@ -98,7 +111,7 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
     categories = [1] * len(x) if categories is None else [int(c) for c in categories]
     if len(categories) != len(x):
         raise ValueError(f"{len(categories)} categories for {len(x)} images")
-    targets = [BinaryClassifierOutputTarget(c) for c in categories]
+    targets = [MalignantTarget(c) for c in categories]
     cams = None
     with _gradients_to_input_only(model), torch.enable_grad():
         # The library's __exit__ swallows IndexError, hence ``cams`` is checked below rather than returned here.
@@ -192,10 +205,7 @@ def dark_corner_score(image: np.ndarray, skin_percentile: float = 75.0) -> float
 
 
 def _probabilities(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    if logits.ndim > 1 and logits[0].numel() != 1:
-        raise ValueError(f"deletion_change needs a single-logit model, got {logits[0].numel()} outputs per image")
-    return torch.sigmoid(logits.float().reshape(-1))
+    return malignant_probability(model(inputs))
 
 
 @torch.no_grad()

