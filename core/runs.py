@@ -53,7 +53,7 @@ def read_config(run: str | Path) -> TrainConfig:
                        f"(written by `python train.py fit --out {run}`)")
     try:
         return TrainConfig.from_yaml(run / "config.yaml")
-    except Exception as err:
+    except Exception as err:  # any parse or field error means the same thing to the user
         raise RunError(f"{run / 'config.yaml'} is not a valid run config ({err})") from err
 
 

@@ -18,7 +18,6 @@ from core.data import DX_NAMES
 THRESHOLD_PARAM = "threshold_pick"
 CLASS_COLOURS = alt.Scale(domain=["benign", "malignant"], range=["#4c78a8", "#e45756"])
 _POSITIVE = f"datum.probability >= {THRESHOLD_PARAM}.threshold"
-CELL_TITLES = {"tp": "TP", "fp": "FP", "fn": "FN", "tn": "TN"}
 
 
 def threshold_selection(value: float) -> alt.Parameter:

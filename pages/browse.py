@@ -19,8 +19,8 @@ def choices(column: str) -> list[str]:
 
 with st.expander("Filters", expanded=True):
     row1 = st.columns(4)
-    outcome = row1[0].multiselect(f"Outcome at {threshold:.3f}", list(metrics.OUTCOMES), key="f_outcome",
-                                  help="; ".join(f"{k}: {v}" for k, v in gallery.OUTCOME_HELP.items()))
+    outcome = row1[0].pills(f"Outcome at {threshold:.3f}", list(metrics.OUTCOMES), selection_mode="multi",
+                            key="f_outcome", help="; ".join(f"{k}: {v}" for k, v in gallery.OUTCOME_HELP.items()))
     dx = row1[1].multiselect("True diagnosis", choices("dx"), format_func=lambda d: f"{d} — {DX_NAMES.get(d, d)}",
                              key="f_dx")
     low, high = row1[2].slider("P(malignant)", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_prob")

@@ -54,8 +54,10 @@ def predict(upload) -> Prediction | str:
     return results[key]
 
 
-current = {upload.file_id for upload in uploads or []}
-st.session_state[RESULTS_KEY] = {k: v for k, v in st.session_state.get(RESULTS_KEY, {}).items() if k[0] in current}
+# Keep only what this run shows: removed uploads, other CAM methods and other thresholds are dropped, so a session
+# that moves the threshold many times does not pile up CAMs.
+current = {(upload.file_id, method, threshold) for upload in uploads or []}
+st.session_state[RESULTS_KEY] = {k: v for k, v in st.session_state.get(RESULTS_KEY, {}).items() if k in current}
 if not uploads:
     st.info("Upload one or more photos of a skin lesion (dermoscopy, lesion centred) to see a prediction.")
 for upload in uploads or []:

@@ -164,7 +164,7 @@ def test_browser_filters_count_right(ham_dir: Path) -> None:
     assert _match_line(at).startswith(f"**{len(frame):,} of {len(frame):,}")
     assert len([b for b in at.button if b.label == "Open"]) == 24  # one page, never the whole split
 
-    at.multiselect(key="f_outcome").set_value(["FN"]).run()
+    at.pills(key="f_outcome").set_value(["FN"]).run()
     assert _match_line(at).startswith(f"**{(outcome == 'FN').sum()} of")
     at.multiselect(key="f_dx").set_value(["mel"]).run()
     expected = ((outcome == "FN") & (frame["dx"] == "mel")).sum()
