@@ -47,7 +47,7 @@ def cmd_split(args: argparse.Namespace) -> None:
         dev = data[data["split"] != "test"].copy()
         dev["fold"] = split.lesion_wise_folds(dev, clusters.cluster[dev.index], args.folds, args.seed)
         folds_path = args.out.with_name(f"{args.out.stem}_folds{args.folds}.csv")
-        split.write_csv(dev[split.SPLIT_COLUMNS[:-1] + ["fold"]], folds_path)
+        split.write_csv(dev[split.FOLD_COLUMNS], folds_path)
         table = dev.groupby("fold").agg(images=("image_id", "size"), lesions=("lesion_id", "nunique"),
                                         malignant_pct=("label", lambda s: 100 * s.mean()))
         print(table.to_string(float_format=lambda v: f"{v:.1f}"))

@@ -12,41 +12,12 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import TrainConfig
-from core.data import PROJECT_ROOT, DataError, read_csv
+from core.data import DataError, project_path
 from core.engine import fit
 from core.io import atomic_write
-from core.split import SPLIT_COLUMNS, read_split, write_csv
+from core.split import SPLIT_COLUMNS, read_folds, read_split, write_csv
 
-FOLD_COLUMNS = ("image_id", "lesion_id", "dx", "label", "fold")
 RATES = ("sensitivity", "specificity", "balanced_accuracy", "macro_f1", "ppv", "npv")
-
-
-def _project_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def read_folds(path: str | Path) -> pd.DataFrame:
-    """A fold file (``train.py split --folds N``), validated: its columns, integer folds, at least two of them, no
-    lesion in two folds."""
-    path = _project_path(path)
-    if not path.is_file():
-        raise DataError(f"fold file {path} not found; create it with `python train.py split --folds 5`")
-    frame = read_csv(path)
-    missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(FOLD_COLUMNS)}")
-    folds = pd.to_numeric(frame["fold"], errors="coerce")
-    if folds.isna().any() or (folds % 1 != 0).any():
-        bad = frame.loc[folds.isna() | (folds % 1 != 0), "image_id"]
-        raise DataError(f"{path}: non-integer fold for {', '.join(bad[:5])}")
-    frame["fold"] = folds.astype(int)
-    if frame["fold"].nunique() < 2:
-        raise DataError(f"{path}: cross-validation needs at least 2 folds, found {frame['fold'].nunique()}")
-    spread = frame.groupby("lesion_id")["fold"].nunique()
-    if (spread > 1).any():
-        raise DataError(f"{path}: lesion(s) in more than one fold: {', '.join(spread[spread > 1].index[:5])}")
-    return frame
 
 
 def fold_split(folds: pd.DataFrame, test: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -74,7 +45,7 @@ def cross_validate(cfg: TrainConfig, out_dir: str | Path, folds_file: str | Path
     the command can simply be run again."""
     out_dir = Path(out_dir)
     folds = read_folds(folds_file)
-    split = read_split(_project_path(cfg.split_file))
+    split = read_split(project_path(cfg.split_file))
     test = split[split["split"] == "test"]
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out_dir / "cv_config.yaml")  # the resolved config the folds share (each fold differs in split_file)

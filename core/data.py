@@ -59,6 +59,12 @@ class DataError(ValueError):
     """The data on disk is not what a reader expects; the message says what, where and how to fix it."""
 
 
+def project_path(path: str | os.PathLike) -> Path:
+    """A path from a config or the command line: relative ones are relative to the project, not the working dir."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def dx_to_label(dx: pd.Series) -> pd.Series:
     """Binary target: 1 for malignant diagnoses (mel, bcc, akiec, scc), 0 for benign ones."""
     return dx.isin(MALIGNANT_DX).astype("int64")

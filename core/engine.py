@@ -32,7 +32,7 @@ from tqdm import tqdm
 from core import checkpoint, metrics
 from core.augment import BatchAugment
 from core.config import TrainConfig
-from core.data import PROJECT_ROOT, open_rgb, read_dataset
+from core.data import open_rgb, project_path, read_dataset
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from core.losses import create_loss
 from core.model import (
@@ -106,9 +106,7 @@ def preload_images(paths: list[str], input_size: int, workers: int = 4) -> torch
 
 def load_splits(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
     """train/val/test frames from the configured data folder and split file."""
-    split_path = Path(cfg.split_file)
-    if not split_path.is_absolute():
-        split_path = PROJECT_ROOT / split_path
+    split_path = project_path(cfg.split_file)
     data = apply_split(read_dataset(cfg.data_dir), read_split(split_path), str(split_path))
     frames = {name: data[data["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
     if cfg.train_limit:

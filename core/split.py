@@ -20,11 +20,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from core.data import DataError, open_rgb, read_csv
+from core.data import DataError, open_rgb, project_path, read_csv
 from core.io import atomic_write
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split"]
+FOLD_COLUMNS = [*SPLIT_COLUMNS[:-1], "fold"]
 HASH_SIZE = 16  # 256-bit pHash: an 8×8 (64-bit) hash calls every "dark dot on pink skin" a duplicate.
 # Hamming distance (of 256 bits) at or below which two images count as near-duplicates. Chosen on HAM10000 by eye:
 # true twins sit at 16–38; at 48 19 clusters merge (max 11 images); at 56 chaining glues 54 lesions into one
@@ -137,12 +138,7 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
     """A split file, validated: readable CSV, right columns, known split names, each image once, no lesion in two
     splits. (Ids the dataset lacks are :func:`apply_split`'s check.)"""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"split file {path} not found; create it with `python train.py split`")
-    frame = read_csv(path)
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(SPLIT_COLUMNS)}")
+    frame = _read_assignment(path, SPLIT_COLUMNS, "split file", "python train.py split")
     unknown = frame[~frame["split"].isin(SPLITS)]
     if len(unknown):
         names = sorted(unknown["split"].fillna("(empty)").astype(str).unique())
@@ -152,12 +148,44 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
     if len(repeated):
         raise DataError(f"{path}: {repeated['image_id'].nunique()} image id(s) listed more than once, e.g. "
                         f"{', '.join(repeated['image_id'].drop_duplicates()[:5])}")
-    straddling = frame.groupby("lesion_id")["split"].nunique()
+    _check_lesions_in_one(frame, "split", path)
+    return frame
+
+
+def read_folds(path: str | os.PathLike) -> pd.DataFrame:
+    """A fold file (``train.py split --folds N``), validated: its columns, integer folds, at least two of them, no
+    lesion in two folds."""
+    path = project_path(path)
+    frame = _read_assignment(path, FOLD_COLUMNS, "fold file", "python train.py split --folds 5")
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds % 1 != 0).any():
+        bad = frame.loc[folds.isna() | (folds % 1 != 0), "image_id"]
+        raise DataError(f"{path}: non-integer fold for {', '.join(bad[:5])}")
+    frame["fold"] = folds.astype(int)
+    if frame["fold"].nunique() < 2:
+        raise DataError(f"{path}: cross-validation needs at least 2 folds, found {frame['fold'].nunique()}")
+    _check_lesions_in_one(frame, "fold", path)
+    return frame
+
+
+def _read_assignment(path: Path, columns: list[str], what: str, command: str) -> pd.DataFrame:
+    """A split or fold file read, with its columns checked; a missing file names the command that makes it."""
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found; create it with `{command}`")
+    frame = read_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+    return frame
+
+
+def _check_lesions_in_one(frame: pd.DataFrame, column: str, path: Path) -> None:
+    """Leakage guard: every image of a lesion sits in the same split (or fold)."""
+    straddling = frame.groupby("lesion_id")[column].nunique()
     straddling = straddling[straddling > 1]
     if len(straddling):
-        raise DataError(f"{path}: {len(straddling)} lesion(s) appear in more than one split, e.g. "
+        raise DataError(f"{path}: {len(straddling)} lesion(s) appear in more than one {column}, e.g. "
                         f"{', '.join(straddling.index[:5])}")
-    return frame
 
 
 def apply_split(data: pd.DataFrame, split: pd.DataFrame, source: str = "split file") -> pd.DataFrame:

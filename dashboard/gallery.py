@@ -88,7 +88,7 @@ def case_detail(row: pd.Series, run: Path, size: int, opacity: float) -> None:
     if bool(row.get("flag", False)):
         st.warning(f"Corner-focused attention: {row['corner_fraction']:.0%} of the Grad-CAM lies in the four "
                    "corners. The score may rest on the image frame (vignetting, rulers), not on the lesion.")
-    if has_images(pd.DataFrame([row])):
+    if isinstance(row.get("path"), str):
         view = loaders.model_view(row["path"], size)
         cam, cam_note = case_cam(row, run)
         image_col, cam_col, mask_col = st.columns(3)

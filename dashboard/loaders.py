@@ -9,10 +9,19 @@ import streamlit as st
 
 from core.audit import model_view_masks
 from core.checkpoint import MODEL_FILE
+from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError, open_rgb, read_ham10000, resolve_data_dir
 from core.metrics import age_band
 from core.predictor import Predictor
-from core.runs import RunError, read_attention, read_cams, read_predictions
+from core.runs import (
+    RunError,
+    read_attention,
+    read_cams,
+    read_config,
+    read_metrics,
+    read_predictions,
+    run_summary,
+)
 from core.split import read_split
 from core.transforms import resize_transform
 from dashboard import charts
@@ -137,3 +146,32 @@ def explorer_spec(run: Path, split: str, value: float) -> dict:
     """The explorer's Vega-Lite spec, built once per (run, split, start value): while the user drags, reruns reuse
     it instead of re-serialising every test prediction."""
     return _explorer_spec(str(run), split, _run_stamp(run), value)
+
+
+# Small run files, read once per change rather than on every rerun (every widget move reruns the page).
+@st.cache_data(show_spinner=False, max_entries=64)
+def _config(run: str, stamp: float) -> TrainConfig:
+    return read_config(run)
+
+
+def run_config(run: Path) -> TrainConfig:
+    return _config(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metrics(run: str, stamp: float) -> dict:
+    return read_metrics(run)
+
+
+def run_metrics(run: Path) -> dict:
+    return _metrics(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _summary(run: str, stamp: float) -> dict:
+    return run_summary(run)
+
+
+def runs_table(runs: list[Path]) -> pd.DataFrame:
+    """One row per run (``core.runs.run_summary``), for comparing them."""
+    return pd.DataFrame([_summary(str(run), _run_stamp(run)) for run in runs if run.is_dir()])

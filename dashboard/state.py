@@ -12,7 +12,8 @@ from pathlib import Path
 import streamlit as st
 
 from core.data import PROJECT_ROOT
-from core.runs import DEFAULT_RUN, RunError, find_runs, read_config, read_metrics
+from core.runs import DEFAULT_RUN, RunError, find_runs
+from dashboard import loaders
 
 RUN_KEY = "run"
 THRESHOLD_KEY = "threshold"
@@ -28,11 +29,17 @@ def run_argument(argv: list[str] | None = None) -> Path | None:
     return known.run
 
 
+@st.cache_data(show_spinner=False, ttl=10)
+def _found_runs() -> list[Path]:
+    """Run directories under ``models/`` and ``runs/``, looked up at most every 10 s rather than on every rerun."""
+    return find_runs(PROJECT_ROOT / "models", PROJECT_ROOT / "runs")
+
+
 def available_runs() -> list[Path]:
     """The run named by ``--run`` first (even if broken: the pages then say what is wrong), then every run under
     ``models/`` and ``runs/``."""
     asked = run_argument()
-    found = find_runs(PROJECT_ROOT / "models", PROJECT_ROOT / "runs")
+    found = _found_runs()
     if asked is None:
         return found
     asked = asked.resolve()
@@ -56,7 +63,7 @@ def current_run() -> Path:
 def run_thresholds(run: Path) -> dict[str, float]:
     """The run's operating points chosen on val; empty if it was never evaluated."""
     try:
-        return {name: float(value) for name, value in read_metrics(run)["thresholds"].items()}
+        return {name: float(value) for name, value in loaders.run_metrics(run)["thresholds"].items()}
     except RunError:
         return {}
 
@@ -104,6 +111,6 @@ def images_hint() -> str:
 def run_input_size(run: Path) -> int:
     """The run's input size (the model view's side); 224 if its config is unreadable (pages then show the error)."""
     try:
-        return read_config(run).input_size
+        return loaders.run_config(run).input_size
     except RunError:
         return 224

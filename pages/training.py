@@ -2,13 +2,13 @@
 import pandas as pd
 import streamlit as st
 
-from core.runs import RunError, read_config, read_history, read_metrics, run_summary
-from dashboard import charts, state
+from core.runs import RunError, read_history
+from dashboard import charts, loaders, state
 
 st.title("Training report")
 run = state.current_run()
 try:
-    config = read_config(run)
+    config = loaders.run_config(run)
 except RunError as err:
     st.error(str(err))
     st.stop()
@@ -23,7 +23,7 @@ except RunError as err:
 
 st.header("Metrics")
 try:
-    report = read_metrics(run)
+    report = loaders.run_metrics(run)
 except RunError as err:
     st.info(str(err))
 else:
@@ -45,7 +45,7 @@ with st.expander("Resolved config (config.yaml)"):
     st.code((run / "config.yaml").read_text(), language="yaml")
 
 st.header("All runs")
-table = pd.DataFrame([run_summary(path) for path in state.available_runs() if path.is_dir()])
+table = loaders.runs_table(state.available_runs())
 if len(table):
     st.dataframe(table.drop(columns="path").style.format(precision=4, na_rep="—"), hide_index=True,
                  key="runs_table")

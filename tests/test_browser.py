@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +14,7 @@ from core import metrics
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from tests.conftest import streamlit_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -30,12 +27,6 @@ CHROME_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--d
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The server's TMPDIR: uploads must not land there (or anywhere else on disk)."""
@@ -44,27 +35,9 @@ def server_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def app_url(ham_dir: Path, server_tmp: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (ARTIFACTS / "streamlit.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
-                                   str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(server_tmp)})
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"streamlit did not come up: {log.read_text()}")
-                    time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with streamlit_server(ARTIFACTS / "streamlit.log", {"TMPDIR": str(server_tmp)}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import train
 from core import cv
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError
-from core.split import read_split
+from core.split import read_folds, read_split
 
 TINY = dict(input_size=64, epochs=1, batch_size=16, eval_batch_size=256, head_warmup_epochs=0, ema_decay=0.0,
             amp=False, device="cpu")
@@ -19,7 +19,7 @@ TINY = dict(input_size=64, epochs=1, batch_size=16, eval_batch_size=256, head_wa
 
 def _small_folds(n_folds: int = 3) -> pd.DataFrame:
     """Whole lesions of the committed fold file, 10 malignant and 14 benign images per fold."""
-    folds = cv.read_folds(PROJECT_ROOT / "splits" / "ham10000_folds5.csv")
+    folds = read_folds(PROJECT_ROOT / "splits" / "ham10000_folds5.csv")
     parts = []
     for k in range(n_folds):
         part = folds[folds["fold"] == k]
@@ -29,20 +29,17 @@ def _small_folds(n_folds: int = 3) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def test_fold_file_problems_are_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "message"), [
+    ("image_id,lesion_id,dx,label\nA,L1,nv,0\n", "missing column"),
+    ("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nB,L1,nv,0,1\nC,L2,mel,1,1\n", "more than one fold.*L1"),
+    ("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nC,L2,mel,1,0\n", "at least 2 folds"),
+    ("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,x\nC,L2,mel,1,0\n", "non-integer fold for A"),
+])
+def test_fold_file_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
     bad = tmp_path / "folds.csv"
-    bad.write_text("image_id,lesion_id,dx,label\nA,L1,nv,0\n")
-    with pytest.raises(DataError, match="missing column"):
-        cv.read_folds(bad)
-    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nB,L1,nv,0,1\nC,L2,mel,1,1\n")
-    with pytest.raises(DataError, match="more than one fold.*L1"):
-        cv.read_folds(bad)
-    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,0\nC,L2,mel,1,0\n")
-    with pytest.raises(DataError, match="at least 2 folds"):
-        cv.read_folds(bad)
-    bad.write_text("image_id,lesion_id,dx,label,fold\nA,L1,nv,0,x\nC,L2,mel,1,0\n")
-    with pytest.raises(DataError, match="non-integer fold for A"):
-        cv.read_folds(bad)
+    bad.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_folds(bad)
 
 
 def test_fold_split_holds_out_one_fold_and_keeps_the_test_split() -> None:

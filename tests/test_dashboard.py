@@ -3,10 +3,6 @@ count right, bad uploads give messages; plus the real server `make dashboard` st
 from __future__ import annotations
 
 import io
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +17,7 @@ from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, read_metrics, read_predictions
 from dashboard import loaders
+from tests.conftest import streamlit_server
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
 PAGES = ["predict", "threshold", "browse", "audit", "training", "data"]
@@ -241,33 +238,12 @@ def test_a_broken_run_is_explained_on_every_page(tmp_path: Path) -> None:
         assert "predictions_" in at.error[0].value and "train.py evaluate" in at.error[0].value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_streamlit_server_serves_the_app() -> None:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port),
-                               "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    assert response.read() == b"ok"
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not come up: {server.stdout.read().decode(errors='replace')}")
-                time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+def test_streamlit_server_serves_the_app(tmp_path: Path) -> None:
+    with streamlit_server(tmp_path / "streamlit.log") as url:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
+            assert response.read() == b"ok"
+        with urllib.request.urlopen(f"{url}/", timeout=5) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 def _live_tensors() -> int:
