@@ -5,6 +5,7 @@
     python train.py fit --config configs/default.yaml --out runs/NAME [--epochs 3 …]   # flags override the YAML
     python train.py fit --resume runs/NAME                 # continue an interrupted run
     python train.py cv --config configs/default.yaml --out runs/cv_NAME   # 5 lesion-wise folds: mean ± sd
+    python train.py ensemble --members runs/A runs/B --out runs/ENS   # mean P(malignant) of trained runs
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from core.checkpoint import CheckpointError
-from core.config import TrainConfig, add_config_arguments
+from core.config import TrainConfig, add_config_arguments, parse_bool
 from core.data import IMAGE_EXTENSIONS, DataError, read_dataset
 from core.engine import Interrupted, TrainingError
 
@@ -79,6 +80,13 @@ def cmd_cv(args: argparse.Namespace) -> None:
     shown = summary[summary["metric"].str.match(r"(val|test)_auroc$|test_youden_")]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {args.out}/cv_folds.csv and {args.out}/cv_summary.csv (mean, sd, min, max of every metric)")
+
+
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from core.ensemble import create_ensemble
+
+    out = create_ensemble(args.members, args.out, args.tta_flips, args.tta_views, args.overwrite)
+    print(f"wrote {out} ({len(args.members)} members); next: python train.py evaluate --run {out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -163,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only-folds", type=int, nargs="+", help="train only these folds (e.g. one per machine)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("ensemble", help="one run directory averaging the P(malignant) of trained runs")
+    p.add_argument("--members", type=Path, nargs="+", required=True, help="trained run directories")
+    p.add_argument("--out", type=Path, required=True, help="run directory to create")
+    p.add_argument("--tta-flips", type=parse_bool, help="flip TTA of the ensemble (default: the first member's)")
+    p.add_argument("--tta-views", type=int, choices=[1, 2, 3, 4], help="flip views with --tta-flips (2: identity + "
+                   "horizontal; 4: all four)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("evaluate", help="metrics of a run on val and test, or on another labelled set")
     p.add_argument("--run", type=Path, required=True)

@@ -44,7 +44,9 @@ def main() -> None:
         predictor.predict(jpeg, explain=args.explain)
         times.append(1000 * (time.perf_counter() - start))
     cfg = predictor.config
-    print(f"Predictor.predict(explain={args.explain}), 600x450 JPEG, {cfg.model} @ {cfg.input_size}px, tta_flips={cfg.tta_flips}, "
+    model = f"ensemble of {' + '.join(Path(m).name for m in cfg.ensemble)}" if cfg.ensemble else cfg.model
+    tta = f"{cfg.tta_views} flip views" if cfg.tta_flips else "no TTA"
+    print(f"Predictor.predict(explain={args.explain}), 600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
           f"{args.threads} threads: median {statistics.median(times):.1f} ms, "
           f"p90 {sorted(times)[int(0.9 * len(times))]:.1f} ms over {args.repeats} calls")
 

@@ -27,6 +27,7 @@ class TrainConfig:
     shades_of_gray: bool = False
     drop_rate: float = 0.2
     head: str = "binary"                   # "binary": one logit | "dx": 7 HAM10000 diagnoses, P = mel+bcc+akiec
+    ensemble: list[str] = field(default_factory=list)  # member run folders (core/ensemble.py); [] = one model
     # loss and sampling
     loss: str = "focal"                    # "focal" | "bce"
     focal_alpha: float = 0.6
@@ -52,6 +53,7 @@ class TrainConfig:
     compile: bool = False
     # evaluation
     tta_flips: bool = False                # average over identity + h/v/hv flips at evaluation and prediction
+    tta_views: int = 4                     # with tta_flips: 2 = identity + horizontal flip, 4 = all four
     eval_batch_size: int = 128
     # run
     seed: int = 0
@@ -79,6 +81,9 @@ class TrainConfig:
         return dataclasses.replace(self, **given)
 
 
+NOT_FLAGS = {"ensemble"}  # written by `train.py ensemble`, not a training option
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, in named groups, defaulting to None so only given flags override."""
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -88,18 +93,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         current = section.get(f.name, current)
+        if f.name in NOT_FLAGS:
+            continue
         group = groups.setdefault(current, parser.add_argument_group(current))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None → X
-        kind = {bool: _bool, int: int, float: float}.get(base, str)
+        kind = {bool: parse_bool, int: int, float: float}.get(base, str)
         if isinstance(default, list):
             group.add_argument(flag, type=float, nargs=2, default=None, help=f"(default: {default})")
         else:
             group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):

@@ -33,6 +33,7 @@ from core import checkpoint, metrics
 from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.data import open_rgb, project_path, read_dataset
+from core.ensemble import Ensemble, member_configs
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from core.losses import create_loss
 from core.model import (
@@ -139,15 +140,22 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+FLIP_DIMS = [(), (-1,), (-2,), (-1, -2)]  # TTA views in order: identity, horizontal, vertical, both
+
+
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Preprocess, device: torch.device,
-                          batch_size: int = 128, tta_flips: bool = False, amp: bool = True) -> np.ndarray:
-    """P(malignant) for uint8 images ``(N, 3, S, S)``; with ``tta_flips`` the mean over the four flips."""
+                          batch_size: int = 128, tta_flips: bool = False, amp: bool = True,
+                          tta_views: int = 4) -> np.ndarray:
+    """P(malignant) for uint8 images ``(N, 3, S, S)``; with ``tta_flips`` the mean over the first ``tta_views``
+    of the four flips (2: identity + horizontal, half the cost of all four)."""
+    if not 1 <= tta_views <= len(FLIP_DIMS):
+        raise ValueError(f"tta_views must be 1 to {len(FLIP_DIMS)}, got {tta_views}")
     model.eval()
     probabilities = []
     for start in range(0, len(images), batch_size):
         batch = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
-        views = [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1, -2)] if tta_flips else [batch]
+        views = [batch.flip(dims) if dims else batch for dims in FLIP_DIMS[:tta_views if tta_flips else 1]]
         with _autocast(device, amp):
             p = torch.stack([malignant_probability(model(v.contiguous(memory_format=torch.channels_last)))
                              for v in views]).mean(0)
@@ -253,6 +261,8 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     from there.
     """
     run_dir = Path(run_dir)
+    if cfg.ensemble:
+        raise ValueError("an ensemble config is not trained: `train.py ensemble` builds it from trained runs")
     with _sigterm_interrupts():
         try:
             return _fit(cfg, run_dir, resume)
@@ -446,15 +456,23 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[T
     if not (run_dir / "config.yaml").is_file():
         raise checkpoint.CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-    model = create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
+    if cfg.ensemble:
+        model = Ensemble([_create_inference_model(member) for member in member_configs(run_dir, cfg)])
+    else:
+        model = _create_inference_model(cfg)
     checkpoint.load_weights(model, run_dir / checkpoint.MODEL_FILE)
     model = model.to(device or torch.device("cpu")).to(memory_format=torch.channels_last).eval()
     return cfg, model
 
 
+def _create_inference_model(cfg: TrainConfig) -> nn.Module:
+    return create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
+
+
 def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device) -> pd.DataFrame:
     images = preload_images(frame["path"].tolist(), cfg.input_size)
-    probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp)
+    probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp,
+                                  cfg.tta_views)
     out = frame.copy()
     out["probability"] = probs
     return out
@@ -464,7 +482,8 @@ def write_predictions(frame: pd.DataFrame, path: Path) -> None:
     """The prediction columns first, then whatever metadata the source has; no local file paths."""
     extra = [c for c in frame.columns if c not in PREDICTION_COLUMNS + ["path", "mask_path", "split"]]
     out = frame[PREDICTION_COLUMNS + extra]
-    atomic_write(path, lambda tmp: out.to_csv(tmp, index=False, float_format="%.6f"))
+    # Full precision: a val-chosen threshold *is* one of these probabilities, and a rounded copy can fall below it.
+    atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))
 
 
 def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto") -> dict:
@@ -502,7 +521,8 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
     report |= {
         "calibration_test": metrics.calibration(test["label"].to_numpy(), test["probability"].to_numpy()),
         "subgroups_test": json.loads(metrics.subgroup_auroc(test_bands).to_json(orient="records")),
-        "run": {"model": cfg.model, "input_size": cfg.input_size, "tta_flips": cfg.tta_flips,
+        "run": {"model": cfg.model, "ensemble": cfg.ensemble, "input_size": cfg.input_size,
+                "tta_flips": cfg.tta_flips, "tta_views": cfg.tta_views if cfg.tta_flips else 1,
                 "n_val": len(val), "n_test": len(test), "evaluated_on": _device_description(device),
                 "date": time.strftime("%Y-%m-%d")},
     }

@@ -21,6 +21,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 
+from core.ensemble import Ensemble
 from core.model import malignant_log_odds, malignant_probability
 
 CAM_METHODS: dict[str, type[BaseCAM]] = {
@@ -56,6 +57,15 @@ def target_layer(model: torch.nn.Module) -> torch.nn.Module:
     if not stride16:
         raise ValueError(f"{type(model).__name__} has no stride-{TARGET_STRIDE} stage in its feature_info")
     return model.get_submodule(stride16[-1])
+
+
+def target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """:func:`target_layer` of the model, or of each member of an :class:`~core.ensemble.Ensemble`. With several
+    layers pytorch-grad-cam min–max scales each member's map and averages them; each member's map is its own
+    Grad-CAM, because the ensemble's log-odds moves with every member's log-odds in the same direction."""
+    if isinstance(model, Ensemble):
+        return [target_layer(member) for member in model.members]
+    return [target_layer(model)]
 
 
 @contextlib.contextmanager
@@ -105,7 +115,7 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     if inputs.ndim != 4:
         raise ValueError(f"inputs must be a batch (N, 3, H, W), got shape {tuple(inputs.shape)}")
-    layer = target_layer(model)
+    layers = target_layers(model)
     device = next(model.parameters()).device
     x = inputs.detach().to(device, torch.float32).clone().requires_grad_(True)
     categories = [1] * len(x) if categories is None else [int(c) for c in categories]
@@ -115,7 +125,7 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
     cams = None
     with _gradients_to_input_only(model), torch.enable_grad():
         # The library's __exit__ swallows IndexError, hence ``cams`` is checked below rather than returned here.
-        with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+        with CAM_METHODS[method](model=model, target_layers=layers) as cam:
             cams = cam(input_tensor=x, targets=targets)
     if cams is None:
         raise RuntimeError(f"{method} failed inside pytorch-grad-cam (an IndexError it reported and swallowed)")

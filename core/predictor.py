@@ -42,9 +42,9 @@ class Predictor:
         metrics_path = self.run_dir / "metrics.json"
         self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
                                              if metrics_path.is_file() else {})
-        # Grad-CAM hooks live on the shared model: one explanation at a time, or concurrent callers (dashboard
-        # sessions are threads) would read each other's activations.
-        self._explain_lock = threading.Lock()
+        # Grad-CAM hooks live on the shared model and record every forward that runs while they are attached:
+        # one call at a time, or concurrent callers (dashboard sessions are threads) would feed each other's CAMs.
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
@@ -59,9 +59,14 @@ class Predictor:
         """P(malignant) for one image; with ``explain`` also its CAM (``method`` from ``core.explain.CAM_METHODS``)
         and attention scores. The CAM explains the class decided at ``threshold`` (default: Youden on val)."""
         pixels = self.model_input(image)
+        with self._lock:
+            return self._predict(pixels, explain, method, threshold)
+
+    def _predict(self, pixels: torch.Tensor, explain: bool, method: str, threshold: float | None) -> Prediction:
         batch = pixels.unsqueeze(0)
         probability = predict_probabilities(self.model, batch, self.preprocess, self.device,
-                                            tta_flips=self.config.tta_flips, amp=self.config.amp)[0]
+                                            tta_flips=self.config.tta_flips, amp=self.config.amp,
+                                            tta_views=self.config.tta_views)[0]
         view = pixels.permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probability), view, dict(self.thresholds))
         if explain:
@@ -69,8 +74,6 @@ class Predictor:
             if threshold is None:
                 threshold = self.thresholds.get("youden", 0.5)
             decided = int(result.probability >= threshold)  # explain what was decided
-            with self._explain_lock:
-                result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method,
-                                             [decided])[0]
+            result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
             result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}
         return result

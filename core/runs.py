@@ -107,6 +107,19 @@ def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
         raise RunError(f"{path} is not a readable CAM store ({err}); {_fix(Path(run), 'explain')} again") from err
 
 
+def read_members(run: str | Path) -> dict[str, TrainConfig]:
+    """An ensemble run's members (``members/<name>`` → its training config); empty for a single model."""
+    run = Path(run)
+    members = {}
+    for member in read_config(run).ensemble:
+        try:
+            members[member] = TrainConfig.from_yaml(run / member / "config.yaml")
+        except Exception as err:
+            raise RunError(f"ensemble member {run / member} has no valid config.yaml ({err}); rebuild it with "
+                           f"`python train.py ensemble`") from err
+    return members
+
+
 def read_history(run: str | Path) -> pd.DataFrame:
     return _read_csv(Path(run) / "history.csv", HISTORY_COLUMNS, f"it is written by `python train.py fit --out {run}`")
 
@@ -115,7 +128,9 @@ def run_summary(run: str | Path) -> dict:
     """One row of the runs table: what was trained and how it scored (NaN where the run was not evaluated)."""
     run = Path(run)
     cfg = read_config(run)
-    row = {"run": run.name, "path": str(run), "model": cfg.model, "input_size": cfg.input_size,
+    model = f"ensemble of {len(cfg.ensemble)}: " + " + ".join(Path(m).name for m in cfg.ensemble) if cfg.ensemble \
+        else cfg.model
+    row = {"run": run.name, "path": str(run), "model": model, "input_size": cfg.input_size,
            "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
            "tta_flips": cfg.tta_flips}
     nan = float("nan")

@@ -1,9 +1,22 @@
 """Training report: how the open run was trained, how it scored, and how it compares with the other runs."""
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
-from core.runs import RunError, read_history
+from core.config import TrainConfig
+from core.runs import RunError, read_history, read_members
 from dashboard import charts, loaders, state
+
+
+def recipe(cfg: TrainConfig) -> str:
+    return (f"**{cfg.model}** ({cfg.head} head) at {cfg.input_size} px, {cfg.epochs} epochs, "
+            f"normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
+
+
+def tta(cfg: TrainConfig) -> str:
+    return f"flip TTA {f'on ({cfg.tta_views} views)' if cfg.tta_flips else 'off'}"
+
 
 st.title("Training report")
 run = state.current_run()
@@ -12,14 +25,27 @@ try:
 except RunError as err:
     st.error(str(err))
     st.stop()
-
-st.markdown(f"`{state.run_label(run)}`: **{config.model}** at {config.input_size} px, {config.epochs} epochs, "
-            f"normalisation *{config.normalization}*, EMA {config.ema_decay or 'off'}, "
-            f"flip TTA {'on' if config.tta_flips else 'off'}.")
 try:
-    st.altair_chart(charts.history_charts(read_history(run)))
+    members = read_members(run)
 except RunError as err:
-    st.info(str(err))
+    st.error(str(err))
+    st.stop()
+if members:
+    st.markdown(f"`{state.run_label(run)}`: an **ensemble** averaging the P(malignant) of {len(members)} trained "
+                f"runs, {tta(config)}.")
+    for name, member in members.items():
+        st.subheader(f"Member {Path(name).name}")
+        st.markdown(recipe(member) + ".")
+        try:
+            st.altair_chart(charts.history_charts(read_history(run / name)))
+        except RunError as err:
+            st.info(str(err))
+else:
+    st.markdown(f"`{state.run_label(run)}`: {recipe(config)}, {tta(config)}.")
+    try:
+        st.altair_chart(charts.history_charts(read_history(run)))
+    except RunError as err:
+        st.info(str(err))
 
 st.header("Metrics")
 try:
