@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.data import read_ham10000
 from core.predictor import Predictor
+from core.runs import model_label
 
 
 def original_size_jpeg() -> bytes:
@@ -44,7 +45,7 @@ def main() -> None:
         predictor.predict(jpeg, explain=args.explain)
         times.append(1000 * (time.perf_counter() - start))
     cfg = predictor.config
-    model = f"ensemble of {' + '.join(Path(m).name for m in cfg.ensemble)}" if cfg.ensemble else cfg.model
+    model = model_label(cfg)
     tta = f"{cfg.tta_views} flip views" if cfg.tta_flips else "no TTA"
     print(f"Predictor.predict(explain={args.explain}), 600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
           f"{args.threads} threads: median {statistics.median(times):.1f} ms, "

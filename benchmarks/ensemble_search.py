@@ -20,8 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import metrics  # noqa: E402
-from core.engine import FLIP_DIMS, Preprocess, load_run, load_splits, predict_probabilities, preload_images  # noqa: E402
+from core import metrics
+from core.engine import (
+    FLIP_DIMS,
+    Preprocess,
+    load_run,
+    load_splits,
+    predict_probabilities,
+    preload_images,
+)
 
 
 def view_probabilities(run: Path, cache: Path | None = None) -> dict[str, np.ndarray]:

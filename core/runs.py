@@ -124,13 +124,18 @@ def read_history(run: str | Path) -> pd.DataFrame:
     return _read_csv(Path(run) / "history.csv", HISTORY_COLUMNS, f"it is written by `python train.py fit --out {run}`")
 
 
+def model_label(cfg: TrainConfig) -> str:
+    """What a run predicts with: the architecture, or "ensemble of N: member + member"."""
+    if not cfg.ensemble:
+        return cfg.model
+    return f"ensemble of {len(cfg.ensemble)}: " + " + ".join(Path(m).name for m in cfg.ensemble)
+
+
 def run_summary(run: str | Path) -> dict:
     """One row of the runs table: what was trained and how it scored (NaN where the run was not evaluated)."""
     run = Path(run)
     cfg = read_config(run)
-    model = f"ensemble of {len(cfg.ensemble)}: " + " + ".join(Path(m).name for m in cfg.ensemble) if cfg.ensemble \
-        else cfg.model
-    row = {"run": run.name, "path": str(run), "model": model, "input_size": cfg.input_size,
+    row = {"run": run.name, "path": str(run), "model": model_label(cfg), "input_size": cfg.input_size,
            "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
            "tta_flips": cfg.tta_flips}
     nan = float("nan")

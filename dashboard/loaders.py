@@ -18,6 +18,7 @@ from core.runs import (
     read_attention,
     read_cams,
     read_config,
+    read_members,
     read_metrics,
     read_predictions,
     run_summary,
@@ -156,6 +157,16 @@ def _config(run: str, stamp: float) -> TrainConfig:
 
 def run_config(run: Path) -> TrainConfig:
     return _config(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _members(run: str, stamp: float) -> dict[str, TrainConfig]:
+    return read_members(run)
+
+
+def run_members(run: Path) -> dict[str, TrainConfig]:
+    """An ensemble's members (name → config); empty for a single model."""
+    return _members(str(run), _run_stamp(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.config import TrainConfig
-from core.runs import RunError, read_history, read_members
+from core.runs import RunError, read_history
 from dashboard import charts, loaders, state
 
 
@@ -26,7 +26,7 @@ except RunError as err:
     st.error(str(err))
     st.stop()
 try:
-    members = read_members(run)
+    members = loaders.run_members(run)
 except RunError as err:
     st.error(str(err))
     st.stop()

@@ -14,7 +14,13 @@ import train
 from core import checkpoint, explain
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.engine import FLIP_DIMS, Preprocess, load_run, predict_frame, predict_probabilities
+from core.engine import (
+    FLIP_DIMS,
+    Preprocess,
+    load_run,
+    predict_frame,
+    predict_probabilities,
+)
 from core.ensemble import Ensemble, create_ensemble
 from core.model import create_model, head_outputs, malignant_probability
 from core.predictor import Predictor
