@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit does
     cfg = TrainConfig(model=args.model, input_size=args.input_size, batch_size=args.batch_size)
     model = create_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if args.compile else model

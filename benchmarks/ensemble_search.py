@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,10 +27,11 @@ from core.engine import (
     load_splits,
     predict_probabilities,
     preload_images,
+    resolve_device,
 )
 
 
-def view_probabilities(run: Path, cache: Path | None = None) -> dict[str, np.ndarray]:
+def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
     """split → ``(views, N)`` P(malignant) of each flip view alone (kept in ``cache`` while the weights are
     unchanged, so adding a run to the search costs only that run)."""
     stored = cache / f"{run.resolve().name}.npz" if cache else None
@@ -40,13 +40,14 @@ def view_probabilities(run: Path, cache: Path | None = None) -> dict[str, np.nda
         with np.load(stored) as f:
             if f["stamp"] == stamp:
                 return {k: f[k] for k in f.files if k != "stamp"}
-    cfg, model = load_run(run)
+    device = resolve_device(device)
+    cfg, model = load_run(run, device)
     frames = load_splits(cfg)
     out = {}
     for split in ("val", "test"):
         images = preload_images(frames[split]["path"].tolist(), cfg.input_size)
         out[split] = np.stack([predict_probabilities(model, images.flip(dims) if dims else images, Preprocess(cfg),
-                                                     torch.device("cpu"), cfg.eval_batch_size, amp=False)
+                                                     device, cfg.eval_batch_size, amp=False)
                                for dims in FLIP_DIMS])
         out[f"{split}_labels"] = frames[split]["label"].to_numpy()
     if stored:
@@ -61,8 +62,9 @@ def main() -> None:
     parser.add_argument("--views", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", type=Path, help="also write the table as CSV")
     parser.add_argument("--cache", type=Path, help="folder keeping each run's per-view probabilities")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (fp32 either way)")
     args = parser.parse_args()
-    probabilities = {run.name: view_probabilities(run, args.cache) for run in args.runs}
+    probabilities = {run.name: view_probabilities(run, args.cache, args.device) for run in args.runs}
     labels = next(iter(probabilities.values()))
     rows = []
     for size in range(1, len(args.runs) + 1):

