@@ -6,6 +6,7 @@
     python train.py fit --resume runs/NAME                 # continue an interrupted run
     python train.py cv --config configs/default.yaml --out runs/cv_NAME   # 5 lesion-wise folds: mean ± sd
     python train.py ensemble --members runs/A runs/B --out runs/ENS   # mean P(malignant) of trained runs
+    python train.py calibrate --run runs/NAME             # Platt scaling fitted on val, then evaluate again
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
@@ -87,6 +88,15 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
 
     out = create_ensemble(args.members, args.out, args.tta_flips, args.tta_views, args.overwrite)
     print(f"wrote {out} ({len(args.members)} members); next: python train.py evaluate --run {out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from core.engine import calibrate_run
+
+    before, after = calibrate_run(args.run, args.device)
+    a, b = after["run"]["calibration"]
+    print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); test ECE {before['calibration_test']['ece']:.4f}"
+          f" → {after['calibration_test']['ece']:.4f}; test AUROC {after['test']['auroc']:.4f} (unchanged)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -180,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "horizontal; 4: all four)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("calibrate", help="fit Platt scaling of P(malignant) on val, write it to the run's config, "
+                       "evaluate again")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics of a run on val and test, or on another labelled set")
     p.add_argument("--run", type=Path, required=True)

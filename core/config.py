@@ -55,6 +55,8 @@ class TrainConfig:
     tta_flips: bool = False                # average over identity + h/v/hv flips at evaluation and prediction
     tta_views: int = 4                     # with tta_flips: 2 = identity + horizontal flip, 4 = all four
     eval_batch_size: int = 128
+    # Platt scaling (a, b) of the final P(malignant), p = σ(a·logit p + b): written by `train.py calibrate`
+    calibration: list[float] = field(default_factory=lambda: [1.0, 0.0])
     # run
     seed: int = 0
     device: str = "auto"                   # "auto" | "cpu" | "cuda"
@@ -81,7 +83,7 @@ class TrainConfig:
         return dataclasses.replace(self, **given)
 
 
-NOT_FLAGS = {"ensemble"}  # written by `train.py ensemble`, not a training option
+NOT_FLAGS = {"ensemble", "calibration"}  # written by `train.py ensemble` / `calibrate`, not training options
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

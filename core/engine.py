@@ -7,6 +7,7 @@ Every random draw of epoch ``e`` is seeded by ``(seed, e)``, so ``--resume`` con
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from core import checkpoint, metrics
 from core.augment import BatchAugment
+from core.calibration import IDENTITY, apply_platt, compose, fit_platt
 from core.config import TrainConfig
 from core.data import open_rgb, project_path, read_dataset
 from core.ensemble import Ensemble, member_configs
@@ -147,9 +149,9 @@ FLIP_DIMS = [(), (-1,), (-2,), (-1, -2)]  # TTA views in order: identity, horizo
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Preprocess, device: torch.device,
                           batch_size: int = 128, tta_flips: bool = False, amp: bool = True,
-                          tta_views: int = 4) -> np.ndarray:
+                          tta_views: int = 4, calibration: Sequence[float] = IDENTITY) -> np.ndarray:
     """P(malignant) for uint8 images ``(N, 3, S, S)``; with ``tta_flips`` the mean over the first ``tta_views``
-    of the four flips (2: identity + horizontal, half the cost of all four)."""
+    of the four flips (2: identity + horizontal, half the cost of all four); then the run's Platt scaling."""
     if not 1 <= tta_views <= len(FLIP_DIMS):
         raise ValueError(f"tta_views must be 1 to {len(FLIP_DIMS)}, got {tta_views}")
     model.eval()
@@ -160,8 +162,8 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
         with _autocast(device, amp):
             p = torch.stack([malignant_probability(model(v.contiguous(memory_format=torch.channels_last)))
                              for v in views]).mean(0)
-        probabilities.append(p.cpu())
-    return torch.cat(probabilities).numpy().astype(np.float64)
+        probabilities.append(p.float().cpu())
+    return apply_platt(torch.cat(probabilities).double(), tuple(calibration)).numpy()
 
 
 def training_targets(frame: pd.DataFrame, head: str) -> torch.Tensor:
@@ -481,7 +483,7 @@ def _create_inference_model(cfg: TrainConfig) -> nn.Module:
 def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device) -> pd.DataFrame:
     images = preload_images(frame["path"].tolist(), cfg.input_size)
     probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp,
-                                  cfg.tta_views)
+                                  cfg.tta_views, cfg.calibration)
     out = frame.copy()
     out["probability"] = probs
     return out
@@ -532,6 +534,7 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
         "subgroups_test": json.loads(metrics.subgroup_auroc(test_bands).to_json(orient="records")),
         "run": {"model": cfg.model, "ensemble": cfg.ensemble, "input_size": cfg.input_size,
                 "tta_flips": cfg.tta_flips, "tta_views": cfg.tta_views if cfg.tta_flips else 1,
+                "calibration": list(cfg.calibration),
                 "n_val": len(val), "n_test": len(test), "evaluated_on": _device_description(device),
                 "date": time.strftime("%Y-%m-%d")},
     }
@@ -540,3 +543,23 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
     print(f"test AUROC {t['auroc']:.4f} (95% CI {t['auroc_ci'][0]:.3f}–{t['auroc_ci'][1]:.3f}); "
           f"val AUROC {report['val']['auroc']:.4f}; wrote {run_dir}/metrics.json")
     return report
+
+
+def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[dict, dict]:
+    """Fit Platt scaling on the run's val predictions (composed with the calibration they were made with), write
+    it into ``config.yaml`` and evaluate again, so thresholds are re-chosen on the calibrated val probabilities.
+    Returns the metrics before and after."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "metrics.json", "predictions_val.csv"):
+        if not (run_dir / name).is_file():
+            raise checkpoint.CheckpointError(f"{run_dir} has no {name}: run `train.py evaluate --run {run_dir}` first")
+    before = json.loads((run_dir / "metrics.json").read_text())
+    val = pd.read_csv(run_dir / "predictions_val.csv")
+    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    fitted = fit_platt(val["label"].to_numpy(), val["probability"].to_numpy())
+    # Compose with the calibration these predictions were made with (metrics.json says; absent = none), not the
+    # config's, so a calibration interrupted before its evaluation is simply redone.
+    made_with = tuple(before.get("run", {}).get("calibration", IDENTITY))
+    cfg = dataclasses.replace(cfg, calibration=list(compose(fitted, made_with)))
+    cfg.to_yaml(run_dir / "config.yaml")
+    return before, evaluate_run(run_dir, device_name)

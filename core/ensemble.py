@@ -92,7 +92,9 @@ def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_flips: b
         if (run / "history.csv").is_file():
             shutil.copyfile(run / "history.csv", member_dir / "history.csv")
     checkpoint.save_weights(Ensemble(models), out / checkpoint.MODEL_FILE, dtype=torch.float16)
+    # A member's own calibration does not carry over: the ensemble's mean is calibrated (or not) by itself.
     top = dataclasses.replace(configs[0], head="binary", ensemble=[f"{MEMBERS_DIR}/{n}" for n in names],
+                              calibration=[1.0, 0.0],
                               tta_flips=configs[0].tta_flips if tta_flips is None else tta_flips,
                               tta_views=configs[0].tta_views if tta_views is None else tta_views)
     top.to_yaml(out / "config.yaml")

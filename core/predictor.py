@@ -66,7 +66,8 @@ class Predictor:
         batch = pixels.unsqueeze(0)
         probability = predict_probabilities(self.model, batch, self.preprocess, self.device,
                                             tta_flips=self.config.tta_flips, amp=self.config.amp,
-                                            tta_views=self.config.tta_views)[0]
+                                            tta_views=self.config.tta_views,
+                                            calibration=self.config.calibration)[0]
         view = pixels.permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probability), view, dict(self.thresholds))
         if explain:

@@ -1,0 +1,100 @@
+"""Platt scaling (core/calibration.py, ``train.py calibrate``): fitted on val, composed with what the predictions
+were made with, applied by every prediction path, and changing no decision at the val-chosen thresholds."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import log_loss
+
+import train
+from core.calibration import IDENTITY, apply_platt, compose, fit_platt
+from core.checkpoint import CheckpointError
+from core.data import PROJECT_ROOT, resolve_data_dir
+from core.engine import calibrate_run, evaluate_run
+from core.predictor import Predictor
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def test_fit_recovers_a_known_miscalibration() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 40_000)
+    labels = rng.random(z.size) < sigmoid(2.0 * z - 1.0)  # true P = σ(2z − 1); the "model" says σ(z)
+    a, b = fit_platt(labels, sigmoid(z))
+    assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-1.0, abs=0.06)
+
+
+def test_compose_and_apply_agree() -> None:
+    probs = torch.tensor([0.01, 0.2, 0.5, 0.77, 0.999], dtype=torch.float64)
+    inner, outer = (1.7, -0.4), (0.8, 0.3)
+    twice = apply_platt(apply_platt(probs, inner), outer)
+    assert torch.allclose(twice, apply_platt(probs, compose(outer, inner)), atol=1e-12)
+    assert apply_platt(probs, IDENTITY) is probs
+    assert torch.all(apply_platt(probs, inner).diff() > 0)  # monotone: the ranking, hence AUROC, is kept
+
+
+@pytest.mark.parametrize("labels", [np.zeros(50), np.r_[np.ones(25), np.zeros(25)]], ids=["one-class", "reversed"])
+def test_fit_refuses_what_it_cannot_calibrate(labels: np.ndarray) -> None:
+    probs = np.linspace(0.05, 0.95, 50)  # increasing while the labels fall: the model ranks backwards
+    with pytest.raises(ValueError, match="both classes|no better than chance"):
+        fit_platt(labels, probs)
+
+
+@pytest.fixture(scope="module")
+def small_default_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped run on 40 val + 40 test images (a split-file subset), evaluated: a real model, seconds to run."""
+    run = tmp_path_factory.mktemp("cal") / "run"
+    shutil.copytree(PROJECT_ROOT / "models" / "default", run,
+                    ignore=shutil.ignore_patterns("cams_*", "attention_*"))
+    split = pd.read_csv(PROJECT_ROOT / "splits" / "ham10000.csv")
+    parts = [split[(split["split"] == s) & (split["label"] == y)].head(20) for s in ("val", "test") for y in (0, 1)]
+    pd.concat(parts).to_csv(run / "split.csv", index=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "split_file": str(run / "split.csv")}, sort_keys=False))
+    evaluate_run(run, "cpu")
+    return run
+
+
+def test_calibrate_run_fits_on_val_and_keeps_decisions(small_default_run: Path) -> None:
+    run = small_default_run
+    before = json.loads((run / "metrics.json").read_text())
+    val_before = pd.read_csv(run / "predictions_val.csv")
+    test_before = pd.read_csv(run / "predictions_test.csv")
+    _, after = calibrate_run(run, "cpu")
+    val_after = pd.read_csv(run / "predictions_val.csv")
+    test_after = pd.read_csv(run / "predictions_test.csv")
+    # Maximum likelihood on val: never worse than what it started from.
+    assert log_loss(val_after["label"], val_after["probability"]) <= log_loss(val_before["label"],
+                                                                            val_before["probability"]) + 1e-9
+    assert after["run"]["calibration"] == yaml.safe_load((run / "config.yaml").read_text())["calibration"]
+    assert after["test"]["auroc"] == pytest.approx(before["test"]["auroc"], abs=1e-9)
+    for name in ("youden", "sens95"):  # thresholds re-chosen on the calibrated val: the same cases either side
+        decided_before = test_before["probability"] >= before["thresholds"][name]
+        decided_after = test_after["probability"] >= after["thresholds"][name]
+        assert (decided_before == decided_after).all(), name
+    # The Predictor applies the same calibration as evaluation did.
+    image = pd.read_csv(run / "split.csv").query("split == 'test'")["image_id"].iloc[0]
+    predictor = Predictor.load(run)
+    got = predictor.predict(resolve_data_dir() / "images" / f"{image}.jpg").probability
+    assert got == pytest.approx(test_after.set_index("image_id").loc[image, "probability"], abs=2e-3)
+    # Fitting again on calibrated predictions changes (almost) nothing: it composes, not stacks.
+    a, b = after["run"]["calibration"]
+    _, again = calibrate_run(run, "cpu")
+    assert again["run"]["calibration"] == pytest.approx([a, b], abs=2e-3)
+
+
+def test_cli_explains_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.yaml").write_text("model: efficientnet_lite0\n")
+    assert train.main(["calibrate", "--run", str(tmp_path)]) == 2
+    assert "no metrics.json: run `train.py evaluate" in capsys.readouterr().err
+    with pytest.raises(CheckpointError):
+        calibrate_run(tmp_path)
