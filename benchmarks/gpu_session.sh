@@ -14,6 +14,8 @@
 #     5. $OUT: session.log, runs.tgz (every run without weights), and the weights of the 6 candidates with the best
 #        val AUROC (chosen on val only)
 #
+#   bash benchmarks/gpu_session.sh candidates  # there: only the lite2 candidates of step 3 (then 4 and 5), for a
+#                                              # short second session (how runs 9-11 were made)
 # QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
 set -u
 cd "$(dirname "$0")/.."
