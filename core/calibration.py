@@ -34,11 +34,6 @@ def fit_platt(labels: ArrayLike, probs: ArrayLike) -> tuple[float, float]:
     return a, b
 
 
-def compose(outer: tuple[float, float], inner: tuple[float, float]) -> tuple[float, float]:
-    """The single (a, b) equal to applying ``inner`` and then ``outer`` (refitting a calibrated run)."""
-    return outer[0] * inner[0], outer[0] * inner[1] + outer[1]
-
-
 def apply_platt(probs: torch.Tensor, calibration: tuple[float, float]) -> torch.Tensor:
     """σ(a·logit(p) + b); the identity (1, 0) returns ``probs`` untouched."""
     a, b = calibration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -60,6 +61,13 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"                   # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        a_b = self.calibration
+        if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
+                and float(a_b[0]) > 0):
+            raise ValueError(f"calibration must be two finite numbers [a, b] with a > 0 (p = σ(a·logit p + b)), "
+                             f"got {a_b!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from core import checkpoint, metrics
 from core.augment import BatchAugment
-from core.calibration import IDENTITY, apply_platt, compose, fit_platt
+from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.config import TrainConfig
 from core.data import open_rgb, project_path, read_dataset
 from core.ensemble import Ensemble, member_configs
@@ -273,6 +273,11 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     run_dir = Path(run_dir)
     if cfg.ensemble:
         raise ValueError("an ensemble config is not trained: `train.py ensemble` builds it from trained runs")
+    if tuple(cfg.calibration) != IDENTITY and not resume:
+        # A calibration is fitted to one run's weights; new weights start uncalibrated (`train.py calibrate` after).
+        print(f"note: the config's calibration {cfg.calibration} belongs to other weights; this run starts without",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, calibration=list(IDENTITY))
     with _sigterm_interrupts():
         try:
             return _fit(cfg, run_dir, resume)
@@ -515,16 +520,22 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     return report
 
 
-def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
+def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool = False) -> dict:
     """Predict val and test with the best checkpoint; thresholds chosen on val, applied to test.
-    Writes predictions_{val,test}.csv and metrics.json."""
+    Writes predictions_{val,test}.csv and metrics.json. With ``calibrate``, Platt scaling is first fitted on the raw
+    val probabilities and written into config.yaml as well; everything is computed before anything is written, so
+    a failure (no data here, Ctrl-C) leaves the run as it was."""
     run_dir = Path(run_dir)
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
     frames = load_splits(cfg)
-    predictions = {name: predict_frame(cfg, model, frames[name], device) for name in ("val", "test")}
-    for name, frame in predictions.items():
-        write_predictions(frame, run_dir / f"predictions_{name}.csv")
+    raw = {name: predict_frame(dataclasses.replace(cfg, calibration=list(IDENTITY)), model, frames[name], device)
+           for name in ("val", "test")}
+    if calibrate:
+        cfg = dataclasses.replace(cfg, calibration=list(fit_platt(raw["val"]["label"], raw["val"]["probability"])))
+    predictions = {name: frame.assign(probability=apply_platt(torch.tensor(frame["probability"].to_numpy()),
+                                                                tuple(cfg.calibration)).numpy())
+                   for name, frame in raw.items()}
     val, test = predictions["val"], predictions["test"]
     report = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
                                       test["label"].to_numpy(), test["probability"].to_numpy())
@@ -538,28 +549,22 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto") -> dict:
                 "n_val": len(val), "n_test": len(test), "evaluated_on": _device_description(device),
                 "date": time.strftime("%Y-%m-%d")},
     }
+    for name, frame in predictions.items():
+        write_predictions(frame, run_dir / f"predictions_{name}.csv")
     atomic_write_text(run_dir / "metrics.json", json.dumps(report, indent=1))
+    if calibrate:
+        cfg.to_yaml(run_dir / "config.yaml")
     t = report["test"]
     print(f"test AUROC {t['auroc']:.4f} (95% CI {t['auroc_ci'][0]:.3f}–{t['auroc_ci'][1]:.3f}); "
           f"val AUROC {report['val']['auroc']:.4f}; wrote {run_dir}/metrics.json")
     return report
 
 
-def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[dict, dict]:
-    """Fit Platt scaling on the run's val predictions (composed with the calibration they were made with), write
-    it into ``config.yaml`` and evaluate again, so thresholds are re-chosen on the calibrated val probabilities.
-    Returns the metrics before and after."""
+def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[dict | None, dict]:
+    """Fit Platt scaling on the run's raw val probabilities, write it into ``config.yaml`` and evaluate with it, so
+    thresholds are re-chosen on the calibrated val probabilities. Returns the metrics before (None if the run had
+    none) and after. Fitted on raw probabilities, so calibrating again gives the same result."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "metrics.json", "predictions_val.csv"):
-        if not (run_dir / name).is_file():
-            raise checkpoint.CheckpointError(f"{run_dir} has no {name}: run `train.py evaluate --run {run_dir}` first")
-    before = json.loads((run_dir / "metrics.json").read_text())
-    val = pd.read_csv(run_dir / "predictions_val.csv")
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-    fitted = fit_platt(val["label"].to_numpy(), val["probability"].to_numpy())
-    # Compose with the calibration these predictions were made with (metrics.json says; absent = none), not the
-    # config's, so a calibration interrupted before its evaluation is simply redone.
-    made_with = tuple(before.get("run", {}).get("calibration", IDENTITY))
-    cfg = dataclasses.replace(cfg, calibration=list(compose(fitted, made_with)))
-    cfg.to_yaml(run_dir / "config.yaml")
-    return before, evaluate_run(run_dir, device_name)
+    path = run_dir / "metrics.json"
+    before = json.loads(path.read_text()) if path.is_file() else None
+    return before, evaluate_run(run_dir, device_name, calibrate=True)

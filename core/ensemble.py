@@ -20,9 +20,12 @@ from torch import nn
 
 from core import checkpoint
 from core.config import TrainConfig
+from core.data import project_path
 from core.model import malignant_probability
 
 MEMBERS_DIR = "members"
+# What `evaluate` / `explain` wrote about a run: removed when --overwrite replaces the run with another ensemble.
+STALE_OUTPUTS = ("metrics*.json", "predictions_*.csv", "attention_*.csv", "attention_summary.json", "cams_*.npz")
 LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 finite
 
 
@@ -61,6 +64,12 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
                                    ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray)):
             if mine != theirs:
                 raise ValueError(f"ensemble members must share {what}: {names[0]} has {theirs}, {name} has {mine}")
+        # Thresholds are chosen on val and the metrics read on test: a member trained on another split may have
+        # trained on those very images.
+        if project_path(cfg.split_file).resolve() != project_path(first.split_file).resolve():
+            raise ValueError(f"ensemble members must be trained on the same split file: {names[0]} used "
+                             f"{first.split_file}, {name} used {cfg.split_file} (its val/test images may be in the "
+                             "other's training set)")
 
 
 def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_flips: bool | None = None,
@@ -84,6 +93,11 @@ def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_flips: b
         raise ValueError(f"{runs[0]} is itself an ensemble; list its members instead")
     check_compatible(configs, [str(r) for r in runs])
     models = [load_run(r)[1] for r in runs]
+    if overwrite and out.is_dir():  # what described the replaced run would describe the wrong model
+        shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
+        for pattern in STALE_OUTPUTS:
+            for path in out.glob(pattern):
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     for run, name, cfg in zip(runs, names, configs):
         member_dir = out / MEMBERS_DIR / name

@@ -18,6 +18,7 @@ from core.runs import (
     read_attention,
     read_cams,
     read_config,
+    read_history,
     read_members,
     read_metrics,
     read_predictions,
@@ -63,8 +64,9 @@ def _predictor(run: str, stamp: float) -> Predictor:
 
 
 def predictor(run: Path) -> Predictor:
-    """The run's model, loaded once per process and shared by all sessions (read-only; CAMs are serialised)."""
-    return _predictor(str(run), _mtime(run / MODEL_FILE))
+    """The run's model, loaded once per process and shared by all sessions (read-only; CAMs are serialised).
+    Reloaded when the weights or the config change (`train.py calibrate` rewrites only the config)."""
+    return _predictor(str(run), max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml")))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -167,6 +169,17 @@ def _members(run: str, stamp: float) -> dict[str, TrainConfig]:
 def run_members(run: Path) -> dict[str, TrainConfig]:
     """An ensemble's members (name → config); empty for a single model."""
     return _members(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _history(run: str, stamp: float) -> pd.DataFrame:
+    return read_history(run)
+
+
+def run_history(run: Path) -> pd.DataFrame:
+    """A run's (or an ensemble member's) history.csv, re-read when that file changes: it grows every epoch while
+    the run trains, which the run directory's own stamp would not always show."""
+    return _history(str(run), _mtime(run / "history.csv"))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

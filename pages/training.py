@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.config import TrainConfig
-from core.runs import RunError, read_history
+from core.runs import RunError
 from dashboard import charts, loaders, state
 
 
@@ -37,13 +37,13 @@ if members:
         st.subheader(f"Member {Path(name).name}")
         st.markdown(recipe(member) + ".")
         try:
-            st.altair_chart(charts.history_charts(read_history(run / name)))
+            st.altair_chart(charts.history_charts(loaders.run_history(run / name)))
         except RunError as err:
             st.info(str(err))
 else:
     st.markdown(f"`{state.run_label(run)}`: {recipe(config)}, {tta(config)}.")
     try:
-        st.altair_chart(charts.history_charts(read_history(run)))
+        st.altair_chart(charts.history_charts(loaders.run_history(run)))
     except RunError as err:
         st.info(str(err))
 

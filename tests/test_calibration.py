@@ -1,8 +1,9 @@
-"""Platt scaling (core/calibration.py, ``train.py calibrate``): fitted on val, composed with what the predictions
-were made with, applied by every prediction path, and changing no decision at the val-chosen thresholds."""
+"""Platt scaling (core/calibration.py, ``train.py calibrate``): fitted on the raw val probabilities, applied by
+every prediction path, changing no decision at the val-chosen thresholds, and writing nothing when it fails."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import yaml
 from sklearn.metrics import log_loss
 
 import train
-from core.calibration import IDENTITY, apply_platt, compose, fit_platt
+from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.checkpoint import CheckpointError
+from core.config import TrainConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
 from core.engine import calibrate_run, evaluate_run
 from core.predictor import Predictor
@@ -33,13 +35,12 @@ def test_fit_recovers_a_known_miscalibration() -> None:
     assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-1.0, abs=0.06)
 
 
-def test_compose_and_apply_agree() -> None:
+def test_apply_is_monotone_and_the_identity_is_free() -> None:
     probs = torch.tensor([0.01, 0.2, 0.5, 0.77, 0.999], dtype=torch.float64)
-    inner, outer = (1.7, -0.4), (0.8, 0.3)
-    twice = apply_platt(apply_platt(probs, inner), outer)
-    assert torch.allclose(twice, apply_platt(probs, compose(outer, inner)), atol=1e-12)
+    calibrated = apply_platt(probs, (1.7, -0.4))
+    assert torch.allclose(calibrated, torch.sigmoid(1.7 * torch.logit(probs) - 0.4), atol=1e-12)
+    assert torch.all(calibrated.diff() > 0)  # monotone: the ranking, hence AUROC, is kept
     assert apply_platt(probs, IDENTITY) is probs
-    assert torch.all(apply_platt(probs, inner).diff() > 0)  # monotone: the ranking, hence AUROC, is kept
 
 
 @pytest.mark.parametrize("labels", [np.zeros(50), np.r_[np.ones(25), np.zeros(25)]], ids=["one-class", "reversed"])
@@ -86,15 +87,54 @@ def test_calibrate_run_fits_on_val_and_keeps_decisions(small_default_run: Path) 
     predictor = Predictor.load(run)
     got = predictor.predict(resolve_data_dir() / "images" / f"{image}.jpg").probability
     assert got == pytest.approx(test_after.set_index("image_id").loc[image, "probability"], abs=2e-3)
-    # Fitting again on calibrated predictions changes (almost) nothing: it composes, not stacks.
-    a, b = after["run"]["calibration"]
+    # Fitted on the raw probabilities: calibrating again gives the same (a, b), never a stacked one.
     _, again = calibrate_run(run, "cpu")
-    assert again["run"]["calibration"] == pytest.approx([a, b], abs=2e-3)
+    assert again["run"]["calibration"] == pytest.approx(after["run"]["calibration"], abs=1e-9)
+
+
+def test_a_failed_calibration_writes_nothing(small_default_run: Path) -> None:
+    run = small_default_run
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    broken = {**cfg, "split_file": str(run / "no_such_split.csv")}  # evaluation cannot find its images
+    (run / "config.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+    files = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.json", "predictions_val.csv")}
+    assert train.main(["calibrate", "--run", str(run), "--device", "cpu"]) == 2
+    assert {name: (run / name).read_bytes() for name in files} == files
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def test_cli_explains_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "config.yaml").write_text("model: efficientnet_lite0\n")
     assert train.main(["calibrate", "--run", str(tmp_path)]) == 2
-    assert "no metrics.json: run `train.py evaluate" in capsys.readouterr().err
+    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
         calibrate_run(tmp_path)
+
+
+def test_config_refuses_a_malformed_calibration() -> None:
+    for bad in ([1.0], [0.0, 0.1], [-1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="calibration"):
+            TrainConfig(calibration=bad)
+
+
+def test_new_training_starts_uncalibrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """A calibration is fitted to one run's weights: `fit --config <a calibrated run's config>` must not inherit it."""
+    from core import engine
+
+    started = []
+    monkeypatch.setattr(engine, "_fit", lambda cfg, run_dir, resume: started.append(cfg))
+    engine.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run")
+    assert started[0].calibration == list(IDENTITY)
+    assert "belongs to other weights" in capsys.readouterr().err
+
+
+def test_the_dashboard_reloads_the_model_when_the_config_changes(small_default_run: Path) -> None:
+    """`train.py calibrate` rewrites config.yaml but not the weights; the shared Predictor must follow it."""
+    from dashboard import loaders
+
+    first = loaders.predictor(small_default_run)
+    assert loaders.predictor(small_default_run) is first
+    config = small_default_run / "config.yaml"
+    later = config.stat().st_mtime + 5
+    os.utime(config, (later, later))
+    assert loaders.predictor(small_default_run) is not first

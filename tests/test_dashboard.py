@@ -3,6 +3,7 @@ count right, bad uploads give messages; plus the real server `make dashboard` st
 from __future__ import annotations
 
 import io
+import os
 import urllib.request
 from pathlib import Path
 
@@ -286,3 +287,16 @@ def test_run_argument_after_double_dash() -> None:
     from dashboard.state import run_argument
     assert run_argument(["--run", "runs/x"]) == Path("runs/x")
     assert run_argument(["--other", "1"]) is None
+
+
+def test_run_history_follows_a_growing_history(tmp_path: Path) -> None:
+    """The training report reads history.csv through a cache keyed on the file itself: a run still training shows
+    its new epochs on the next rerun."""
+    history = tmp_path / "history.csv"
+    rows = "epoch,train_loss,val_loss,val_auroc,lr,img_per_s,seconds\n1,0.2,0.3,0.6,3e-4,40,100\n"
+    history.write_text(rows)
+    assert len(loaders.run_history(tmp_path)) == 1
+    history.write_text(rows + "2,0.1,0.2,0.7,2e-4,41,99\n")
+    later = history.stat().st_mtime + 1
+    os.utime(history, (later, later))
+    assert loaders.run_history(tmp_path)["epoch"].tolist() == [1, 2]

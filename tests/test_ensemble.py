@@ -21,7 +21,7 @@ from core.engine import (
     predict_frame,
     predict_probabilities,
 )
-from core.ensemble import Ensemble, create_ensemble
+from core.ensemble import MEMBERS_DIR, Ensemble, create_ensemble
 from core.model import create_model, head_outputs, malignant_probability
 from core.predictor import Predictor
 from core.runs import read_members, run_summary
@@ -151,7 +151,23 @@ def test_members_must_share_the_input(tmp_path: Path, members: list[Path]) -> No
     per_image = make_run(tmp_path / "per_image", normalization="per_image")
     with pytest.raises(ValueError, match="must share normalization"):
         create_ensemble([members[0], per_image], tmp_path / "bad")
+    elsewhere = make_run(tmp_path / "elsewhere", split_file=str(tmp_path / "other_split.csv"))
+    with pytest.raises(ValueError, match="same split file: .*val/test images may be in the other's training set"):
+        create_ensemble([members[0], elsewhere], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # nothing half-written
+
+
+def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path: Path, members: list[Path]) -> None:
+    out = create_ensemble(members, tmp_path / "ens")
+    stale = [out / "metrics.json", out / "predictions_val.csv", out / "attention_summary.json",
+             out / MEMBERS_DIR / "old_member" / "config.yaml"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    create_ensemble(members[:1], out, overwrite=True)
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in (out / MEMBERS_DIR).iterdir()) == [members[0].name]
+    assert TrainConfig.from_yaml(out / "config.yaml").ensemble == [f"{MEMBERS_DIR}/{members[0].name}"]
 
 
 def test_cli_builds_and_refuses(tmp_path: Path, members: list[Path], ensemble_run: Path,
