@@ -15,6 +15,7 @@ import pandas as pd
 from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
+from core.ensemble import member_configs
 
 PREDICTION_COLUMNS = ("image_id", "label", "probability")
 ATTENTION_COLUMNS = ("image_id", "corner_fraction", "border_fraction", "flag", "dark_corner_score")
@@ -109,15 +110,11 @@ def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
 
 def read_members(run: str | Path) -> dict[str, TrainConfig]:
     """An ensemble run's members (``members/<name>`` → its training config); empty for a single model."""
-    run = Path(run)
-    members = {}
-    for member in read_config(run).ensemble:
-        try:
-            members[member] = TrainConfig.from_yaml(run / member / "config.yaml")
-        except Exception as err:
-            raise RunError(f"ensemble member {run / member} has no valid config.yaml ({err}); rebuild it with "
-                           f"`python train.py ensemble`") from err
-    return members
+    cfg = read_config(run)
+    try:
+        return dict(zip(cfg.ensemble, member_configs(Path(run), cfg)))
+    except Exception as err:
+        raise RunError(f"{err}; rebuild it with `python train.py ensemble`") from err
 
 
 def read_history(run: str | Path) -> pd.DataFrame:
