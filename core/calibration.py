@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 IDENTITY = (1.0, 0.0)
 EPS = 1e-6
+MIN_PER_CLASS = 10  # below this, two fitted numbers are mostly noise
 
 
 def log_odds(probs: ArrayLike) -> np.ndarray:
@@ -23,11 +24,23 @@ def log_odds(probs: ArrayLike) -> np.ndarray:
 
 
 def fit_platt(labels: ArrayLike, probs: ArrayLike) -> tuple[float, float]:
-    """``(a, b)`` maximising the likelihood of ``labels`` under σ(a·logit(probs) + b), unregularised."""
+    """``(a, b)`` maximising the likelihood of ``labels`` under σ(a·logit(probs) + b), unregularised.
+
+    Refuses the sets where that maximum is meaningless rather than return a wild fit: fewer than
+    ``MIN_PER_CLASS`` of either class, or probabilities that separate the classes perfectly (the likelihood then
+    grows without bound as the slope does, so any finite answer is an artefact of the solver's stopping rule)."""
     y = np.asarray(labels).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
     if len(np.unique(y)) != 2:
         raise ValueError("calibration needs both classes among the labels")
-    model = LogisticRegression(C=np.inf).fit(log_odds(probs)[:, None], y)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < MIN_PER_CLASS:
+        raise ValueError(f"calibration needs at least {MIN_PER_CLASS} images of each class, got {counts[1]} malignant "
+                         f"and {counts[0]} benign: too few to fit a slope and an intercept")
+    if p[y == 1].min() > p[y == 0].max():
+        raise ValueError("the probabilities separate the classes perfectly (AUROC 1 on these labels): no finite "
+                         "calibration exists; calibrate on a larger validation set")
+    model = LogisticRegression(C=np.inf).fit(log_odds(p)[:, None], y)
     a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     if a <= 0:  # calibrating would reverse (or flatten) the model's ranking: refuse rather than hide that
         raise ValueError(f"calibration slope {a:.3f} ≤ 0: on these labels the model ranks no better than chance")

@@ -504,19 +504,20 @@ def write_predictions(frame: pd.DataFrame, path: Path) -> None:
 
 def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto") -> dict:
     """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
-    are applied, never new ones chosen. Writes predictions_<name>.csv and metrics_<name>.json."""
+    are applied, never new ones chosen. Writes predictions_external_<name>.csv and metrics_external_<name>.json:
+    the prefix keeps a set named e.g. ``val.csv`` from overwriting the run's own split outputs."""
     run_dir = Path(run_dir)
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
     frame = predict_frame(cfg, model, read_dataset(data, images), device)
     name = Path(data).stem
-    write_predictions(frame, run_dir / f"predictions_{name}.csv")
+    write_predictions(frame, run_dir / f"predictions_external_{name}.csv")
     thresholds = json.loads((run_dir / "metrics.json").read_text())["thresholds"]
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
     report = {"name": name, "n": len(frame), "auroc": metrics.auroc(labels, probs),
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
-    atomic_write_text(run_dir / f"metrics_{name}.json", json.dumps(report, indent=1))
+    atomic_write_text(run_dir / f"metrics_external_{name}.json", json.dumps(report, indent=1))
     return report
 
 

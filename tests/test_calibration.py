@@ -43,10 +43,15 @@ def test_apply_is_monotone_and_the_identity_is_free() -> None:
     assert apply_platt(probs, IDENTITY) is probs
 
 
-@pytest.mark.parametrize("labels", [np.zeros(50), np.r_[np.ones(25), np.zeros(25)]], ids=["one-class", "reversed"])
-def test_fit_refuses_what_it_cannot_calibrate(labels: np.ndarray) -> None:
-    probs = np.linspace(0.05, 0.95, 50)  # increasing while the labels fall: the model ranks backwards
-    with pytest.raises(ValueError, match="both classes|no better than chance"):
+@pytest.mark.parametrize("labels, match", [
+    (np.zeros(50), "both classes"),
+    (np.r_[np.ones(25), np.zeros(25)], "no better than chance"),  # the probabilities rise while the labels fall
+    (np.r_[np.zeros(25), np.ones(25)], "separate the classes perfectly"),  # the MLE slope is infinite
+    (np.r_[np.zeros(42), np.ones(8)][np.random.default_rng(0).permutation(50)], "at least 10 images of each"),
+], ids=["one-class", "reversed", "separable", "too-few"])
+def test_fit_refuses_what_it_cannot_calibrate(labels: np.ndarray, match: str) -> None:
+    probs = np.linspace(0.05, 0.95, 50)
+    with pytest.raises(ValueError, match=match):
         fit_platt(labels, probs)
 
 

@@ -91,15 +91,20 @@ def test_predict_command_writes_one_row_per_image(tiny_run: Path, ham: pd.DataFr
     assert frame["probability"].between(0, 1).all()
 
 
-def test_evaluate_command_on_an_external_labelled_csv(tiny_run: Path, ham: pd.DataFrame, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["labels", "val"])  # "val": must not overwrite the run's own val outputs
+def test_evaluate_command_on_an_external_labelled_csv(tiny_run: Path, ham: pd.DataFrame, tmp_path: Path,
+                                                      name: str) -> None:
     rows = ham.groupby("label").head(10)
-    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(f"{i},{l}\n" for i, l in
+    own_val = (tiny_run / "predictions_val.csv").read_bytes()
+    (tmp_path / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{l}\n" for i, l in
                                                                     zip(rows["image_id"], rows["label"])))
     images = Path(rows["path"].iloc[0]).parent
-    assert train.main(["evaluate", "--run", str(tiny_run), "--data", str(tmp_path / "labels.csv"),
+    assert train.main(["evaluate", "--run", str(tiny_run), "--data", str(tmp_path / f"{name}.csv"),
                        "--images", str(images), "--device", "cpu"]) == 0
-    report = json.loads((tiny_run / "metrics_labels.json").read_text())
+    report = json.loads((tiny_run / f"metrics_external_{name}.json").read_text())
     assert report["n"] == 20 and 0 <= report["auroc"] <= 1
+    assert len(pd.read_csv(tiny_run / f"predictions_external_{name}.csv")) == 20
+    assert (tiny_run / "predictions_val.csv").read_bytes() == own_val
 
 
 def test_bad_run_directory_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
