@@ -273,10 +273,11 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     run_dir = Path(run_dir)
     if cfg.ensemble:
         raise ValueError("an ensemble config is not trained: `train.py ensemble` builds it from trained runs")
-    if tuple(cfg.calibration) != IDENTITY and not resume:
-        # A calibration is fitted to one run's weights; new weights start uncalibrated (`train.py calibrate` after).
-        print(f"note: the config's calibration {cfg.calibration} belongs to other weights; this run starts without",
-              file=sys.stderr)
+    if tuple(cfg.calibration) != IDENTITY:
+        # A calibration is fitted to one set of weights; training (new, or resumed: a later epoch may become the best
+        # checkpoint) starts uncalibrated, and `train.py calibrate` fits it again afterwards.
+        print(f"note: the config's calibration {cfg.calibration} belongs to other weights; this run goes on without "
+              f"it (`train.py calibrate --run {run_dir}` afterwards)", file=sys.stderr)
         cfg = dataclasses.replace(cfg, calibration=list(IDENTITY))
     with _sigterm_interrupts():
         try:

@@ -121,14 +121,16 @@ def test_config_refuses_a_malformed_calibration() -> None:
             TrainConfig(calibration=bad)
 
 
-def test_new_training_starts_uncalibrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture) -> None:
-    """A calibration is fitted to one run's weights: `fit --config <a calibrated run's config>` must not inherit it."""
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resumed"])
+def test_training_goes_on_uncalibrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture, resume: bool) -> None:
+    """A calibration is fitted to one run's weights: neither `fit --config <a calibrated run's config>` nor
+    `fit --resume <a calibrated run>` (a later epoch may replace the best weights) may keep it."""
     from core import engine
 
     started = []
     monkeypatch.setattr(engine, "_fit", lambda cfg, run_dir, resume: started.append(cfg))
-    engine.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run")
+    engine.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run", resume=resume)
     assert started[0].calibration == list(IDENTITY)
     assert "belongs to other weights" in capsys.readouterr().err
 
