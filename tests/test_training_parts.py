@@ -163,3 +163,33 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
     checkpoint.optimizer_from_tensors(fresh, loaded, loaded_meta)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert loaded_meta["epoch"] == 4
+
+
+# --- prediction with flip TTA ---------------------------------------------------------------------------------------
+
+class _CountingNet(nn.Module):
+    """A position-sensitive net (flips change its output) that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head, self.calls = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 1), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(nn.functional.adaptive_avg_pool2d(self.conv(x), 6).flatten(1))
+
+
+@pytest.mark.parametrize("views", [1, 2, 4])
+def test_tta_views_go_through_the_network_as_one_batch(views: int) -> None:
+    from core.engine import FLIP_DIMS, Preprocess, predict_probabilities
+
+    torch.manual_seed(0)
+    net, images = _CountingNet().eval(), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    preprocess = Preprocess(TrainConfig(normalization="imagenet"))
+    probs = predict_probabilities(net, images, preprocess, torch.device("cpu"), batch_size=8, tta_flips=True,
+                                  tta_views=views)
+    assert net.calls == math.ceil(10 / max(1, 8 // views))  # one pass per chunk of images, all its views at once
+    with torch.no_grad():
+        x = preprocess(images)
+        expected = torch.stack([torch.sigmoid(net(x.flip(d) if d else x)).view(-1) for d in FLIP_DIMS[:views]]).mean(0)
+    np.testing.assert_allclose(probs, expected.double().numpy(), rtol=1e-5, atol=1e-6)
