@@ -99,6 +99,42 @@ def test_bootstrap_ci(scores) -> None:
     assert all(map(math.isnan, metrics.bootstrap_auroc_ci([0, 0, 0], [0.1, 0.2, 0.3])))
 
 
+def test_paired_gain_of_a_model_against_itself_is_exactly_zero(scores) -> None:
+    labels, probs = scores
+    assert metrics.paired_auroc_gain(labels, probs, probs, n_boot=200) == (0.0, 0.0, 0.0)
+
+
+def test_paired_gain_point_estimate_and_interval(scores) -> None:
+    labels, probs = scores
+    better = np.clip(probs + 0.1 * labels, 0, 1)  # every malignant case scored higher: a real gain
+    gain, low, high = metrics.paired_auroc_gain(labels, better, probs, n_boot=400)
+    assert gain == pytest.approx(roc_auc_score(labels, better) - roc_auc_score(labels, probs))
+    assert 0 < low <= gain <= high
+    one, other = (np.clip(probs + np.random.default_rng(seed).normal(0, 0.05, len(probs)), 0, 1) for seed in (1, 2))
+    gain, low, high = metrics.paired_auroc_gain(labels, one, other, n_boot=400)
+    assert low < 0 < high  # two equally good models: a noise-level difference is not called a gain
+
+
+def test_paired_gain_resamples_whole_groups() -> None:
+    """Five near-copies per lesion: resampling images one by one pretends there are five times as many cases."""
+    labels, probs = _scores(200, seed=3)
+    noise = np.clip(probs + np.random.default_rng(2).normal(0, 0.05, 200), 0, 1)
+    copies = lambda a: np.repeat(a, 5)  # noqa: E731
+    lesions = np.repeat(np.arange(200), 5)
+    _, low_i, high_i = metrics.paired_auroc_gain(copies(labels), copies(noise), copies(probs), n_boot=300)
+    _, low_g, high_g = metrics.paired_auroc_gain(copies(labels), copies(noise), copies(probs), groups=lesions,
+                                                 n_boot=300)
+    assert high_g - low_g > 1.8 * (high_i - low_i)  # ≈ √5 wider
+
+
+def test_paired_gain_rejects_mismatched_input(scores) -> None:
+    labels, probs = scores
+    with pytest.raises(ValueError, match="one length"):
+        metrics.paired_auroc_gain(labels, probs, probs[:-1])
+    with pytest.raises(ValueError, match="groups"):
+        metrics.paired_auroc_gain(labels, probs, probs, groups=np.arange(3))
+
+
 def test_youden_threshold(scores) -> None:
     labels, probs = scores
     fpr, tpr, thresholds = roc_curve(labels, probs)
