@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +140,11 @@ class Preprocess(nn.Module):
 
 
 def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """bf16 autocast on CUDA only (on the CPU it is slower here); elsewhere no context at all, since autocast
+    refuses device types it does not know (the ``meta`` device of the placement tests)."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
 FLIP_DIMS = [(), (-1,), (-2,), (-1, -2)]  # TTA views in order: identity, horizontal, vertical, both
@@ -189,6 +193,33 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable or id(p) in head)
 
 
+def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module, BatchAugment,
+                                                                            Preprocess]:
+    """What one training step runs, all on ``device``: model, loss, batch augmentation, preprocessing. Built in one
+    place so that a test can run a step on the ``meta`` device and catch a tensor left on the CPU, which on a
+    CPU-only machine nothing else would reveal (the dx head's loss weights once did, on the first GPU run)."""
+    model = create_model(cfg.model, pretrained=cfg.pretrained, num_outputs=head_outputs(cfg.head),
+                         drop_rate=cfg.drop_rate).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head).to(device)
+    augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom)).to(device)
+    return model, loss_fn, augment, Preprocess(cfg).to(device)
+
+
+def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, preprocess: Preprocess,
+                  images: torch.Tensor, targets: torch.Tensor, amp: bool, generator: torch.Generator | None = None,
+                  mixup_lam: float | None = None) -> torch.Tensor:
+    """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss."""
+    x = preprocess(augment(images.float().div_(255), generator))
+    if mixup_lam is not None:
+        perm = torch.randperm(len(x), generator=generator, device=x.device)
+        x, targets = mixup_lam * x + (1 - mixup_lam) * x[perm], mixup_lam * targets + (1 - mixup_lam) * targets[perm]
+    with _autocast(x.device, amp):
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+    return loss_fn(logits, targets)
+
+
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sampler: BalancedSampler | None,
                     augment: BatchAugment, preprocess: Preprocess, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -214,17 +245,11 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                dynamic_ncols=True)
     for step in bar:
         index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x = images[index].to(device, non_blocking=True).float().div_(255)
-        y = labels[index].to(device, non_blocking=True)
-        x = preprocess(augment(x, generator))
-        if cfg.mixup > 0:
-            lam = float(np.random.default_rng([cfg.seed, epoch, step]).beta(cfg.mixup, cfg.mixup))
-            perm = torch.randperm(len(x), generator=generator, device=device)
-            x, y = lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+        mixup_lam = float(np.random.default_rng([cfg.seed, epoch, step]).beta(cfg.mixup, cfg.mixup)) \
+            if cfg.mixup > 0 else None
         try:
-            with _autocast(device, cfg.amp):
-                logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits, y)
+            loss = training_loss(model, loss_fn, augment, preprocess, images[index].to(device, non_blocking=True),
+                                 labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam)
             loss_sum += loss.detach() * len(index)
             seen += len(index)
             if (step + 1) % check_every == 0 or step + 1 == steps:
@@ -338,10 +363,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     train_targets = training_targets(frames["train"], cfg.head)
     val_labels = frames["val"]["label"].to_numpy()
 
-    model = create_model(cfg.model, pretrained=cfg.pretrained, num_outputs=head_outputs(cfg.head),
-                         drop_rate=cfg.drop_rate).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, loss_fn, augment, preprocess = create_training_parts(cfg, device)
     # Warm-up ramps the decay as (1 + step) / (10 + step): without it a 0.999 EMA is still ~40 % ImageNet init
     # after 900 steps (seen: val AUROC 0.77 at epoch 4 while the raw weights were far better).
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
@@ -357,11 +379,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     draws = len(sampler) if sampler is not None else len(train_images) // dist_info.world_size
     steps_per_epoch = math.ceil(draws // cfg.batch_size / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
-    loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head).to(device)  # the dx head has weights
     # Validation loss is the binary loss of P(malignant) for either head, so runs with different heads compare.
     val_loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
-    augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom))
-    preprocess = Preprocess(cfg)
 
     history: list[dict] = []
     start_epoch, best_auroc, since_best = 0, -1.0, 0

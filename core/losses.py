@@ -30,6 +30,13 @@ class BinaryFocalLoss(nn.Module):
         return (alpha_t * (1 - p_t).pow(self.gamma) * bce).mean()
 
 
+class BinaryCrossEntropy(nn.BCEWithLogitsLoss):
+    """Plain BCE on the single logit, taking ``(N, 1)`` logits against ``(N,)`` targets as the focal loss does."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits.float().view(-1), targets.float().view(-1))
+
+
 class SoftmaxFocalLoss(nn.Module):
     """The dx head's focal loss: ``−Σ_c w_c t_c (1 − p_c)^γ log p_c`` over softmax outputs, averaged, with
     ``w_c = α`` for the malignant diagnoses and ``1 − α`` for the others, so α means what it does in the binary
@@ -56,7 +63,7 @@ def create_loss(name: str = "focal", alpha: float = 0.6, gamma: float = 2.0, hea
     if name not in ("focal", "bce"):
         raise ValueError(f"unknown loss {name!r}; choose 'focal' or 'bce'")
     if head == "binary":
-        return BinaryFocalLoss(alpha, gamma) if name == "focal" else nn.BCEWithLogitsLoss()
+        return BinaryFocalLoss(alpha, gamma) if name == "focal" else BinaryCrossEntropy()
     if name == "focal":
         return SoftmaxFocalLoss(MALIGNANT_OUTPUTS, len(DX_CLASSES), alpha, gamma)
     return nn.CrossEntropyLoss()

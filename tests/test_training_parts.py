@@ -38,6 +38,12 @@ def test_focal_loss_with_gamma_zero_is_weighted_bce() -> None:
     assert BinaryFocalLoss(alpha=0.5, gamma=0.0)(logits, targets).item() == pytest.approx(0.5 * bce.item(), rel=1e-5)
 
 
+def test_plain_bce_takes_the_binary_heads_column_of_logits() -> None:
+    logits, targets = torch.randn(6, 1), (torch.rand(6) > 0.5).float()  # what the binary head and the labels are
+    expected = nn.functional.binary_cross_entropy_with_logits(logits[:, 0], targets)
+    assert create_loss("bce")(logits, targets).item() == pytest.approx(expected.item())
+
+
 def test_focal_loss_is_stable_for_extreme_logits() -> None:
     loss = BinaryFocalLoss()(torch.tensor([80.0, -80.0]), torch.tensor([0.0, 1.0]))
     assert torch.isfinite(loss) and loss > 10
@@ -98,6 +104,40 @@ def test_batch_augment_geometry_is_a_mild_similarity() -> None:
     flipped_x = torch.from_numpy(l_shaped_mask(96, 96)[:, ::-1].copy()).float()
     overlap = lambda m: ((out[:, 0] > 0.5) & (m > 0.5)).float().sum(dim=(1, 2))  # noqa: E731
     assert (overlap(flipped_x) > overlap(shape)).any() and (overlap(shape) > overlap(flipped_x)).any()
+
+
+# --- device placement -----------------------------------------------------------------------------------------------
+
+META = torch.device("meta")  # a device other than the CPU, on any machine: stands in for the GPU CI does not have
+
+
+@pytest.mark.parametrize("settings", [
+    {"head": "binary"}, {"head": "dx"}, {"head": "dx", "loss": "bce", "mixup": 0.2},
+    {"head": "binary", "loss": "bce", "normalization": "per_image", "shades_of_gray": True, "mixup": 0.2},
+    {"head": "binary", "normalization": "imagenet", "channels_last": False}])
+def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
+    """Every tensor a step uses follows the model to the training device: one left on the CPU fails here, not on
+    the first GPU run."""
+    from core.engine import create_training_parts, training_loss
+    cfg = TrainConfig(pretrained=False, input_size=32, **settings)
+    model, loss_fn, augment, preprocess = create_training_parts(cfg, META)
+    outputs = 7 if cfg.head == "dx" else 1
+    targets = torch.empty(4, outputs, device=META) if outputs > 1 else torch.empty(4, device=META)
+    images = torch.empty(4, 3, 32, 32, dtype=torch.uint8, device=META)
+    loss = training_loss(model, loss_fn, augment, preprocess, images, targets, cfg.amp,
+                         mixup_lam=0.7 if cfg.mixup else None)
+    loss.backward()
+    assert loss.device == META and all(p.grad is None or p.grad.device == META for p in model.parameters())
+
+
+def test_a_loss_left_on_the_cpu_is_caught_on_another_device() -> None:
+    from core.engine import create_training_parts, training_loss
+    cfg = TrainConfig(pretrained=False, input_size=32, head="dx")
+    model, _, augment, preprocess = create_training_parts(cfg, META)
+    images = torch.empty(2, 3, 32, 32, dtype=torch.uint8, device=META)
+    with pytest.raises(RuntimeError, match="device"):
+        training_loss(model, create_loss(head="dx"), augment, preprocess, images, torch.empty(2, 7, device=META),
+                      amp=False)
 
 
 # --- config -------------------------------------------------------------------------------------------------------
