@@ -11,11 +11,8 @@ import time
 
 import torch
 
-from core.augment import BatchAugment
 from core.config import TrainConfig
-from core.engine import Preprocess, _autocast, resolve_device
-from core.losses import create_loss
-from core.model import create_model
+from core.engine import _autocast, create_training_parts, resolve_device
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -46,10 +43,9 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit does
     cfg = TrainConfig(model=args.model, input_size=args.input_size, batch_size=args.batch_size)
-    model = create_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    model, loss_fn, augment, preprocess = create_training_parts(cfg, device)  # what fit builds
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    loss_fn, augment, preprocess = create_loss(), BatchAugment(), Preprocess(cfg)
     images = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8,
                            device=device)
     labels = (torch.rand(args.batch_size, device=device) < 0.4).float()
