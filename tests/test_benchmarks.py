@@ -2,7 +2,6 @@
 on an idle machine, never in a test)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import ensemble_search
 from core.data import PROJECT_ROOT
 
 
@@ -47,13 +47,6 @@ def test_benchmark_scripts_document_their_command(script: str) -> None:
     assert done.returncode == 0 and f"benchmarks/{script}" in done.stdout, done.stderr
 
 
-def _ensemble_search():
-    spec = importlib.util.spec_from_file_location("ensemble_search", PROJECT_ROOT / "benchmarks/ensemble_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _fake_runs(n: int = 600) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
     """Per-view probabilities of three runs on one val/test set: ``strong`` separates the classes far better; the
     two weak runs make nearly the same mistakes, so no subset of them is really better than another."""
@@ -68,18 +61,17 @@ def _fake_runs(n: int = 600) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarr
 
 
 def test_selection_rule_keeps_limits_and_needs_a_real_gain() -> None:
-    search = _ensemble_search()
     runs, lesions = _fake_runs()
-    table = search.search(runs, {"weak_a": 7.0, "weak_b": 7.0, "strong": 20.0}, [1, 2])
+    table = ensemble_search.search(runs, {"weak_a": 7.0, "weak_b": 7.0, "strong": 20.0}, [1, 2])
     assert len(table) == 7 * 2 and table["val_auroc"].is_monotonic_decreasing
     # the strong run fits the limits and clearly beats a pair of weak ones: it replaces them
-    decision = search.apply_rule(table, runs, lesions, ("weak_a", "weak_b"), 2, max_forwards=4, max_mb=25)
+    decision = ensemble_search.apply_rule(table, runs, lesions, ("weak_a", "weak_b"), 2, max_forwards=4, max_mb=25)
     assert decision["best"].split(" + ") == ["strong"] and decision["replace"] and decision["low"] > 0
     # too big for the limit: only weak subsets are eligible, and their differences are noise → keep the incumbent
-    decision = search.apply_rule(table, runs, lesions, ("weak_a",), 2, max_forwards=4, max_mb=15)
+    decision = ensemble_search.apply_rule(table, runs, lesions, ("weak_a",), 2, max_forwards=4, max_mb=15)
     assert "strong" not in decision["best"] and decision["low"] < 0 < decision["high"] and not decision["replace"]
     with pytest.raises(SystemExit, match="no subset"):
-        search.apply_rule(table, runs, lesions, ("weak_a",), 2, max_forwards=0, max_mb=25)
+        ensemble_search.apply_rule(table, runs, lesions, ("weak_a",), 2, max_forwards=0, max_mb=25)
 
 
 def test_ensemble_search_wants_the_whole_rule() -> None:

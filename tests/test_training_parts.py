@@ -13,6 +13,7 @@ from torch import nn
 from core import checkpoint
 from core.augment import BatchAugment
 from core.config import TrainConfig, add_config_arguments
+from core.engine import FLIP_DIMS, Preprocess, create_training_parts, predict_probabilities, training_loss
 from core.losses import BinaryFocalLoss, create_loss
 from core.sampler import BalancedSampler
 from tests.test_transforms import l_shaped_mask
@@ -118,7 +119,6 @@ META = torch.device("meta")  # a device other than the CPU, on any machine: stan
 def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     """Every tensor a step uses follows the model to the training device: one left on the CPU fails here, not on
     the first GPU run."""
-    from core.engine import create_training_parts, training_loss
     cfg = TrainConfig(pretrained=False, input_size=32, **settings)
     model, loss_fn, augment, preprocess = create_training_parts(cfg, META)
     outputs = 7 if cfg.head == "dx" else 1
@@ -131,7 +131,6 @@ def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
 
 
 def test_a_loss_left_on_the_cpu_is_caught_on_another_device() -> None:
-    from core.engine import create_training_parts, training_loss
     cfg = TrainConfig(pretrained=False, input_size=32, head="dx")
     model, _, augment, preprocess = create_training_parts(cfg, META)
     images = torch.empty(2, 3, 32, 32, dtype=torch.uint8, device=META)
@@ -221,8 +220,6 @@ class _CountingNet(nn.Module):
 
 @pytest.mark.parametrize("views", [1, 2, 4])
 def test_tta_views_go_through_the_network_as_one_batch(views: int) -> None:
-    from core.engine import FLIP_DIMS, Preprocess, predict_probabilities
-
     torch.manual_seed(0)
     net, images = _CountingNet().eval(), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     preprocess = Preprocess(TrainConfig(normalization="imagenet"))
