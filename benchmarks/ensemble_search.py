@@ -2,7 +2,7 @@
 
 Each run's probabilities are computed once per flip view (identity, h, v, hv) on val and test; a subset with k
 views is then the mean over its members and their first k views, exactly what ``train.py ensemble`` +
-``evaluate`` would predict. Choose on the val column; test is printed for the record only. ``forwards`` is the
+``evaluate`` would predict (only subsets it would accept: one crop, size and normalisation). Choose on the val column; test is printed for the record only. ``forwards`` is the
 number of network passes one prediction costs (members × views), the CPU-latency side of the trade; ``mb`` the
 members' weights in fp16, as shipped.
 
@@ -38,6 +38,7 @@ from core.engine import (
     preload_images,
     resolve_device,
 )
+from core.ensemble import check_compatible
 
 
 def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -54,7 +55,7 @@ def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu"
     frames = load_splits(cfg)
     out = {}
     for split in ("val", "test"):
-        images = preload_images(frames[split]["path"].tolist(), cfg.input_size)
+        images = preload_images(frames[split]["path"].tolist(), cfg.input_size, cfg.crop)
         out[split] = np.stack([predict_probabilities(model, images.flip(dims) if dims else images, Preprocess(cfg),
                                                      device, cfg.eval_batch_size, amp=False)
                                for dims in FLIP_DIMS])
@@ -77,13 +78,28 @@ def ensemble_probabilities(probabilities: dict[str, dict[str, np.ndarray]], memb
     return np.mean([probabilities[name][split][:views].mean(0) for name in members], axis=0)
 
 
+def compatible_pairs(configs: dict[str, TrainConfig]) -> set[tuple[str, str]]:
+    """Pairs of runs that one ensemble may hold: the same input tensor and split (``check_compatible``), so a
+    square-crop and a frame-crop run are never averaged into an ensemble ``train.py ensemble`` would refuse."""
+    pairs = set()
+    for a, b in itertools.product(configs, repeat=2):
+        try:
+            check_compatible([configs[a], configs[b]], [a, b])
+        except ValueError:
+            continue
+        pairs.add((a, b))
+    return pairs
+
+
 def search(probabilities: dict[str, dict[str, np.ndarray]], sizes: dict[str, float],
-           views_options: list[int]) -> pd.DataFrame:
-    """Every subset × views, sorted by val AUROC."""
+           views_options: list[int], compatible: set[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Every subset (of mutually ``compatible`` runs, when given) × views, sorted by val AUROC."""
     labels = next(iter(probabilities.values()))
     rows = []
     for size in range(1, len(probabilities) + 1):
         for subset in itertools.combinations(probabilities, size):
+            if compatible is not None and any((subset[0], other) not in compatible for other in subset[1:]):
+                continue
             for views in views_options:
                 row = {"members": " + ".join(subset), "views": views, "forwards": size * views,
                        "mb": sum(sizes[name] for name in subset)}
@@ -131,7 +147,9 @@ def main() -> None:
     if args.incumbent and not set(args.incumbent) <= set(names):
         parser.error(f"--incumbent {sorted(set(args.incumbent) - set(names))} not among --runs {names}")
     probabilities = {run.name: view_probabilities(run, args.cache, args.device) for run in args.runs}
-    table = search(probabilities, {run.name: fp16_megabytes(run) for run in args.runs}, args.views)
+    configs = {run.name: TrainConfig.from_yaml(run / "config.yaml") for run in args.runs}
+    table = search(probabilities, {run.name: fp16_megabytes(run) for run in args.runs}, args.views,
+                   compatible_pairs(configs))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         table.to_csv(args.out, index=False, float_format="%.4f")

@@ -4,8 +4,8 @@ Each CAM explains the decision the model made for that image (malignant or benig
 on val); the deletion checks perturb what that CAM points at.
 
 Writes into the run directory ``attention_<split>.csv`` (image_id, label, dx, probability, correct, every score,
-flag, deletion changes), ``cams_<split>.npz`` (CAMs at 56×56, uint8, with their image ids) and
-``attention_summary.json``.
+flag, deletion changes), ``cams_<split>.npz`` (CAMs at 56×56, or 42×56 for the 4:3 frame crop,
+uint8, with their image ids) and ``attention_summary.json``.
 """
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ from core import explain, metrics
 from core.data import open_mask
 from core.engine import Preprocess, load_run, load_splits, preload_images
 from core.io import atomic_write, atomic_write_text
-from core.transforms import resize_transform
+from core.transforms import Crop, resize_transform
 
 CAM_STORE_SIZE = 56
 # Tschandl et al., Nat. Med. 2020: mean background/lesion attention ratio on HAM10000 (0.48 for akiec, 0.32 else).
 TSCHANDL_RATIO = {"akiec": 0.48, "bcc": 0.32, "bkl": 0.32, "df": 0.32, "mel": 0.32, "nv": 0.32, "vasc": 0.32}
 
 
-def model_view_masks(paths: list[str | None], size: int) -> list[np.ndarray | None]:
-    """Lesion masks through the same centre crop + resize as their images (nearest-neighbour)."""
-    resize = resize_transform(size)
+def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") -> list[np.ndarray | None]:
+    """Lesion masks through the same crop + resize as their images (nearest-neighbour)."""
+    resize = resize_transform(size, crop)
     out = []
     for path in paths:
         if path is None or (isinstance(path, float) and np.isnan(path)):
@@ -52,10 +52,12 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
     predictions = pd.read_csv(run_dir / f"predictions_{split}.csv", dtype={"image_id": str})
     frame = frame.merge(predictions[["image_id", "probability"]], on="image_id", how="left", validate="one_to_one")
     threshold = json.loads((run_dir / "metrics.json").read_text())["thresholds"]["youden"]
-    images = preload_images(frame["path"].tolist(), cfg.input_size)
-    masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size)
+    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     preprocess = Preprocess(cfg)
     rows, store = [], []
+    height, width = images.shape[-2:]  # stored with the view's aspect, the longer side CAM_STORE_SIZE
+    store_shape = tuple(round(CAM_STORE_SIZE * side / max(height, width)) for side in (height, width))
     for start in tqdm(range(0, len(frame), batch_size), desc=f"Grad-CAM {split}", disable=None):
         batch = images[start:start + batch_size]
         inputs = preprocess(batch)
@@ -74,7 +76,7 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
                          "dark_corner_score": explain.dark_corner_score(batch[k].permute(1, 2, 0).numpy()),
                          "deletion_blur_change": float(blur[k]), "deletion_remove_change": float(remove[k]),
                          "deletion_blur_change_other_cam": float(baseline[k])})
-            small = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=CAM_STORE_SIZE,
+            small = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=store_shape,
                                                     mode="area")[0, 0].numpy()
             store.append(np.round(small * 255).astype(np.uint8))
     table = frame[["image_id", "lesion_id", "dx", "label", "probability"]].merge(pd.DataFrame(rows), on="image_id")

@@ -38,9 +38,12 @@ class BatchAugment(nn.Module):
         flip_x = torch.where(u(0, 1) < 0.5, -1.0, 1.0)
         flip_y = torch.where(u(0, 1) < 0.5, -1.0, 1.0)
         cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
-        # Output→input map (normalised coords): scale, rotate, flip, then shift the window.
-        theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift_x], 1),
-                             torch.stack([sin * flip_x, cos * flip_y, shift_y], 1)], 1).to(images.dtype)
+        # Output→input map (normalised coords): scale, rotate, flip, then shift the window. Normalised x and y span
+        # different pixel lengths on a non-square image, so the rotation's off-diagonal terms carry the aspect
+        # ratio; without it a 4:3 frame would be sheared, not rotated.
+        aspect = images.shape[-1] / images.shape[-2]
+        theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y / aspect, shift_x], 1),
+                             torch.stack([sin * flip_x * aspect, cos * flip_y, shift_y], 1)], 1).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return self.color_jitter(out, u)

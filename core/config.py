@@ -12,6 +12,7 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from core.io import atomic_write_text
+from core.transforms import CROPS
 
 
 @dataclass
@@ -23,7 +24,8 @@ class TrainConfig:
     # model
     model: str = "efficientnet_lite0"
     pretrained: bool = True
-    input_size: int = 224
+    input_size: int = 224                  # model view height (and width, with the square crop)
+    crop: str = "square"                   # "square": centre square | "frame": the whole 4:3 frame (core.transforms)
     normalization: str = "pretrained"      # "pretrained" (the weights' own mean/std) | "imagenet" | "per_image"
     shades_of_gray: bool = False
     drop_rate: float = 0.2
@@ -63,6 +65,8 @@ class TrainConfig:
     device: str = "auto"                   # "auto" | "cpu" | "cuda"
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         a_b = self.calibration
         if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
                 and float(a_b[0]) > 0):

@@ -47,7 +47,13 @@ from core.model import (
 )
 from core.sampler import BalancedSampler
 from core.split import apply_split, read_split
-from core.transforms import Normalization, normalize_transform, resize_transform
+from core.transforms import (
+    Crop,
+    Normalization,
+    normalize_transform,
+    resize_transform,
+    view_shape,
+)
 
 PREDICTION_COLUMNS = ["image_id", "lesion_id", "dx", "label", "probability"]
 HISTORY_FILE = "history.csv"
@@ -94,11 +100,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def preload_images(paths: list[str], input_size: int, workers: int = 4) -> torch.Tensor:
-    """Decode every image once: centre square, resized to ``input_size``, uint8 ``(N, 3, S, S)``.
-    10,015 images at 224 px are 1.5 GB; at 160 px 0.77 GB."""
-    resize = resize_transform(input_size)
-    out = torch.empty((len(paths), 3, input_size, input_size), dtype=torch.uint8)
+def preload_images(paths: list[str], input_size: int, crop: Crop = "square", workers: int = 4) -> torch.Tensor:
+    """Decode every image once: cropped (``crop``) and resized, uint8 ``(N, 3, H, W)`` with (H, W) =
+    ``view_shape(input_size, crop)``. 10,015 images at 224 px square are 1.5 GB; at 160 px 0.77 GB."""
+    resize = resize_transform(input_size, crop)
+    out = torch.empty((len(paths), 3, *view_shape(input_size, crop)), dtype=torch.uint8)
 
     def one(k: int) -> None:
         out[k] = resize(open_rgb(paths[k])).as_subclass(torch.Tensor)
@@ -357,8 +363,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     torch.manual_seed(cfg.seed)
     frames = load_splits(cfg)
     t0 = time.perf_counter()
-    train_images = preload_images(frames["train"]["path"].tolist(), cfg.input_size).to(device)
-    val_images = preload_images(frames["val"]["path"].tolist(), cfg.input_size).to(device)
+    train_images = preload_images(frames["train"]["path"].tolist(), cfg.input_size, cfg.crop).to(device)
+    val_images = preload_images(frames["val"]["path"].tolist(), cfg.input_size, cfg.crop).to(device)
     load_seconds = time.perf_counter() - t0
     train_targets = training_targets(frames["train"], cfg.head)
     val_labels = frames["val"]["label"].to_numpy()
@@ -394,8 +400,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
             print(f"resuming {run_dir} after epoch {start_epoch} (best val AUROC so far {best_auroc:.4f})")
 
     if dist_info.main:
-        print(f"{cfg.model} @ {cfg.input_size}px on {_device_description(device)}; train {len(train_images)}, "
-              f"val {len(val_images)} images preloaded in {load_seconds:.1f}s")
+        height, width = view_shape(cfg.input_size, cfg.crop)
+        print(f"{cfg.model} @ {height}×{width} px ({cfg.crop}) on {_device_description(device)}; "
+              f"train {len(train_images)}, val {len(val_images)} images preloaded in {load_seconds:.1f}s")
     for epoch in range(start_epoch, cfg.epochs):
         set_backbone_trainable(model, epoch >= cfg.head_warmup_epochs)
         stats = train_one_epoch(train_model, train_images, train_targets, sampler, augment, preprocess, loss_fn,
@@ -509,7 +516,7 @@ def _create_inference_model(cfg: TrainConfig) -> nn.Module:
 
 
 def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device) -> pd.DataFrame:
-    images = preload_images(frame["path"].tolist(), cfg.input_size)
+    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
     probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp,
                                   cfg.tta_views, cfg.calibration)
     out = frame.copy()

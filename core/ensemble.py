@@ -59,7 +59,7 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
     for cfg, name in zip(configs[1:], names[1:]):
         if cfg.ensemble:
             raise ValueError(f"{name} is itself an ensemble; list its members instead")
-        for what, mine, theirs in (("input_size", cfg.input_size, first.input_size),
+        for what, mine, theirs in (("input_size", cfg.input_size, first.input_size), ("crop", cfg.crop, first.crop),
                                    ("normalization", resolve_normalization(cfg), resolve_normalization(first)),
                                    ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray)):
             if mine != theirs:

@@ -4,8 +4,8 @@ HAM10000 dermoscopy photos often carry a dark vignette ring in their corners, an
 instead of the lesion. The scores here measure how much CAM mass falls in the corners, the outer frame and outside
 the lesion mask; :func:`deletion_change` checks whether the attended pixels actually drive the probability.
 
-Every CAM is at input resolution and aligned with the model's view of the image (centre square, resized), never
-with the original 200×150 photo.
+Every CAM is at input resolution and aligned with the model's view of the image (centre square or whole frame,
+resized), never with the original 200×150 photo.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class MalignantTarget:
 
 def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gradcam",
                 categories: list[int] | None = None) -> np.ndarray:
-    """CAMs ``(N, S, S)`` float32 in [0, 1], aligned with ``inputs`` (the normalised float batch ``(N, 3, S, S)``
+    """CAMs ``(N, H, W)`` float32 in [0, 1], aligned with ``inputs`` (the normalised float batch ``(N, 3, H, W)``
     the model takes). ``categories`` says per image which decision to explain: 1 the malignant direction of the
     single logit or of the dx head's malignant mass (the default), 0 the benign one (:class:`MalignantTarget`) —
     pass the predicted class to explain what the model decided.

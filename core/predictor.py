@@ -21,9 +21,9 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 @dataclass
 class Prediction:
     probability: float                     # P(malignant)
-    model_input: np.ndarray                # the image as the model sees it: uint8 (S, S, 3) after crop + resize
+    model_input: np.ndarray                # the image as the model sees it: uint8 (H, W, 3) after crop + resize
     thresholds: dict[str, float] = field(default_factory=dict)  # chosen on val: "0.5", "youden", "sens95"
-    cam: np.ndarray | None = None          # with explain=True: Grad-CAM (S, S) in [0, 1], aligned with model_input
+    cam: np.ndarray | None = None          # with explain=True: Grad-CAM (H, W) in [0, 1], aligned with model_input
     attention: dict = field(default_factory=dict)  # with explain=True: corner/border fractions, flag, dark corners
 
     def is_malignant(self, threshold: float) -> bool:
@@ -37,7 +37,7 @@ class Predictor:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         self.config, self.model = load_run(self.run_dir, self.device)
-        self.resize = resize_transform(self.config.input_size)
+        self.resize = resize_transform(self.config.input_size, self.config.crop)
         self.preprocess = Preprocess(self.config)
         metrics_path = self.run_dir / "metrics.json"
         self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
@@ -51,7 +51,7 @@ class Predictor:
         return cls(run_dir, device)
 
     def model_input(self, image: ImageInput) -> torch.Tensor:
-        """uint8 ``(3, S, S)``: centre square, resized — exactly what evaluation feeds the model."""
+        """uint8 ``(3, H, W)``: cropped (the run's ``crop``) and resized — exactly what evaluation feeds the model."""
         return self.resize(open_rgb(image)).as_subclass(torch.Tensor)
 
     def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam",

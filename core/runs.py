@@ -97,7 +97,7 @@ def read_attention(run: str | Path, split: str = "test") -> pd.DataFrame:
 
 
 def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
-    """The stored CAMs of a split: image_id → uint8 ``(56, 56)`` map (255 = most attended)."""
+    """The stored CAMs of a split: image_id → uint8 ``(56, 56)`` map (``(42, 56)`` for a frame-crop run) (255 = most attended)."""
     path = Path(run) / f"cams_{split}.npz"
     if not path.is_file():
         raise RunError(f"{path} is missing; {_fix(Path(run), f'explain --split {split}')}")
@@ -133,7 +133,7 @@ def run_summary(run: str | Path) -> dict:
     run = Path(run)
     cfg = read_config(run)
     row = {"run": run.name, "path": str(run), "model": model_label(cfg), "input_size": cfg.input_size,
-           "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
+           "crop": cfg.crop, "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
            "tta_flips": cfg.tta_flips}
     nan = float("nan")
     try:

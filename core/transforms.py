@@ -1,6 +1,8 @@
 """Preprocessing as in the reference recipe, on torchvision ``transforms.v2``.
 
-Eval: centre-crop to a square → resize → (Shades-of-Gray) → normalise. Train adds, between resize and normalise,
+Eval: centre-crop to a square → resize → (Shades-of-Gray) → normalise. With ``crop="frame"`` the first step keeps
+the whole 4:3 dermoscopy frame instead of its centre square (portrait photos are turned to landscape first), so no
+lesion edge or context is cut off. Train adds, between resize and normalise,
 random resized crop (scale 0.9–1.0), random zoom, flips, rotation ±15° and colour jitter 0.1. Every geometric step
 is a v2 transform, so a ``tv_tensors.Mask`` passed with its image gets exactly the same geometry (nearest-neighbour),
 while the photometric steps leave masks alone.
@@ -19,6 +21,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # "imagenet": ImageNet mean/std; "per_image": zero mean, unit variance per image (the reference recipe's); or an
 # explicit (mean, std) pair, e.g. what the pretrained weights were trained with (core.model.pretrained_config).
 Normalization = Literal["imagenet", "per_image"] | tuple[tuple[float, ...], tuple[float, ...]]
+# "square": the centred square (drops a quarter of a 4:3 photo, the reference recipe's); "frame": the whole frame.
+Crop = Literal["square", "frame"]
+CROPS = ("square", "frame")
+CROP_DESCRIPTIONS = {"square": "centre square, resized", "frame": "whole 4:3 frame, resized"}
+FRAME_ASPECT = 4 / 3  # HAM10000 / ISIC dermoscopy: 600×450
+
+
+def view_shape(input_size: int, crop: Crop = "square") -> tuple[int, int]:
+    """(height, width) of the model's view: ``input_size`` square, or ``input_size`` high and 4:3 wide (rounded to
+    a multiple of 8), e.g. 144 → (144, 192)."""
+    if crop == "square":
+        return input_size, input_size
+    if crop == "frame":
+        return input_size, 8 * round(input_size * FRAME_ASPECT / 8)
+    raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
 
 
 class _ImageOnly(v2.Transform):
@@ -73,9 +90,31 @@ class ShadesOfGray(_ImageOnly):
         return (image * gain).clamp(0, 1)
 
 
-def resize_transform(input_size: int) -> v2.Compose:
-    """Centre square → ``input_size``, still uint8: what every path (train, eval, preload, predict) starts with."""
-    return v2.Compose([v2.ToImage(), CenterSquareCrop(), v2.Resize((input_size, input_size), antialias=True)])
+class CenterFrameCrop(v2.Transform):
+    """Landscape, then the largest centred 4:3 rectangle: 200×150 and 600×450 stay whole, a 150×200 portrait is
+    turned a quarter (a lesion has no up), a 16:9 phone photo loses its sides."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        portrait = height > width
+        if portrait:
+            height, width = width, height
+        crop = (height, min(width, round(height * FRAME_ASPECT))) if width / height >= FRAME_ASPECT \
+            else (min(height, round(width / FRAME_ASPECT)), width)
+        return {"portrait": portrait, "crop": list(crop)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["portrait"]:
+            inpt = self._call_kernel(F.rotate, inpt, angle=90.0, expand=True)
+        return self._call_kernel(F.center_crop, inpt, output_size=params["crop"])
+
+
+def resize_transform(input_size: int, crop: Crop = "square") -> v2.Compose:
+    """Crop (``crop``) → resized to ``view_shape(input_size, crop)``, still uint8: what every path (train, eval,
+    preload, predict, CAM overlays) starts with."""
+    shape = view_shape(input_size, crop)  # refuses an unknown crop
+    cropper = CenterSquareCrop() if crop == "square" else CenterFrameCrop()
+    return v2.Compose([v2.ToImage(), cropper, v2.Resize(shape, antialias=True)])
 
 
 def normalize_transform(normalization: Normalization = "imagenet", shades_of_gray: bool = False) -> v2.Compose:
@@ -97,15 +136,17 @@ def normalize_transform(normalization: Normalization = "imagenet", shades_of_gra
 
 def create_transform(input_size: int = 224, train: bool = False, normalization: Normalization = "imagenet",
                      shades_of_gray: bool = False, rotation: float = 15.0, jitter: float = 0.1,
-                     crop_scale: tuple[float, float] = (0.9, 1.0), zoom: tuple[float, float] = (1.0, 1.1)) -> v2.Compose:
+                     crop_scale: tuple[float, float] = (0.9, 1.0), zoom: tuple[float, float] = (1.0, 1.1),
+                     crop: Crop = "square") -> v2.Compose:
     """The pipeline for one image (PIL or uint8 tensor), optionally with its ``tv_tensors.Mask``.
 
-    Returns a float tensor ``(3, input_size, input_size)`` (and the mask, same geometry).
+    Returns a float tensor ``(3, *view_shape(input_size, crop))`` (and the mask, same geometry).
     """
-    steps: list[v2.Transform] = [resize_transform(input_size)]
+    steps: list[v2.Transform] = [resize_transform(input_size, crop)]
     if train:
+        height, width = view_shape(input_size, crop)
         steps += [
-            v2.RandomResizedCrop(input_size, scale=crop_scale, ratio=(1.0, 1.0), antialias=True),
+            v2.RandomResizedCrop((height, width), scale=crop_scale, ratio=(width / height,) * 2, antialias=True),
             v2.RandomAffine(degrees=0.0, scale=zoom),  # random zoom-in
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),

@@ -26,7 +26,7 @@ SCORES = ["probability", "outcome", "corner_fraction", "border_fraction", "outsi
 class TestCases(NamedTuple):
     run: Path
     cases: pd.DataFrame       # one row per test image, with its ``outcome`` at ``threshold``
-    size: int                 # the run's input size: side of the model view
+    view: tuple[int, str]     # the run's model view: (input_size, crop), as core.transforms.resize_transform takes
     threshold: float
     images_problem: str       # why the images were not found ("" when they were)
 
@@ -39,7 +39,7 @@ def test_cases_at_threshold() -> TestCases:
     cases = loaders.cases_or_stop(run, "test", data_dir)
     threshold = state.threshold()
     cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
-    return TestCases(run, cases, state.run_input_size(run), threshold, problem)
+    return TestCases(run, cases, state.run_view(run), threshold, problem)
 
 
 def has_images(frame: pd.DataFrame) -> bool:
@@ -82,20 +82,20 @@ def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
     return prediction.cam, "Grad-CAM of the decision at the current threshold (computed now)"
 
 
-def case_detail(row: pd.Series, run: Path, size: int, opacity: float) -> None:
+def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opacity: float) -> None:
     """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
     st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
     if bool(row.get("flag", False)):
         st.warning(f"Corner-focused attention: {row['corner_fraction']:.0%} of the Grad-CAM lies in the four "
                    "corners. The score may rest on the image frame (vignetting, rulers), not on the lesion.")
     if isinstance(row.get("path"), str):
-        view = loaders.model_view(row["path"], size)
+        view = loaders.model_view(row["path"], *view_geometry)
         cam, cam_note = case_cam(row, run)
         image_col, cam_col, mask_col = st.columns(3)
         image_col.image(view, caption="as the model sees it", width="stretch")
         cam_col.image(cam_overlay(view, cam, opacity), caption=cam_note, width="stretch")
         if isinstance(row.get("mask_path"), str):
-            mask = loaders.model_view_mask(row["mask_path"], size)
+            mask = loaders.model_view_mask(row["mask_path"], *view_geometry)
             mask_col.image(outline_mask(cam_overlay(view, cam, opacity), mask), width="stretch",
                            caption="lesion mask outline (green) over the CAM")
         else:

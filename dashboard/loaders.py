@@ -121,14 +121,14 @@ def thumbnail(path: str, size: int = 160) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def model_view(path: str, size: int) -> np.ndarray:
-    """uint8 (size, size, 3): the centre square resized, as the model sees it (and as stored CAMs are aligned)."""
-    return resize_transform(size)(open_rgb(path)).permute(1, 2, 0).numpy().copy()
+def model_view(path: str, size: int, crop: str = "square") -> np.ndarray:
+    """uint8 (H, W, 3): the photo cropped and resized as the model sees it (and as stored CAMs are aligned)."""
+    return resize_transform(size, crop)(open_rgb(path)).permute(1, 2, 0).numpy().copy()
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def model_view_mask(path: str, size: int) -> np.ndarray:
-    return model_view_masks([path], size)[0]
+def model_view_mask(path: str, size: int, crop: str = "square") -> np.ndarray:
+    return model_view_masks([path], size, crop)[0]
 
 
 def cases_or_stop(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:

@@ -108,9 +108,11 @@ def images_hint() -> str:
             f"`../shared/data/ham10000` beside `{PROJECT_ROOT.name}/`.")
 
 
-def run_input_size(run: Path) -> int:
-    """The run's input size (the model view's side); 224 if its config is unreadable (pages then show the error)."""
+def run_view(run: Path) -> tuple[int, str]:
+    """The run's model view, (input_size, crop); (224, "square") if its config is unreadable (pages then show the
+    error)."""
     try:
-        return loaders.run_config(run).input_size
+        cfg = loaders.run_config(run)
     except RunError:
-        return 224
+        return 224, "square"
+    return cfg.input_size, cfg.crop

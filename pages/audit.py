@@ -5,7 +5,7 @@ from core import metrics
 from dashboard import charts, gallery, state
 
 st.title("Error audit")
-run, cases, size, threshold, problem = gallery.test_cases_at_threshold()
+run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
 cases["correct"] = cases["outcome"].isin(["TP", "TN"])
 # How sure the model was of its wrong answer: P(malignant) for a false positive, P(benign) for a false negative.
 cases["mistake_confidence"] = cases["probability"].where(cases["outcome"] == "FP", 1 - cases["probability"])
@@ -39,7 +39,7 @@ if len(picked):
     opacity = gallery.opacity_slider()
     for _, row in picked.iterrows():
         with st.container(border=True):
-            gallery.case_detail(row, run, size, opacity)
+            gallery.case_detail(row, run, view, opacity)
 
 if has_attention:
     st.header("Corner-focused attention")

@@ -10,7 +10,7 @@ CASE_KEY = "browse_case"
 PER_PAGE = 24
 
 st.title("Test-split browser")
-run, cases, size, threshold, problem = gallery.test_cases_at_threshold()
+run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
 
 
 def choices(column: str) -> list[str]:
@@ -72,6 +72,6 @@ elif len(shown):
 chosen = st.session_state.get(CASE_KEY)
 if chosen is not None and chosen in set(cases["image_id"]):
     st.divider()
-    gallery.case_detail(cases.set_index("image_id", drop=False).loc[chosen], run, size,
+    gallery.case_detail(cases.set_index("image_id", drop=False).loc[chosen], run, view,
                         st.session_state.get(gallery.OPACITY_KEY, 0.5))
     gallery.opacity_slider()

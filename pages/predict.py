@@ -8,6 +8,7 @@ from core.explain import CAM_METHODS
 from core.overlay import cam_overlay
 from core.predictor import Prediction
 from core.runs import RunError
+from core.transforms import CROP_DESCRIPTIONS
 from dashboard import gallery, loaders, state
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"]
@@ -69,7 +70,8 @@ for upload in uploads or []:
     malignant = result.is_malignant(threshold)
     st.subheader(upload.name)
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
-    image_col.image(result.model_input, caption="as the model sees it (centre square, resized)", width="stretch")
+    image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
+                    width="stretch")
     cam_col.image(cam_overlay(result.model_input, result.cam, opacity), width="stretch",
                   caption=f"{method} of the '{'malignant' if malignant else 'benign'}' decision")
     numbers.metric("P(malignant)", f"{result.probability:.3f}")

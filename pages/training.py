@@ -6,11 +6,14 @@ import streamlit as st
 
 from core.config import TrainConfig
 from core.runs import RunError
+from core.transforms import CROP_DESCRIPTIONS, view_shape
 from dashboard import charts, loaders, state
 
 
 def recipe(cfg: TrainConfig) -> str:
-    return (f"**{cfg.model}** ({cfg.head} head) at {cfg.input_size} px, {cfg.epochs} epochs, "
+    height, width = view_shape(cfg.input_size, cfg.crop)
+    return (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
+            f"{cfg.epochs} epochs, "
             f"normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
 
 

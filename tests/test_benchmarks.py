@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import ensemble_search
+from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 
 
@@ -72,6 +73,17 @@ def test_selection_rule_keeps_limits_and_needs_a_real_gain() -> None:
     assert "strong" not in decision["best"] and decision["low"] < 0 < decision["high"] and not decision["replace"]
     with pytest.raises(SystemExit, match="no subset"):
         ensemble_search.apply_rule(table, runs, lesions, ("weak_a",), 2, max_forwards=0, max_mb=25)
+
+
+def test_search_never_mixes_runs_one_ensemble_cannot_hold() -> None:
+    """A square-crop and a frame-crop run take different input tensors: ``train.py ensemble`` refuses the pair, so
+    the search must not offer it, however well it scores."""
+    runs, _ = _fake_runs()
+    configs = {"weak_a": TrainConfig(), "weak_b": TrainConfig(crop="frame"), "strong": TrainConfig()}
+    compatible = ensemble_search.compatible_pairs(configs)
+    assert ("weak_a", "strong") in compatible and ("weak_a", "weak_b") not in compatible
+    table = ensemble_search.search(runs, {"weak_a": 7.0, "weak_b": 7.0, "strong": 20.0}, [1], compatible)
+    assert sorted(table["members"]) == ["strong", "weak_a", "weak_a + strong", "weak_b"]
 
 
 def test_ensemble_search_wants_the_whole_rule() -> None:

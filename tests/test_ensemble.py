@@ -148,6 +148,9 @@ def test_members_must_share_the_input(tmp_path: Path, members: list[Path]) -> No
     other = make_run(tmp_path / "big", input_size=SIZE * 2)
     with pytest.raises(ValueError, match="must share input_size"):
         create_ensemble([members[0], other], tmp_path / "bad")
+    frame = make_run(tmp_path / "frame", crop="frame")
+    with pytest.raises(ValueError, match="must share crop: .* has square, .*frame has frame"):
+        create_ensemble([members[0], frame], tmp_path / "bad")
     per_image = make_run(tmp_path / "per_image", normalization="per_image")
     with pytest.raises(ValueError, match="must share normalization"):
         create_ensemble([members[0], per_image], tmp_path / "bad")

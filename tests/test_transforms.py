@@ -10,7 +10,17 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.data import open_mask, open_rgb
-from core.transforms import IMAGENET_MEAN, CenterSquareCrop, ShadesOfGray, create_transform
+from core.augment import BatchAugment
+from core.config import TrainConfig
+from core.transforms import (
+    IMAGENET_MEAN,
+    CenterFrameCrop,
+    CenterSquareCrop,
+    ShadesOfGray,
+    create_transform,
+    resize_transform,
+    view_shape,
+)
 
 
 def l_shaped_mask(height: int = 150, width: int = 200) -> np.ndarray:
@@ -58,14 +68,17 @@ def test_each_geometric_step_keeps_mask_aligned(name: str, seed: int) -> None:
     assert iou(out_image.float(), out_mask) > 0.9
 
 
+@pytest.mark.parametrize("crop", ["square", "frame"])
 @pytest.mark.parametrize("normalization", ["imagenet", "per_image"])
 @pytest.mark.parametrize("shades_of_gray", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_full_training_pipeline_keeps_mask_aligned(normalization: str, shades_of_gray: bool, seed: int) -> None:
+def test_full_training_pipeline_keeps_mask_aligned(normalization: str, shades_of_gray: bool, seed: int,
+                                                   crop: str) -> None:
     image, mask = encode(l_shaped_mask())
     torch.manual_seed(seed)
-    out_image, out_mask = create_transform(224, True, normalization, shades_of_gray)(image, mask)
-    assert out_image.shape == (3, 224, 224) and out_mask.shape == (1, 224, 224)
+    out_image, out_mask = create_transform(224, True, normalization, shades_of_gray, crop=crop)(image, mask)
+    shape = view_shape(224, crop)
+    assert out_image.shape == (3, *shape) and out_mask.shape == (1, *shape)
     assert set(out_mask.unique().tolist()) <= {0, 1}  # nearest-neighbour: still a binary mask
     assert iou(out_image, out_mask) > 0.9
 
@@ -77,11 +90,12 @@ def test_alignment_check_catches_a_misaligned_mask() -> None:
     assert iou(flipped.float(), mask) < 0.5
 
 
-def test_real_lesion_masks_follow_their_images(ham: pd.DataFrame) -> None:
+@pytest.mark.parametrize("crop", ["square", "frame"])
+def test_real_lesion_masks_follow_their_images(ham: pd.DataFrame, crop: str) -> None:
     """Real photos with their real (irregular) masks: the mask is burnt into the photo's blue channel, the rest of
     the photo kept, and after the random training geometry the burnt-in mask and the mask tensor must coincide.
     (Lesions under 10 % of the frame are left out: on a 20-pixel blob, resampling alone moves IoU by 0.1.)"""
-    transform = create_transform(160, train=True, normalization="imagenet")
+    transform = create_transform(160, train=True, normalization="imagenet", crop=crop)
     checked = 0
     for k, row in enumerate(ham.iloc[::250].itertuples()):
         raw_mask = open_mask(row.mask_path)
@@ -97,11 +111,53 @@ def test_real_lesion_masks_follow_their_images(ham: pd.DataFrame) -> None:
     assert checked >= 15
 
 
-@pytest.mark.parametrize("size", [(200, 150), (600, 450), (150, 200), (64, 64)])
+@pytest.mark.parametrize("size", [(200, 150), (600, 450), (150, 200), (64, 64), (1920, 1080)])
 @pytest.mark.parametrize("train", [False, True])
-def test_any_input_size_gives_the_model_size(size: tuple[int, int], train: bool) -> None:
+@pytest.mark.parametrize(("crop", "shape"), [("square", (160, 160)), ("frame", (160, 216))])
+def test_any_input_size_gives_the_model_size(size: tuple[int, int], train: bool, crop: str,
+                                             shape: tuple[int, int]) -> None:
     image = Image.new("RGB", size, (200, 120, 100))
-    assert create_transform(160, train=train)(image).shape == (3, 160, 160)
+    assert create_transform(160, train=train, crop=crop)(image).shape == (3, *shape)
+
+
+def test_view_shape_and_unknown_crops() -> None:
+    assert view_shape(144, "frame") == (144, 192) and view_shape(224, "frame") == (224, 296)
+    assert view_shape(160) == (160, 160)
+    with pytest.raises(ValueError, match="unknown crop 'circle'; choose one of square, frame"):
+        resize_transform(160, "circle")
+    with pytest.raises(ValueError, match="crop must be one of square, frame, got 'wide'"):
+        TrainConfig(crop="wide")
+
+
+def test_frame_crop_keeps_a_4_3_photo_whole_and_trims_wider_ones() -> None:
+    columns = np.tile(np.arange(200, dtype=np.uint8), (150, 1))
+    out = v2.Compose([v2.ToImage(), CenterFrameCrop()])(Image.fromarray(np.stack([columns] * 3, axis=2)))
+    assert out.shape == (3, 150, 200) and out[0, 0, 0] == 0 and out[0, 0, -1] == 199  # nothing cut
+    wide = np.tile(np.arange(240, dtype=np.uint8), (90, 1))  # 240×90 (8:3) → its centred 120×90
+    out = v2.Compose([v2.ToImage(), CenterFrameCrop()])(Image.fromarray(np.stack([wide] * 3, axis=2)))
+    assert out.shape == (3, 90, 120) and out[0, 0, 0] == 60 and out[0, 0, -1] == 179
+
+
+def test_frame_crop_turns_a_portrait_photo_with_its_mask() -> None:
+    """A 150×200 portrait becomes the 200×150 landscape it is a quarter-turn of, not a squashed or cut copy."""
+    image, mask = encode(l_shaped_mask(200, 150))
+    out_image, out_mask = v2.Compose([v2.ToImage(), CenterFrameCrop()])(image, mask)
+    assert out_image.shape == (3, 150, 200) and out_mask.shape == (1, 150, 200)
+    expected = torch.rot90(torch.from_numpy(np.array(image)).permute(2, 0, 1), 1, dims=(1, 2))
+    assert torch.equal(out_image, expected) and iou(out_image.float(), out_mask) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(144, 192), (96, 96), (192, 144)])
+def test_batch_rotation_turns_a_disc_into_itself_on_any_aspect(shape: tuple[int, int]) -> None:
+    """A centred disc is rotation-invariant, so the batch augmentation's rotation (crop, zoom and jitter off) must
+    leave it a disc. Without the aspect term in the affine map a 4:3 frame is sheared: IoU drops to 0.78–0.88."""
+    h, w = shape
+    yy, xx = torch.meshgrid(torch.arange(h) - h / 2 + 0.5, torch.arange(w) - w / 2 + 0.5, indexing="ij")
+    disc = (yy ** 2 + xx ** 2) < (min(h, w) / 3) ** 2
+    images = disc.float().expand(8, 3, h, w).contiguous()
+    out = BatchAugment(rotation=45, jitter=0.0, crop_scale=(1, 1), zoom=(1, 1))(images, torch.Generator().manual_seed(0))
+    rotated = out[:, 0] > 0.5
+    assert ((rotated & disc).sum((1, 2)) / (rotated | disc).sum((1, 2))).min() > 0.97
 
 
 def test_centre_crop_keeps_the_centre_square() -> None:
