@@ -2,9 +2,9 @@
 
 Each run's probabilities are computed once per flip view (identity, h, v, hv) on val and test; a subset with k
 views is then the mean over its members and their first k views, exactly what ``train.py ensemble`` +
-``evaluate`` would predict (only subsets it would accept: one crop, size and normalisation). Choose on the val column; test is printed for the record only. ``forwards`` is the
-number of network passes one prediction costs (members × views), the CPU-latency side of the trade; ``mb`` the
-members' weights in fp16, as shipped.
+``evaluate`` would predict (only subsets it would accept: one crop, size and normalisation). Choose on the val
+column; test is printed for the record only. ``forwards`` is the number of network passes one prediction costs
+(members × views), the CPU-latency side of the trade; ``mb`` the members' weights in fp16, as shipped.
 
 With ``--max-forwards``/``--max-mb``/``--incumbent`` it also applies the selection rule (fixed 2026-11-26, before
 runs 20+): the highest val AUROC within both limits replaces the shipped ensemble only if its val gain holds up
@@ -53,10 +53,10 @@ def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu"
     device = resolve_device(device)
     cfg, model = load_run(run, device)
     frames = load_splits(cfg)
-    out = {}
+    preprocess, out = Preprocess(cfg), {}
     for split in ("val", "test"):
         images = preload_images(frames[split]["path"].tolist(), cfg.input_size, cfg.crop)
-        out[split] = np.stack([predict_probabilities(model, images.flip(dims) if dims else images, Preprocess(cfg),
+        out[split] = np.stack([predict_probabilities(model, images.flip(dims) if dims else images, preprocess,
                                                      device, cfg.eval_batch_size, amp=False)
                                for dims in FLIP_DIMS])
         out[f"{split}_labels"] = frames[split]["label"].to_numpy()

@@ -97,7 +97,7 @@ def read_attention(run: str | Path, split: str = "test") -> pd.DataFrame:
 
 
 def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
-    """The stored CAMs of a split: image_id → uint8 ``(56, 56)`` map (``(42, 56)`` for a frame-crop run) (255 = most attended)."""
+    """The stored CAMs of a split: image_id → uint8 map, 255 = most attended (56×56; 42×56 for a frame-crop run)."""
     path = Path(run) / f"cams_{split}.npz"
     if not path.is_file():
         raise RunError(f"{path} is missing; {_fix(Path(run), f'explain --split {split}')}")

@@ -2,8 +2,8 @@
 
 Eval: centre-crop to a square → resize → (Shades-of-Gray) → normalise. With ``crop="frame"`` the first step keeps
 the whole 4:3 dermoscopy frame instead of its centre square (portrait photos are turned to landscape first), so no
-lesion edge or context is cut off. Train adds, between resize and normalise,
-random resized crop (scale 0.9–1.0), random zoom, flips, rotation ±15° and colour jitter 0.1. Every geometric step
+lesion edge or context is cut off. Train adds, between resize and normalise, random resized crop (scale 0.9–1.0),
+random zoom, flips, rotation ±15° and colour jitter 0.1. Every geometric step
 is a v2 transform, so a ``tv_tensors.Mask`` passed with its image gets exactly the same geometry (nearest-neighbour),
 while the photometric steps leave masks alone.
 """

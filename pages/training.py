@@ -13,8 +13,7 @@ from dashboard import charts, loaders, state
 def recipe(cfg: TrainConfig) -> str:
     height, width = view_shape(cfg.input_size, cfg.crop)
     return (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
-            f"{cfg.epochs} epochs, "
-            f"normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
+            f"{cfg.epochs} epochs, normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
 
 
 def tta(cfg: TrainConfig) -> str:
