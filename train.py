@@ -10,6 +10,7 @@
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
+    python train.py stress --run runs/NAME --split test     # artifact stress test: stress_test.csv, summary
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"test AUROC {after['test']['auroc']:.4f} (calibration keeps the ranking)")
     if any(args.run.glob("attention_*.csv")):
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
+    if any(args.run.glob("stress_*.csv")):
+        print(f"the stress test still lists the old probabilities: python train.py stress --run {args.run}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -149,6 +152,23 @@ def cmd_explain(args: argparse.Namespace) -> None:
           f" vs incorrect {100 * by['incorrect']['rate']:.1f} % flagged; AUROC flagged {summary['auroc']['flagged']:.3f}"
           f" vs unflagged {summary['auroc']['unflagged']:.3f}")
     print(f"wrote attention_{args.split}.csv, cams_{args.split}.npz and attention_summary.json in {args.run}")
+
+
+def cmd_stress(args: argparse.Namespace) -> None:
+    from core.stress import stress_split
+
+    section = stress_split(args.run, args.split, args.interventions, args.limit, args.seed, args.min_delta,
+                           args.device, train_corners=not args.no_train_corners)
+    clean = section["clean"]
+    print(f"{section['n']} {args.split} images at the val Youden threshold {section['threshold_youden_val']:.3f}: "
+          f"clean AUROC {clean['auroc']:.4f}")
+    print(f"{'intervention':<16} {'AUROC':>7} {'change':>7} {'flipped':>8} {'→mal':>6} {'→ben':>6} {'mean Δp':>8}")
+    for name, row in section["interventions"].items():
+        print(f"{name:<16} {row['auroc']:7.4f} {row['auroc_change']:+7.4f} {100 * row['flipped']:7.1f}% "
+              f"{100 * row['to_malignant']:5.1f}% {100 * row['to_benign']:5.1f}% {row['mean_delta_p']:+8.3f}")
+    dependent = section["corner_dependent"]
+    print(f"corner-dependent decisions: {dependent['n']} ({100 * dependent['rate']:.1f} %; {dependent['rule']})")
+    print(f"wrote stress_{args.split}.csv and stress_summary.json in {args.run}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corner-threshold", type=float, default=0.5,
                    help="flag attention as corner-focused when corner_fraction >= this (uniform = 0.25)")
     p.set_defaults(func=cmd_explain)
+
+    from core.interventions import DEFAULT_MIN_DELTA, INTERVENTIONS
+    p = sub.add_parser("stress", help="artifact stress test: p before and after painting vignettes, corner fills, "
+                       "ink, rulers and hairs beside the lesion")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--interventions", nargs="+", choices=list(INTERVENTIONS), metavar="NAME",
+                   help=f"which to run (default: all of {', '.join(INTERVENTIONS)})")
+    p.add_argument("--limit", type=int, help="only the first N images of the split (and of train, for the "
+                   "dark-corner table)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts (ink, ruler, hair)")
+    p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
+                   help="|Δp| that makes a decision corner-dependent even without a flip (default: %(default)s)")
+    p.add_argument("--no-train-corners", action="store_true",
+                   help="skip the table of dark corners by class on the training split")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_stress)
     return parser
 
 

@@ -1,8 +1,10 @@
 """CPU latency of ``Predictor.predict`` on one 600×450 JPEG (the original HAM10000 resolution), median of N calls;
 with ``--explain`` of ``predict(image, explain=True)`` (probability + Grad-CAM + attention scores); with
+``--corner-check`` the corners-covered and vignette copies go through the network in the same batch; with
 ``--compile`` the model runs through ``torch.compile`` (Inductor), whose one-off compile time is reported apart.
 
-    python benchmarks/bench_predict.py --run models/default [--explain | --compile] [--threads 2] [--repeats 50]
+    python benchmarks/bench_predict.py --run models/default [--explain] [--corner-check] [--compile] [--threads 2]
+        [--repeats 50]
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--explain", action="store_true")
+    parser.add_argument("--corner-check", action="store_true", help="also p with the corners covered / a vignette "
+                                                                    "(what the Predict page shows)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (not with --explain: "
                                                                "Grad-CAM hooks need the eager modules)")
     args = parser.parse_args()
@@ -48,17 +52,17 @@ def main() -> None:
         predictor.predict(jpeg)
         print(f"torch.compile: first call {time.perf_counter() - start:.1f} s")
     for _ in range(5):
-        predictor.predict(jpeg, explain=args.explain)  # warm-up: first calls allocate
+        predictor.predict(jpeg, explain=args.explain, corner_check=args.corner_check)  # warm-up: first calls allocate
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        predictor.predict(jpeg, explain=args.explain)
+        predictor.predict(jpeg, explain=args.explain, corner_check=args.corner_check)
         times.append(1000 * (time.perf_counter() - start))
     cfg = predictor.config
     model = model_label(cfg)
     tta = f"{cfg.tta_views} flip views" if cfg.tta_flips else "no TTA"
     compiled = ", torch.compile" if args.compile else ""
-    print(f"Predictor.predict(explain={args.explain}{compiled}), 600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
+    print(f"Predictor.predict(explain={args.explain}, corner_check={args.corner_check}{compiled}), 600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
           f"{args.threads} threads: median {statistics.median(times):.1f} ms, "
           f"p90 {sorted(times)[int(0.9 * len(times))]:.1f} ms over {args.repeats} calls")
 

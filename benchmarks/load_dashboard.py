@@ -75,7 +75,7 @@ async def session(browser, url: str, images: list[Path], stop_at: float, seed: i
             await settle(page)
             start = time.monotonic()
             await page.locator("input[type=file]").set_input_files(str(rng.choice(images)))
-            await page.locator("[data-testid=stMetricValue]").wait_for()
+            await page.locator("[data-testid=stMetricValue]").first.wait_for()
             record["upload"].append(time.monotonic() - start)
 
             await page.goto(f"{url}/threshold")

@@ -21,9 +21,10 @@ class BatchAugment(nn.Module):
     """
 
     def __init__(self, rotation: float = 15.0, jitter: float = 0.1, crop_scale: tuple[float, float] = (0.9, 1.0),
-                 zoom: tuple[float, float] = (1.0, 1.1)) -> None:
+                 zoom: tuple[float, float] = (1.0, 1.1), corner_artifacts: float = 0.0) -> None:
         super().__init__()
         self.rotation, self.jitter, self.crop_scale, self.zoom = rotation, jitter, crop_scale, zoom
+        self.corner_artifacts = corner_artifacts
 
     def _uniform(self, n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
         return torch.empty(n, device=device).uniform_(low, high, generator=generator)
@@ -46,6 +47,8 @@ class BatchAugment(nn.Module):
                              torch.stack([sin * flip_x * aspect, cos * flip_y, shift_y], 1)], 1).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.corner_artifacts > 0:  # drawn only when on, so runs without it keep their random stream
+            out = corner_artifacts(out, self.corner_artifacts, u)
         return self.color_jitter(out, u)
 
     def color_jitter(self, images: torch.Tensor, u) -> torch.Tensor:
@@ -58,3 +61,39 @@ class BatchAugment(nn.Module):
         images = ((images - mean) * u(1 - j, 1 + j).view(shape) + mean).clamp(0, 1)
         gray = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
         return ((images - gray) * u(1 - j, 1 + j).view(shape) + gray).clamp(0, 1)
+
+
+def ellipse_radius(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(H, W)``: radius in units of the inscribed circle/ellipse (as ``core.interventions.ellipse_radius``)."""
+    v = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
+    u = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
+    return torch.sqrt(u[None, :] ** 2 + v[:, None] ** 2)
+
+
+def corner_artifacts(images: torch.Tensor, p: float, u) -> torch.Tensor:
+    """With probability ``p`` per image, whatever its class, a random dermoscope ring or a corner fill, so that dark
+    or covered corners carry no information about the label. The stress test's ``vignette`` and ``corner_fill``
+    (``core.interventions``) with their parameters drawn at random instead of fixed:
+
+    * ring (¾ of the artifacts): darkness ramping up from radius 0.75–1.05 over 0.05–0.3 to 0.5–1, in a dark
+      colour of random tint;
+    * fill (¼): everything outside the inscribed circle/ellipse in the image's own skin colour (the median of the
+      ring between 0.7 and 1 of the radius).
+
+    ``u(low, high)`` draws one value per image from the caller's generator. Works on float ``(N, 3, H, W)`` in
+    [0, 1], on any device, in a few tensor operations.
+    """
+    n, _, h, w = images.shape
+    shape = (-1, 1, 1, 1)
+    radius = ellipse_radius(h, w, images.device).to(images.dtype)
+    apply, fill = u(0, 1) < p, u(0, 1) < 0.25
+    start, softness, darkness = u(0.75, 1.05).view(shape), u(0.05, 0.3).view(shape), u(0.5, 1.0).view(shape)
+    tint = torch.stack([u(0.0, 0.12) for _ in range(3)], 1).view(n, 3, 1, 1)
+    ramp = ((radius - start) / softness).clamp(0, 1)
+    ring = darkness * ramp * ramp * (3 - 2 * ramp)
+    band = (radius > 0.7) & (radius <= 1)
+    skin = images[:, :, band].median(dim=-1).values.view(n, 3, 1, 1)
+    outside = (radius > 1).to(images.dtype).expand(n, 1, h, w)
+    alpha = torch.where(fill.view(shape), outside, ring) * apply.view(shape).to(images.dtype)
+    colour = torch.where(fill.view(shape), skin, tint)
+    return images * (1 - alpha) + colour * alpha

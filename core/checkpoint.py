@@ -31,7 +31,11 @@ def save_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | None =
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights into ``model`` (cast to its dtypes); any missing/extra key or shape mismatch is an error."""
-    state = _read(path)
+    return load_state(model, _read(path), path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """:func:`load_weights` for tensors already read from ``path`` (e.g. one member's part of an ensemble file)."""
     target = _unwrap(model).state_dict()
     missing, extra = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in target.items()
@@ -105,6 +109,11 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, or a CheckpointError naming the file."""
+    return _read(path)
 
 
 def _read(path: str | Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ class TrainConfig:
     # model
     model: str = "efficientnet_lite0"
     pretrained: bool = True
+    init_from: str | None = None           # start from a trained run's weights (or RUN/members/NAME of an ensemble)
     input_size: int = 224                  # model view height (and width, with the square crop)
     crop: str = "square"                   # "square": centre square | "frame": the whole 4:3 frame (core.transforms)
     normalization: str = "pretrained"      # "pretrained" (the weights' own mean/std) | "imagenet" | "per_image"
@@ -42,6 +43,7 @@ class TrainConfig:
     jitter: float = 0.1
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     zoom: list[float] = field(default_factory=lambda: [1.0, 1.1])
+    corner_artifacts: float = 0.0          # share of training images given a random vignette or corner fill
     # optimisation
     epochs: int = 30
     batch_size: int = 32

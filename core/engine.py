@@ -35,7 +35,7 @@ from core.augment import BatchAugment
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.config import TrainConfig
 from core.data import open_rgb, project_path, read_dataset
-from core.ensemble import Ensemble, member_configs
+from core.ensemble import Ensemble, init_weights, member_configs
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 from core.losses import create_loss
 from core.model import (
@@ -209,7 +209,8 @@ def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head).to(device)
-    augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom)).to(device)
+    augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom),
+                           cfg.corner_artifacts).to(device)
     return model, loss_fn, augment, Preprocess(cfg).to(device)
 
 
@@ -370,6 +371,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     val_labels = frames["val"]["label"].to_numpy()
 
     model, loss_fn, augment, preprocess = create_training_parts(cfg, device)
+    if cfg.init_from and not resume:  # fine-tuning a trained run (a resumed one restores its own weights below)
+        init_weights(model, cfg.init_from)
     # Warm-up ramps the decay as (1 + step) / (10 + step): without it a 0.999 EMA is still ~40 % ImageNet init
     # after 900 steps (seen: val AUROC 0.77 at epoch 4 while the raw weights were far better).
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None

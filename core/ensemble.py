@@ -25,7 +25,8 @@ from core.model import malignant_probability
 
 MEMBERS_DIR = "members"
 # What `evaluate` / `explain` wrote about a run: removed when --overwrite replaces the run with another ensemble.
-STALE_OUTPUTS = ("metrics*.json", "predictions_*.csv", "attention_*.csv", "attention_summary.json", "cams_*.npz")
+STALE_OUTPUTS = ("metrics*.json", "predictions_*.csv", "attention_*.csv", "attention_summary.json", "cams_*.npz",
+                 "stress_*.csv", "stress_summary.json")
 LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 finite
 
 
@@ -49,6 +50,23 @@ def member_configs(run_dir: Path, cfg: TrainConfig) -> list[TrainConfig]:
         raise checkpoint.CheckpointError(f"{run_dir} is an ensemble whose member config(s) are missing: "
                                          + ", ".join(f"{m}/config.yaml" for m in missing))
     return [TrainConfig.from_yaml(run_dir / member / "config.yaml") for member in cfg.ensemble]
+
+
+def init_weights(model: nn.Module, source: str | Path) -> nn.Module:
+    """Fine-tuning's starting point: the best weights of a trained run, or of one member of an ensemble run given
+    as ``RUN/members/NAME`` (its part of the ensemble's one weights file)."""
+    source = project_path(source)
+    if (source / checkpoint.MODEL_FILE).is_file():
+        return checkpoint.load_weights(model, source / checkpoint.MODEL_FILE)
+    run, name = source.parent.parent, f"{MEMBERS_DIR}/{source.name}"
+    members = TrainConfig.from_yaml(run / "config.yaml").ensemble if (run / "config.yaml").is_file() else []
+    if source.parent.name != MEMBERS_DIR or name not in members:
+        raise checkpoint.CheckpointError(f"--init-from {source}: neither a trained run (no {checkpoint.MODEL_FILE}) "
+                                         f"nor a member of an ensemble run (RUN/{MEMBERS_DIR}/NAME)")
+    prefix = f"members.{members.index(name)}."
+    tensors = checkpoint.read_tensors(run / checkpoint.MODEL_FILE)
+    return checkpoint.load_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                 f"{run / checkpoint.MODEL_FILE} [{name}]")
 
 
 def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:

@@ -35,8 +35,9 @@ SUPPORTED_ARCHITECTURES = (EfficientNet, ConvNeXt)
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as OpenCV's RGB→gray
 
 
-def target_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The layer whose activations the CAM weighs: the last stage at stride 16.
+def target_layer(model: torch.nn.Module, stride: int = TARGET_STRIDE) -> torch.nn.Module:
+    """The layer whose activations the CAM weighs: the last stage at stride 16 (``stride`` picks another one, e.g.
+    8 for a finer, shallower map).
 
     The usual choice, the last stage (stride 32), gives 5×5 cells at 160 px and 7×7 at 224 px: a ¼-side corner
     square is 1.25–1.75 cells, so a corner cannot be told from an edge. One stage earlier the map is 10×10 / 14×14
@@ -53,19 +54,19 @@ def target_layer(model: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(model, SUPPORTED_ARCHITECTURES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_ARCHITECTURES)
         raise ValueError(f"no CAM target layer known for {type(model).__name__}; supported: timm {names}")
-    stride16 = [info["module"] for info in model.feature_info if info["reduction"] == TARGET_STRIDE]
-    if not stride16:
-        raise ValueError(f"{type(model).__name__} has no stride-{TARGET_STRIDE} stage in its feature_info")
-    return model.get_submodule(stride16[-1])
+    stages = [info["module"] for info in model.feature_info if info["reduction"] == stride]
+    if not stages:
+        raise ValueError(f"{type(model).__name__} has no stride-{stride} stage in its feature_info")
+    return model.get_submodule(stages[-1])
 
 
-def target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def target_layers(model: torch.nn.Module, stride: int = TARGET_STRIDE) -> list[torch.nn.Module]:
     """:func:`target_layer` of the model, or of each member of an :class:`~core.ensemble.Ensemble`. With several
     layers pytorch-grad-cam min–max scales each member's map and averages them; each member's map is its own
     Grad-CAM, because the ensemble's log-odds moves with every member's log-odds in the same direction."""
     if isinstance(model, Ensemble):
-        return [target_layer(member) for member in model.members]
-    return [target_layer(model)]
+        return [target_layer(member, stride) for member in model.members]
+    return [target_layer(model, stride)]
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ class MalignantTarget:
 
 
 def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gradcam",
-                categories: list[int] | None = None) -> np.ndarray:
+                categories: list[int] | None = None, stride: int = TARGET_STRIDE) -> np.ndarray:
     """CAMs ``(N, H, W)`` float32 in [0, 1], aligned with ``inputs`` (the normalised float batch ``(N, 3, H, W)``
     the model takes). ``categories`` says per image which decision to explain: 1 the malignant direction of the
     single logit or of the dx head's malignant mass (the default), 0 the benign one (:class:`MalignantTarget`) —
@@ -109,13 +110,14 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
 
     The model runs in eval mode (deterministic: no dropout, BatchNorm running statistics); hooks are released when
     the call ends, even on error. Each map is min–max scaled per image by the library, so it says *where*, not how
-    strongly; an all-zero map (e.g. every gradient negative) stays all zero.
+    strongly; an all-zero map (e.g. every gradient negative) stays all zero. ``stride`` picks the layer
+    (:func:`target_layer`).
     """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     if inputs.ndim != 4:
         raise ValueError(f"inputs must be a batch (N, 3, H, W), got shape {tuple(inputs.shape)}")
-    layers = target_layers(model)
+    layers = target_layers(model, stride)
     device = next(model.parameters()).device
     x = inputs.detach().to(device, torch.float32).clone().requires_grad_(True)
     categories = [1] * len(x) if categories is None else [int(c) for c in categories]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from core.data import open_rgb
 from core.engine import Preprocess, load_run, predict_probabilities
+from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
 from core.transforms import resize_transform
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -25,6 +26,11 @@ class Prediction:
     thresholds: dict[str, float] = field(default_factory=dict)  # chosen on val: "0.5", "youden", "sens95"
     cam: np.ndarray | None = None          # with explain=True: Grad-CAM (H, W) in [0, 1], aligned with model_input
     attention: dict = field(default_factory=dict)  # with explain=True: corner/border fractions, flag, dark corners
+    # With corner_check=True: P(malignant) with the corners covered / a vignette added (core.interventions), those
+    # images as the model saw them, and whether the decision depends on the corners (core.interventions rule).
+    corner_probabilities: dict[str, float] = field(default_factory=dict)
+    corner_views: dict[str, np.ndarray] = field(default_factory=dict)
+    corner_dependent: bool | None = None
 
     def is_malignant(self, threshold: float) -> bool:
         return self.probability >= threshold
@@ -55,25 +61,39 @@ class Predictor:
         return self.resize(open_rgb(image)).as_subclass(torch.Tensor)
 
     def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam",
-                threshold: float | None = None) -> Prediction:
+                threshold: float | None = None, corner_check: bool = False) -> Prediction:
         """P(malignant) for one image; with ``explain`` also its CAM (``method`` from ``core.explain.CAM_METHODS``)
-        and attention scores. The CAM explains the class decided at ``threshold`` (default: Youden on val)."""
-        pixels = self.model_input(image)
-        with self._lock:
-            return self._predict(pixels, explain, method, threshold)
+        and attention scores; with ``corner_check`` also p with the corners covered and with a vignette added, sent
+        through the network in the same batch. The CAM and the corner check judge the decision at ``threshold``
+        (default: Youden on val)."""
+        return self.predict_view(self.model_input(image), explain, method, threshold, corner_check)
 
-    def _predict(self, pixels: torch.Tensor, explain: bool, method: str, threshold: float | None) -> Prediction:
+    def predict_view(self, pixels: torch.Tensor, explain: bool = False, method: str = "gradcam",
+                     threshold: float | None = None, corner_check: bool = False) -> Prediction:
+        """As :meth:`predict`, for an image already in the model's view (uint8 ``(3, H, W)``, e.g. an intervened
+        copy of a test image), so it is not cropped and resized again."""
+        if threshold is None:
+            threshold = self.thresholds.get("youden", 0.5)
+        with self._lock:
+            return self._predict(pixels, explain, method, threshold, corner_check)
+
+    def _predict(self, pixels: torch.Tensor, explain: bool, method: str, threshold: float,
+                 corner_check: bool) -> Prediction:
         batch = pixels.unsqueeze(0)
-        probability = predict_probabilities(self.model, batch, self.preprocess, self.device,
-                                            tta_flips=self.config.tta_flips, amp=self.config.amp,
-                                            tta_views=self.config.tta_views,
-                                            calibration=self.config.calibration)[0]
+        versions = [batch] + ([create_intervention(name)(batch) for name in CORNER_CHECK] if corner_check else [])
+        probabilities = predict_probabilities(self.model, torch.cat(versions), self.preprocess, self.device,
+                                              tta_flips=self.config.tta_flips, amp=self.config.amp,
+                                              tta_views=self.config.tta_views,
+                                              calibration=self.config.calibration)
         view = pixels.permute(1, 2, 0).numpy().copy()
-        result = Prediction(float(probability), view, dict(self.thresholds))
+        result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
+        if corner_check:
+            result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}
+            result.corner_views = {name: v[0].permute(1, 2, 0).numpy() for name, v in zip(CORNER_CHECK, versions[1:])}
+            result.corner_dependent = bool(corner_dependent(result.probability, result.corner_probabilities,
+                                                            threshold))
         if explain:
             from core import explain as xai
-            if threshold is None:
-                threshold = self.thresholds.get("youden", 0.5)
             decided = int(result.probability >= threshold)  # explain what was decided
             result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
             result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}

@@ -20,6 +20,8 @@ from core.ensemble import member_configs
 PREDICTION_COLUMNS = ("image_id", "label", "probability")
 ATTENTION_COLUMNS = ("image_id", "corner_fraction", "border_fraction", "flag", "dark_corner_score")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc")
+STRESS_COLUMNS = ("image_id", "intervention", "p_clean", "p", "delta_p", "flipped")
+STRESS_SUMMARY = "stress_summary.json"
 DEFAULT_RUN = PROJECT_ROOT / "models" / "default"
 
 
@@ -58,17 +60,21 @@ def read_config(run: str | Path) -> TrainConfig:
         raise RunError(f"{run / 'config.yaml'} is not a valid run config ({err})") from err
 
 
-def read_metrics(run: str | Path) -> dict:
-    path = Path(run) / "metrics.json"
+def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():
-        raise RunError(f"{path} is missing; {_fix(Path(run), 'evaluate')}")
+        raise RunError(f"{path} is missing; {fix}")
     try:
-        report = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise RunError(f"{path} is not readable JSON ({err}); {_fix(Path(run), 'evaluate')} again") from err
+        raise RunError(f"{path} is not readable JSON ({err}); {fix} again") from err
+
+
+def read_metrics(run: str | Path) -> dict:
+    path, fix = Path(run) / "metrics.json", _fix(Path(run), "evaluate")
+    report = _read_json(path, fix)
     for key in ("thresholds", "val", "test"):
         if key not in report:
-            raise RunError(f"{path} has no '{key}' section; {_fix(Path(run), 'evaluate')} again")
+            raise RunError(f"{path} has no '{key}' section; {fix} again")
     return report
 
 
@@ -106,6 +112,20 @@ def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
             return dict(zip(store["image_id"].tolist(), store["cam"]))
     except (OSError, ValueError, KeyError) as err:
         raise RunError(f"{path} is not a readable CAM store ({err}); {_fix(Path(run), 'explain')} again") from err
+
+
+def read_stress(run: str | Path, split: str = "test") -> pd.DataFrame:
+    """``stress_<split>.csv``: p of every image before and after each intervention (``train.py stress``)."""
+    return _read_csv(Path(run) / f"stress_{split}.csv", STRESS_COLUMNS, _fix(Path(run), f"stress --split {split}"))
+
+
+def read_stress_summary(run: str | Path, split: str = "test") -> dict:
+    """This split's section of ``stress_summary.json``: per intervention AUROC, flips and Δp, the corner flag."""
+    path, fix = Path(run) / STRESS_SUMMARY, _fix(Path(run), f"stress --split {split}")
+    summary = _read_json(path, fix)
+    if split not in summary or "interventions" not in summary[split]:
+        raise RunError(f"{path} has no '{split}' section; {fix}")
+    return summary[split]
 
 
 def read_members(run: str | Path) -> dict[str, TrainConfig]:

@@ -142,9 +142,9 @@ def history_charts(history: pd.DataFrame) -> alt.HConcatChart:
                        (auroc + marker).properties(width=380, title=f"Validation AUROC (best: epoch {best})"))
 
 
-def rate_bars(table: pd.DataFrame, group: str, title: str) -> alt.Chart:
-    """Share of flagged (corner-focused) CAMs per ``group`` value, with counts in the tooltip."""
-    rates = table.groupby(group, observed=True)["flag"].agg(["mean", "sum", "count"]).reset_index()
+def rate_bars(table: pd.DataFrame, group: str, title: str, flag: str = "flag") -> alt.Chart:
+    """Share of flagged images (the boolean column ``flag``) per ``group`` value, with counts in the tooltip."""
+    rates = table.groupby(group, observed=True)[flag].agg(["mean", "sum", "count"]).reset_index()
     rates.columns = [group, "flag rate", "flagged", "images"]
     return alt.Chart(rates).mark_bar().encode(
         x=alt.X(f"{group}:N", title=None), y=alt.Y("flag rate:Q", axis=alt.Axis(format="%")),
@@ -174,3 +174,20 @@ def subgroup_chart(subgroups: pd.DataFrame) -> alt.Chart:
         color=alt.Color("group:N", legend=None), tooltip=["group", "value", "n", "n_malignant",
                                                           alt.Tooltip("auroc:Q", format=".3f")],
     ).properties(height=max(160, 18 * len(shown)), title="AUROC by subgroup (test; groups ≥ 20 images)")
+
+
+def delta_p_chart(stress: pd.DataFrame, step: float = 0.05) -> alt.Chart:
+    """How far each intervention moves P(malignant): the share of images per Δp bin, one line per intervention.
+    Binned here, so the spec holds a few hundred points rather than every image × intervention."""
+    edges = np.arange(-1, 1 + step / 2, step)
+    rows = []
+    for name, part in stress.groupby("intervention", sort=False):
+        counts, _ = np.histogram(part["delta_p"].clip(-1, 1), bins=edges)
+        rows += [{"intervention": name, "delta_p": (low + high) / 2, "share": count / len(part)}
+                 for low, high, count in zip(edges[:-1], edges[1:], counts)]
+    return alt.Chart(pd.DataFrame(rows)).mark_line(point=True, interpolate="step-after").encode(
+        x=alt.X("delta_p:Q", title="Δp = p(with artifact) − p(clean)", scale=alt.Scale(domain=[-1, 1])),
+        y=alt.Y("share:Q", title="share of images", axis=alt.Axis(format="%"), scale=alt.Scale(type="sqrt")),
+        color=alt.Color("intervention:N"), tooltip=["intervention", alt.Tooltip("delta_p:Q", format="+.3f"),
+                                                    alt.Tooltip("share:Q", format=".1%")],
+    ).properties(height=300, title="Δp per intervention (test split; square-root scale)")

@@ -12,6 +12,7 @@ import streamlit as st
 
 from core import metrics
 from core.data import DX_NAMES, DataError
+from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_dependent
 from core.overlay import cam_overlay, outline_mask
 from dashboard import loaders, state
 
@@ -19,8 +20,9 @@ OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
                 "FN": "malignant, called benign", "TN": "benign, called benign"}
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
-SCORES = ["probability", "outcome", "corner_fraction", "border_fraction", "outside_lesion_fraction",
-          "background_lesion_ratio", "dark_corner_score", "flag"]
+SCORES = ["probability", "outcome", "corner_dependent", "p_corner_fill", "p_vignette", "corner_delta_p",
+          "corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
+          "dark_corner_score", "flag"]
 
 
 class TestCases(NamedTuple):
@@ -39,11 +41,34 @@ def test_cases_at_threshold() -> TestCases:
     cases = loaders.cases_or_stop(run, "test", data_dir)
     threshold = state.threshold()
     cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
+    add_corner_dependence(cases, threshold)
     return TestCases(run, cases, state.run_view(run), threshold, problem)
+
+
+def add_corner_dependence(cases: pd.DataFrame, threshold: float) -> None:
+    """``corner_dependent`` at ``threshold`` (the rule of ``core.interventions.corner_dependent``) and
+    ``corner_delta_p``, from the stress test's p columns; nothing when the run has no stress test."""
+    if not has_stress(cases):
+        return
+    checked = {name: cases[f"p_{name}"].to_numpy() for name in CORNER_CHECK}
+    p = cases["probability"].to_numpy()
+    cases["corner_dependent"] = corner_dependent(p, checked, threshold)
+    cases["corner_delta_p"] = np.max([np.abs(value - p) for value in checked.values()], axis=0)
+
+
+def has_stress(frame: pd.DataFrame) -> bool:
+    return all(f"p_{name}" in frame for name in CORNER_CHECK)
 
 
 def has_images(frame: pd.DataFrame) -> bool:
     return "path" in frame and frame["path"].notna().any()
+
+
+def corner_dependence_note(p: float, covered: float, vignette: float) -> str:
+    """The warning text for a corner-dependent decision, with the numbers that make it so."""
+    return (f"This decision depends on the image corners, not only on the lesion: P(malignant) {p:.3f} becomes "
+            f"{covered:.3f} with the corners covered with skin colour and {vignette:.3f} with a dermoscope "
+            f"vignette added (the decision flips at the threshold, or p moves by ≥ {DEFAULT_MIN_DELTA}).")
 
 
 def opacity_slider() -> float:
@@ -68,7 +93,7 @@ def thumbnail_grid(frame: pd.DataFrame, on_open: Callable[[str], None], columns:
                 except DataError as err:
                     st.warning(str(err))
                 st.caption(f"**{row['outcome']}** · {row['dx']} · p={row['probability']:.2f}"
-                           + (" · ⚠ corner" if bool(row.get("flag", False)) else ""))
+                           + (" · ⚠ corners" if bool(row.get("corner_dependent", False)) else ""))
                 st.button("Open", key=f"open-{row['image_id']}", on_click=on_open, args=(row["image_id"],),
                           width="stretch")
 
@@ -85,9 +110,12 @@ def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
 def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opacity: float) -> None:
     """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
     st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
-    if bool(row.get("flag", False)):
-        st.warning(f"Corner-focused attention: {row['corner_fraction']:.0%} of the Grad-CAM lies in the four "
-                   "corners. The score may rest on the image frame (vignetting, rulers), not on the lesion.")
+    if bool(row.get("corner_dependent", False)):
+        st.warning(corner_dependence_note(row["probability"], row["p_corner_fill"], row["p_vignette"]))
+    if "corner_fraction" in row.index and np.isfinite(row["corner_fraction"]):
+        st.caption(f"Grad-CAM share in the four corners: {row['corner_fraction']:.0%} (uniform: 25 %). An "
+                   "explanation, not the verdict: whether the decision depends on the corners is measured by "
+                   "painting over them (Error audit → Artifact stress test).")
     if isinstance(row.get("path"), str):
         view = loaders.model_view(row["path"], *view_geometry)
         cam, cam_note = case_cam(row, run)
@@ -107,3 +135,25 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opaci
     scores.dataframe(row[shown].astype(str).rename("value"), width="stretch")
     metadata.dataframe(row[[c for c in METADATA if c in row.index]].astype(str).rename("value"), width="stretch")
     st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")
+
+
+def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str], name: str, seed: int,
+                      opacity: float) -> None:
+    """One stress-test case: the image and its CAM, then the same image with the artifact painted in (as
+    ``train.py stress`` painted it) and the CAM of the decision made on that copy."""
+    p_after = row[f"p_{name}"]
+    st.markdown(f"**{row['image_id']}** — {DX_NAMES.get(row['dx'], row['dx'])} · P(malignant) "
+                f"{row['probability']:.3f} → **{p_after:.3f}** with `{name}` (Δp {p_after - row['probability']:+.3f})")
+    if not isinstance(row.get("path"), str):
+        st.info("Images not found, so only the numbers are shown. " + state.images_hint())
+        return
+    threshold = state.threshold()
+    view = loaders.model_view(row["path"], *view_geometry)
+    cam, _ = case_cam(row, run)
+    painted, p_now, painted_cam = loaders.intervened(run, row, view_geometry, name, seed, threshold)
+    columns = st.columns(4)
+    columns[0].image(view, caption="as the model sees it", width="stretch")
+    columns[1].image(cam_overlay(view, cam, opacity), caption="its Grad-CAM", width="stretch")
+    columns[2].image(painted, caption=f"with {name} (p = {p_now:.3f})", width="stretch")
+    columns[3].image(cam_overlay(painted, painted_cam, opacity), width="stretch",
+                     caption=f"Grad-CAM of the '{'malignant' if p_now >= threshold else 'benign'}' decision")

@@ -6,11 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from core.audit import model_view_masks
 from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError, open_rgb, read_ham10000, resolve_data_dir
+from core.interventions import create_intervention, image_key
 from core.metrics import age_band
 from core.predictor import Predictor
 from core.runs import (
@@ -22,8 +24,11 @@ from core.runs import (
     read_members,
     read_metrics,
     read_predictions,
+    read_stress,
+    read_stress_summary,
     run_summary,
 )
+from core.stress import wide
 from core.split import read_split
 from core.transforms import resize_transform
 from dashboard import charts
@@ -63,10 +68,22 @@ def _predictor(run: str, stamp: float) -> Predictor:
     return Predictor.load(run)
 
 
+def _model_stamp(run: Path) -> float:
+    return max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml"))
+
+
 def predictor(run: Path) -> Predictor:
     """The run's model, loaded once per process and shared by all sessions (read-only; CAMs are serialised).
     Reloaded when the weights or the config change (`train.py calibrate` rewrites only the config)."""
-    return _predictor(str(run), max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml")))
+    return _predictor(str(run), _model_stamp(run))
+
+
+def intervened(run: Path, row: pd.Series, view: tuple[int, str], name: str, seed: int,
+               threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """:func:`intervened_case` for one case row (with its ``path`` and ``mask_path``)."""
+    mask_path = row.get("mask_path")
+    return intervened_case(str(run), _model_stamp(run), row["path"], mask_path if isinstance(mask_path, str) else None,
+                           *view, name, seed, row["image_id"], threshold)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -86,6 +103,12 @@ def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataF
             # "correct" there is at the Youden threshold; pages derive outcomes at the current threshold instead.
             keep = [c for c in attention.columns if c == "image_id" or c not in {*frame.columns, "correct"}]
             frame = frame.merge(attention[keep], on="image_id", how="left", validate="one_to_one")
+        try:
+            stressed = wide(read_stress(run, split)).drop(columns="p_clean")
+        except RunError:
+            stressed = None
+        if stressed is not None:  # p with each artifact painted in (train.py stress); the flag is set per threshold
+            frame = frame.merge(stressed, on="image_id", how="left", validate="one_to_one")
     if "age" in frame:
         frame["age_band"] = age_band(frame["age"]).astype(str)
     if data_dir is not None:
@@ -110,6 +133,44 @@ def stored_cams(run: Path) -> dict[str, np.ndarray]:
         return _cams(str(run), _run_stamp(run))
     except RunError:
         return {}
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _stress(run: str, split: str, stamp: float) -> pd.DataFrame:
+    return read_stress(run, split)
+
+
+def stress_table(run: Path, split: str = "test") -> pd.DataFrame | None:
+    """The long stress table of ``train.py stress`` (None when the run has none)."""
+    try:
+        return _stress(str(run), split, _run_stamp(run))
+    except RunError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _stress_summary(run: str, split: str, stamp: float) -> dict:
+    return read_stress_summary(run, split)
+
+
+def stress_summary(run: Path, split: str = "test") -> dict | None:
+    try:
+        return _stress_summary(str(run), split, _run_stamp(run))
+    except RunError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def intervened_case(run: str, stamp: float, path: str, mask_path: str | None, size: int, crop: str, name: str,
+                    seed: int, image_id: str, threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """A test image with one intervention painted in exactly as ``train.py stress`` painted it (same seed, key
+    and mask), with its P(malignant) and the Grad-CAM of the decision at ``threshold``, computed now."""
+    view = model_view(path, size, crop)
+    mask = model_view_mask(mask_path, size, crop) if mask_path else None
+    pixels = torch.from_numpy(view).permute(2, 0, 1).unsqueeze(0)
+    painted = create_intervention(name, seed)(pixels, [mask], [image_key(image_id)])[0]
+    result = _predictor(run, stamp).predict_view(painted, explain=True, threshold=threshold)
+    return result.model_input, result.probability, result.cam
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)

@@ -1,8 +1,13 @@
-"""Error audit: the model's most confident mistakes, corner-focused attention, and where it does worse."""
+"""Error audit: the model's most confident mistakes, decisions that depend on the image corners (measured by
+painting over them), what the Grad-CAM says about it, and where the model does worse."""
+import pandas as pd
 import streamlit as st
 
 from core import metrics
-from dashboard import charts, gallery, state
+from core.interventions import CORNER_INTERVENTIONS
+from dashboard import charts, gallery, loaders, state
+
+STRESS_PER_PAGE = 4
 
 st.title("Error audit")
 run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
@@ -10,8 +15,12 @@ cases["correct"] = cases["outcome"].isin(["TP", "TN"])
 # How sure the model was of its wrong answer: P(malignant) for a false positive, P(benign) for a false negative.
 cases["mistake_confidence"] = cases["probability"].where(cases["outcome"] == "FP", 1 - cases["probability"])
 has_attention = "flag" in cases
+has_stress = gallery.has_stress(cases)
+if not has_stress:
+    st.warning(f"`{run}` has no artifact stress test, so no decision is checked for corner dependence. Make it "
+               f"with `python train.py stress --run {run} --split test`.")
 if not has_attention:
-    st.warning(f"`{run}` has no attention audit, so corner flags and CAMs are missing. Make it with "
+    st.warning(f"`{run}` has no attention audit, so CAMs and their corner scores are missing. Make it with "
                f"`python train.py explain --run {run} --split test`.")
 if not gallery.has_images(cases):
     st.info(f"Images not found: tables and charts work, images do not.\n\n{problem}\n\n{state.images_hint()}")
@@ -19,12 +28,15 @@ if not gallery.has_images(cases):
 errors = cases[~cases["correct"]].sort_values("mistake_confidence", ascending=False)
 kinds = st.multiselect("Mistakes", ["FP", "FN"], default=["FP", "FN"], key="audit_kinds",
                        help="FP: benign called malignant. FN: malignant called benign (the dangerous one).")
-only_flagged = st.toggle("Only corner-focused attention", key="audit_flagged", disabled=not has_attention)
+only_dependent = st.toggle("Only decisions that depend on the corners", key="audit_corner", disabled=not has_stress,
+                           help="Covering the corners with skin colour or adding a vignette flips the decision or "
+                                "moves p by ≥ 0.2 (train.py stress).")
 selection = errors[errors["outcome"].isin(kinds)]
-if only_flagged and has_attention:
-    selection = selection[selection["flag"].astype(bool)]
-columns = [c for c in ["image_id", "outcome", "dx", "probability", "mistake_confidence", "corner_fraction",
-                       "dark_corner_score", "flag", "age", "sex", "localization"] if c in selection]
+if only_dependent and has_stress:
+    selection = selection[selection["corner_dependent"]]
+columns = [c for c in ["image_id", "outcome", "dx", "probability", "mistake_confidence", "corner_dependent",
+                       "p_corner_fill", "p_vignette", "corner_fraction", "dark_corner_score", "age", "sex",
+                       "localization"] if c in selection]
 st.markdown(f"**{len(selection):,} mistakes** at threshold {threshold:.3f} (of {len(errors):,}: "
             f"{(errors['outcome'] == 'FP').sum()} FP, {(errors['outcome'] == 'FN').sum()} FN), most confident first. "
             "Select rows to compare them below.")
@@ -41,17 +53,87 @@ if len(picked):
         with st.container(border=True):
             gallery.case_detail(row, run, view, opacity)
 
-if has_attention:
-    st.header("Corner-focused attention")
-    flagged = cases[cases["flag"].astype(bool)]
-    st.markdown(f"**{len(flagged)}** of {len(cases):,} test CAMs are corner-focused (≥ 50 % of the CAM in the four "
-                "corner squares, twice a uniform map's share).")
-    st.dataframe(flagged[columns].style.format(precision=3), hide_index=True, key="flagged_table")
+summary = loaders.stress_summary(run)
+if has_stress and summary is not None:
+    st.header("Artifact stress test")
+    dependent = cases["corner_dependent"]
+    st.markdown(
+        f"Every test image was predicted again with an artifact painted in beside the lesion, never on it (the "
+        f"lesion mask's pixels are kept), with the run's own preprocessing, TTA and calibration "
+        f"(`train.py stress`). **{dependent.sum():,} of {len(cases):,} decisions ({dependent.mean():.1%}) depend on "
+        f"the corners** at threshold {threshold:.3f}: covering them with skin colour or adding a dermoscope "
+        f"vignette flips them or moves p by ≥ {summary['corner_dependent']['min_delta']}. The table's flips are at "
+        f"the val Youden threshold ({summary['threshold_youden_val']:.3f}), where `train.py stress` reads them.")
+    rows = [{"intervention": "none (clean)", "AUROC": summary["clean"]["auroc"],
+             "sensitivity": summary["clean"]["sensitivity"], "specificity": summary["clean"]["specificity"]}]
+    for name, row in summary["interventions"].items():
+        low, high = row["auroc_change_ci"]
+        rows.append({"intervention": name, "AUROC": row["auroc"],
+                     "AUROC change (95 % CI)": f"{row['auroc_change']:+.3f} ({low:+.3f} to {high:+.3f})",
+                     "flipped": row["flipped"], "benign → malignant": row["to_malignant"],
+                     "malignant → benign": row["to_benign"], "mean Δp": row["mean_delta_p"],
+                     "mean |Δp|": row["mean_abs_delta_p"], "sensitivity": row["sensitivity"],
+                     "specificity": row["specificity"]})
+    shares = ["flipped", "benign → malignant", "malignant → benign", "sensitivity", "specificity"]
+    st.dataframe(pd.DataFrame(rows).style.format("{:.1%}", subset=shares, na_rep="")
+                 .format("{:.3f}", subset=["AUROC"]).format("{:+.3f}", subset=["mean Δp"], na_rep="")
+                 .format("{:.3f}", subset=["mean |Δp|"], na_rep=""), hide_index=True, key="stress_table")
+    stress = loaders.stress_table(run)
+    left, right = st.columns([2, 1])
+    left.altair_chart(charts.delta_p_chart(stress), width="stretch")
     by_correct = cases.assign(result=cases["correct"].map({True: "correct", False: "mistake"}))
-    left, right = st.columns(2)
-    left.altair_chart(charts.rate_bars(by_correct, "result", "Corner-flag rate: mistakes vs correct cases"),
-                      width="stretch")
-    right.altair_chart(charts.corner_vs_dark_chart(cases), width="stretch")
+    right.altair_chart(charts.rate_bars(by_correct, "result", "Corner-dependent: mistakes vs correct",
+                                        flag="corner_dependent"), width="stretch")
+
+    st.subheader("Decisions an artifact changes, largest |Δp| first")
+    name = st.selectbox("Intervention", list(summary["interventions"]), key="stress_intervention",
+                        index=list(summary["interventions"]).index("corner_fill")
+                        if "corner_fill" in summary["interventions"] else 0)
+    changed = cases.assign(delta=(cases[f"p_{name}"] - cases["probability"]))
+    changed = changed[(changed[f"p_{name}"] >= threshold) != (changed["probability"] >= threshold)]
+    changed = changed.reindex(changed["delta"].abs().sort_values(ascending=False).index)
+    st.markdown(f"**{len(changed):,}** decisions flip at {threshold:.3f} with `{name}`.")
+    if len(changed):
+        opacity = st.session_state.get(gallery.OPACITY_KEY, 0.5)
+        for _, row in gallery.page_of(changed, "stress_page", STRESS_PER_PAGE).iterrows():
+            with st.container(border=True):
+                gallery.intervention_case(row, run, view, name, summary["seed"], opacity)
+
+    st.subheader("Does the Grad-CAM see it?")
+    validation = summary.get("cam_validation")
+    if validation:
+        cam_rows = [{"intervention": key, "Spearman ρ (corner share vs |Δp|)": value["spearman_abs_delta_p"],
+                     "AUROC of corner share for a flip": value["auroc_flipped"], "flips": value["flipped"],
+                     "flips the CAM flag caught": value["cam_flag_among_flipped"]}
+                    for key, value in validation.items() if key in CORNER_INTERVENTIONS]
+        st.dataframe(pd.DataFrame(cam_rows).style.format(precision=3), hide_index=True, key="cam_validation")
+        st.caption(f"AUROC of the CAM's corner share for the corner-dependence flag: "
+                   f"{validation['corner_dependent']['auroc']:.3f} (0.5 = chance). A CAM that showed what the model "
+                   "uses would rank the images whose decision the corners change first.")
+    else:
+        st.info(f"Run `python train.py explain --run {run} --split test`, then `train.py stress` again, to compare "
+                "the CAM with the interventions.")
+    dark = summary.get("dark_corners_train")
+    if dark:
+        st.subheader("Why a model learns the ring: dark corners and the label (training split)")
+        quantiles = pd.DataFrame(dark["malignant_share_by_quantile"]).rename(
+            columns={"low": "dark-corner score from", "high": "to", "n": "images", "malignant": "malignant share"})
+        by_dx = pd.DataFrame(dark["by_dx"]).T.rename_axis("dx").reset_index()
+        left, right = st.columns(2)
+        left.dataframe(quantiles.style.format({"dark-corner score from": "{:.3f}", "to": "{:.3f}",
+                                               "malignant share": "{:.1%}"}), hide_index=True, key="dark_quantiles")
+        right.dataframe(by_dx.style.format(precision=3), hide_index=True, key="dark_by_dx")
+        st.caption(f"AUROC of the dark-corner score alone for malignancy on the {dark['n']:,} training images: "
+                   f"{dark['auroc_dark_corners_for_label']:.3f} (0.5 = no information).")
+
+if has_attention:
+    st.header("Grad-CAM corner attention (explanatory)")
+    flagged = cases[cases["flag"].astype(bool)]
+    st.markdown(f"**{len(flagged)}** of {len(cases):,} test CAMs put ≥ 50 % of their mass in the four corner squares "
+                "(twice a uniform map's share). The CAM is a hint where the model looks; whether a decision "
+                "*depends* on the corners is what the stress test above measures.")
+    st.dataframe(flagged[columns].style.format(precision=3), hide_index=True, key="flagged_table")
+    st.altair_chart(charts.corner_vs_dark_chart(cases), width="stretch")
 
 st.header("Where the model does worse")
 subgroups = metrics.subgroup_auroc(cases)

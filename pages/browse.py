@@ -1,4 +1,5 @@
-"""Test-split browser: filter the test images by outcome, diagnosis, score, attention and metadata; open a case."""
+"""Test-split browser: filter the test images by outcome, diagnosis, score, corner dependence and metadata; open a
+case."""
 import pandas as pd
 import streamlit as st
 
@@ -8,6 +9,7 @@ from dashboard import gallery, state
 
 CASE_KEY = "browse_case"
 PER_PAGE = 24
+CORNER_FILTER = {"depends on corners": True, "does not": False}
 
 st.title("Test-split browser")
 run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
@@ -24,8 +26,10 @@ with st.expander("Filters", expanded=True):
     dx = row1[1].multiselect("True diagnosis", choices("dx"), format_func=lambda d: f"{d} — {DX_NAMES.get(d, d)}",
                              key="f_dx")
     low, high = row1[2].slider("P(malignant)", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_prob")
-    flag = row1[3].selectbox("Attention", ["any", "corner-focused", "not corner-focused"], key="f_flag",
-                             disabled="flag" not in cases)
+    corners = row1[3].pills("Decision and corners", list(CORNER_FILTER), key="f_corners",
+                            disabled="corner_dependent" not in cases,
+                            help="From the artifact stress test: covering the corners or adding a vignette flips "
+                                 "the decision at this threshold, or moves p by ≥ 0.2. None picked: all images.")
     row2 = st.columns(4)
     ages = cases["age"].dropna() if "age" in cases else pd.Series(dtype=float)
     age_range = row2[0].slider("Age", 0, 100, (0, 100), 5, key="f_age", disabled=ages.empty)
@@ -39,8 +43,8 @@ if outcome:
     shown = shown[shown["outcome"].isin(outcome)]
 if dx:
     shown = shown[shown["dx"].isin(dx)]
-if flag != "any" and "flag" in shown:
-    shown = shown[shown["flag"].astype(bool) == (flag == "corner-focused")]
+if corners is not None and "corner_dependent" in shown:
+    shown = shown[shown["corner_dependent"] == CORNER_FILTER[corners]]
 if "age" in shown and age_range != (0, 100):
     in_range = shown["age"].between(*age_range)
     shown = shown[in_range | (shown["age"].isna() & include_unknown_age)]

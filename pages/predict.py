@@ -1,10 +1,12 @@
-"""Predict: upload dermoscopic photos, get P(malignant), the decision at the shared threshold, and its Grad-CAM."""
+"""Predict: upload dermoscopic photos, get P(malignant), the decision at the shared threshold, its Grad-CAM, and
+whether the decision survives covering the corners."""
 import pandas as pd
 import streamlit as st
 
 from core import metrics
 from core.data import DataError
 from core.explain import CAM_METHODS
+from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA
 from core.overlay import cam_overlay
 from core.predictor import Prediction
 from core.runs import RunError
@@ -49,7 +51,8 @@ def predict(upload) -> Prediction | str:
     key = (upload.file_id, method, threshold)
     if key not in results:
         try:
-            results[key] = predictor.predict(upload.getvalue(), explain=True, method=method, threshold=threshold)
+            results[key] = predictor.predict(upload.getvalue(), explain=True, method=method, threshold=threshold,
+                                             corner_check=True)
         except DataError as err:
             results[key] = str(err).replace("uploaded bytes", upload.name)
     return results[key]
@@ -77,11 +80,25 @@ for upload in uploads or []:
     numbers.metric("P(malignant)", f"{result.probability:.3f}")
     verdict = "**malignant** (≥ threshold)" if malignant else "**benign** (< threshold)"
     numbers.markdown(f"Decision at {threshold:.3f}: {verdict}")
-    if result.attention["flag"]:
-        numbers.warning(f"Corner-focused attention: {result.attention['corner_fraction']:.0%} of the CAM lies in "
-                        "the image corners. The prediction may rest on the frame, not the lesion.")
+    covered, vignette = (result.corner_probabilities[name] for name in CORNER_CHECK)
+    checks = numbers.columns(2)
+    checks[0].metric("corners covered", f"{covered:.3f}", f"{covered - result.probability:+.3f}", delta_color="off",
+                     help="P(malignant) with everything outside the inscribed circle painted in the image's own "
+                          "skin colour.")
+    checks[1].metric("vignette added", f"{vignette:.3f}", f"{vignette - result.probability:+.3f}", delta_color="off",
+                     help="P(malignant) with a dark dermoscope ring painted into the corners.")
+    if result.corner_dependent:
+        numbers.warning(gallery.corner_dependence_note(result.probability, covered, vignette),
+                        icon=":material/crop_free:")
+    else:
+        numbers.caption("The corner check leaves this decision as it is: covering the corners or adding a vignette "
+                        f"neither flips it nor moves p by {DEFAULT_MIN_DELTA} or more.")
+    with numbers.expander("The images of the corner check"):
+        views = st.columns(len(CORNER_CHECK))
+        for column, name in zip(views, CORNER_CHECK):
+            column.image(result.corner_views[name], caption=f"{name}: p = {result.corner_probabilities[name]:.3f}",
+                         width="stretch")
     numbers.dataframe(pd.Series({"CAM share in the corners": f"{result.attention['corner_fraction']:.1%}",
                                  "CAM share in the border": f"{result.attention['border_fraction']:.1%}",
-                                 "dark-corner score": f"{result.attention['dark_corner_score']:.3f}",
-                                 "corner-focused": "yes" if result.attention["flag"] else "no"},
-                                name="attention"), width="stretch")
+                                 "dark-corner score": f"{result.attention['dark_corner_score']:.3f}"},
+                                name="Grad-CAM attention (explanatory)"), width="stretch")

@@ -41,8 +41,8 @@ def test_bench_train_reports_throughput_and_its_parts() -> None:
     assert found and int(found[1]) > 0 and float(found[2]) > 0
 
 
-@pytest.mark.parametrize("script", ["bench_predict.py", "bench_train.py", "bench_dashboard.py", "ensemble_search.py",
-                                    "load_dashboard.py"])
+@pytest.mark.parametrize("script", ["bench_predict.py", "bench_train.py", "bench_dashboard.py", "bench_stress.py",
+                                    "cam_vs_stress.py", "ensemble_search.py", "load_dashboard.py"])
 def test_benchmark_scripts_document_their_command(script: str) -> None:
     done = run_script(f"benchmarks/{script}", "--help")
     assert done.returncode == 0 and f"benchmarks/{script}" in done.stdout, done.stderr
@@ -89,3 +89,19 @@ def test_search_never_mixes_runs_one_ensemble_cannot_hold() -> None:
 def test_ensemble_search_wants_the_whole_rule() -> None:
     done = run_script("benchmarks/ensemble_search.py", "--runs", "models/default", "--max-forwards", "4")
     assert done.returncode == 2 and "needs --max-forwards, --max-mb and --incumbent together" in done.stderr
+
+
+def test_bench_stress_reports_a_median_and_a_projection(ham_dir: Path) -> None:
+    done = run_script("benchmarks/bench_stress.py", "--images", "4", "--repeats", "2", "--interventions",
+                      "corner_fill", "ink")
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"2 interventions .* 4 images: median ([\d.]+) s over 2 repeats", done.stdout)
+    assert found and float(found[1]) > 0
+    assert re.search(r"projected for the 1,500 test images: [\d.]+ min", done.stdout)
+
+
+def test_cam_vs_stress_compares_maps_with_the_interventions(ham_dir: Path) -> None:
+    done = run_script("benchmarks/cam_vs_stress.py", "--images", "12", "--maps", "gradcam@16", "gradcam@8")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"12 test images of models/default \(\d+ corner-dependent", done.stdout)
+    assert re.search(r"gradcam@16 +10²", done.stdout) and re.search(r"gradcam@8 +20²", done.stdout)

@@ -8,12 +8,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from core import metrics
 from core.data import PROJECT_ROOT
+from core.interventions import CORNER_CHECK, corner_dependent
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from core.runs import DEFAULT_RUN, read_metrics, read_predictions, read_stress
+from core.stress import wide
 from tests.conftest import streamlit_server
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -98,8 +101,11 @@ def test_upload_shows_probability_and_overlay(page, app_url: str, ham_dir: Path)
     open_page(page, app_url, "")
     page.locator("input[type=file]").set_input_files(str(image))
     metric = page.locator("[data-testid=stMetricValue]")
-    metric.wait_for()
-    assert metric.inner_text() == f"{Predictor.load(DEFAULT_RUN).predict(image).probability:.3f}"
+    metric.first.wait_for()
+    expected = Predictor.load(DEFAULT_RUN).predict(image, corner_check=True)
+    assert metric.first.inner_text() == f"{expected.probability:.3f}"
+    # The corner check beside it: p with the corners covered and with a vignette, in that order.
+    assert metric.all_inner_texts()[1:] == [f"{expected.corner_probabilities[name]:.3f}" for name in CORNER_CHECK]
     page.get_by_text("gradcam of the").wait_for()
     assert page.locator("[data-testid=stMain] [data-testid=stImage] img").count() >= 2  # photo + CAM overlay
     no_exceptions(page)
@@ -155,6 +161,40 @@ def test_filtering_the_browser(page, app_url: str) -> None:
     shot(page, "browse_filtered")
 
 
+def _corner_dependent(threshold: float) -> pd.DataFrame:
+    """The test split with each decision's corner dependence at ``threshold``, from the committed stress test."""
+    frame = read_predictions(DEFAULT_RUN, "test").merge(wide(read_stress(DEFAULT_RUN, "test")), on="image_id")
+    checked = {name: frame[f"p_{name}"] for name in CORNER_CHECK}
+    return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
+
+
+def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url: str) -> None:
+    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    frame = _corner_dependent(youden)
+    open_page(page, app_url, "browse")
+    page.locator("[data-testid=stMain] button", has_text=re.compile(r"^depends on corners$")).click()
+    page.get_by_text(f"{frame['dependent'].sum():,} of {len(frame):,} test images match").wait_for()
+    settle(page)
+    assert page.get_by_text("⚠ corners").count() > 0
+    no_exceptions(page)
+
+
+def test_the_audit_shows_the_stress_test(page, app_url: str) -> None:
+    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    frame = _corner_dependent(youden)
+    open_page(page, app_url, "audit")
+    heading = page.get_by_role("heading", name="Artifact stress test")
+    heading.scroll_into_view_if_needed()
+    page.get_by_text(f"{frame['dependent'].sum():,} of {len(frame):,} decisions").wait_for()
+    flips = ((frame["p_corner_fill"] >= youden) != (frame["probability"] >= youden)).sum()
+    page.get_by_text(f"{flips:,} decisions flip at {youden:.3f} with corner_fill").wait_for()
+    page.get_by_text("with corner_fill (p = ").first.wait_for()  # the first flipped case, painted and explained
+    settle(page)
+    no_exceptions(page)
+    page.get_by_text("Decisions an artifact changes").scroll_into_view_if_needed()
+    shot(page, "audit_stress")
+
+
 def _files_changed_since(root: Path, since: float, skip: tuple[str, ...]) -> list[Path]:
     changed = []
     for path in root.rglob("*"):
@@ -182,7 +222,7 @@ def test_uploads_stay_in_memory_and_in_their_session(browser, app_url: str, serv
             tab.set_default_timeout(60_000)
             open_page(tab, app_url, "")
         a.locator("input[type=file]").set_input_files(str(image))
-        a.locator("[data-testid=stMetricValue]").wait_for()
+        a.locator("[data-testid=stMetricValue]").first.wait_for()
         assert a.get_by_text("private_photo.jpg").count() >= 1
         b.reload()
         open_page(b, app_url, "")

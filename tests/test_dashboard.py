@@ -15,8 +15,10 @@ from streamlit.testing.v1 import AppTest
 
 from core import metrics
 from core.data import PROJECT_ROOT
+from core.interventions import CORNER_CHECK, corner_dependent
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from core.runs import DEFAULT_RUN, read_metrics, read_predictions, read_stress, read_stress_summary
+from core.stress import wide
 from dashboard import loaders
 from tests.conftest import streamlit_server
 
@@ -67,10 +69,14 @@ def test_predict_shows_the_probability_of_an_uploaded_photo(ham_dir: Path) -> No
     at.file_uploader[0].upload(path.name, path.read_bytes(), "image/jpeg")
     at.run()
     assert not at.exception and not at.error
-    expected = Predictor.load(DEFAULT_RUN).predict(path).probability
-    assert [m.value for m in at.metric] == [f"{expected:.3f}"]
+    expected = Predictor.load(DEFAULT_RUN).predict(path, corner_check=True, threshold=at.session_state["threshold"])
+    # P(malignant), then the corner check: with the corners covered, with a vignette added.
+    assert [m.value for m in at.metric] == [f"{expected.probability:.3f}"] + [
+        f"{expected.corner_probabilities[name]:.3f}" for name in CORNER_CHECK]
     assert any("benign" in m.value or "malignant" in m.value for m in at.markdown if "Decision at" in m.value)
     assert any("not a medical device" in w.value for w in at.warning)
+    dependent = any("depends on the image corners" in w.value for w in at.warning)
+    assert dependent == expected.corner_dependent
 
 
 def test_predict_takes_several_photos_and_odd_modes(ham_dir: Path) -> None:
@@ -81,7 +87,7 @@ def test_predict_takes_several_photos_and_odd_modes(ham_dir: Path) -> None:
     at.file_uploader[0].set_value(uploads)
     at.run()
     assert not at.exception and not at.error
-    assert len(at.metric) == 4 and all(0 <= float(m.value) <= 1 for m in at.metric)
+    assert len(at.metric) == 4 * 3 and all(0 <= float(m.value) <= 1 for m in at.metric)
 
 
 @pytest.mark.parametrize(("name", "content", "reason"), [
@@ -218,6 +224,43 @@ def test_audit_ranks_mistakes_and_exports(ham_dir: Path) -> None:
     assert len(flagged) == pd.read_csv(DEFAULT_RUN / "attention_test.csv")["flag"].sum()
 
 
+def _stressed_cases(threshold: float) -> pd.DataFrame:
+    frame = read_predictions(DEFAULT_RUN, "test").merge(wide(read_stress(DEFAULT_RUN, "test")), on="image_id")
+    checked = {name: frame[f"p_{name}"] for name in CORNER_CHECK}
+    return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
+
+
+def test_audit_shows_the_stress_test_and_paints_what_it_measured(ham_dir: Path) -> None:
+    at = open_page("audit", threshold=0.3, chart_threshold=0.3)
+    assert not at.exception and not at.error
+    frame = _stressed_cases(0.3)
+    summary = read_stress_summary(DEFAULT_RUN, "test")
+    assert any(f"{frame['dependent'].sum():,} of 1,500 decisions" in m.value for m in at.markdown)
+    table = _table_with(at, "AUROC change (95 % CI)")
+    assert list(table["intervention"]) == ["none (clean)", *summary["interventions"]]
+    assert table.set_index("intervention").loc["corner_fill", "flipped"] == summary["interventions"][
+        "corner_fill"]["flipped"]
+    # The flipped cases at 0.3, largest |Δp| first; each is painted again now and must score what the test stored.
+    flips = frame[(frame["p_corner_fill"] >= 0.3) != (frame["probability"] >= 0.3)]
+    assert any(f"**{len(flips):,}** decisions flip at 0.300" in m.value for m in at.markdown)
+    first = flips.loc[(flips["p_corner_fill"] - flips["probability"]).abs().idxmax()]
+    captions = [c for image in at.get("image") for c in image.captions if c.startswith("with corner_fill")]
+    assert captions[0] == f"with corner_fill (p = {first['p_corner_fill']:.3f})"
+    # The audit table's corner-dependent filter.
+    at.toggle(key="audit_corner").set_value(True).run()
+    outcome = metrics.outcomes(frame["label"], frame["probability"], 0.3)
+    assert len(at.dataframe(key="audit_table").value) == (np.isin(outcome, ["FP", "FN"]) & frame["dependent"]).sum()
+
+
+def test_browser_filters_decisions_that_depend_on_the_corners(ham_dir: Path) -> None:
+    at = open_page("browse", threshold=0.4, chart_threshold=0.4)
+    at.pills(key="f_corners").set_value("depends on corners").run()
+    frame = _stressed_cases(0.4)
+    assert _match_line(at).startswith(f"**{frame['dependent'].sum():,} of 1,500")
+    at.pills(key="f_corners").set_value("does not").run()
+    assert _match_line(at).startswith(f"**{(~frame['dependent']).sum():,} of 1,500")
+
+
 def test_training_report_shows_metrics_and_runs() -> None:
     at = open_page("training")
     table = _table_with(at, "AUROC (95 % CI)")
@@ -268,7 +311,7 @@ def test_repeated_explained_uploads_leak_no_hooks_or_tensors(ham_dir: Path) -> N
     def upload(path: Path) -> None:
         at.file_uploader[0].set_value((path.name, path.read_bytes(), "image/jpeg"))
         at.run()
-        assert not at.exception and len(at.metric) == 1
+        assert not at.exception and len(at.metric) == 1 + len(CORNER_CHECK)  # p, then the corner check
 
     for path in images[:10]:  # warm-up: caches fill
         upload(path)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from core import checkpoint
-from core.augment import BatchAugment
+from core.augment import BatchAugment, ellipse_radius
 from core.config import TrainConfig, add_config_arguments
 from core.engine import FLIP_DIMS, Preprocess, create_training_parts, predict_probabilities, training_loss
 from core.losses import BinaryFocalLoss, create_loss
@@ -105,6 +105,38 @@ def test_batch_augment_geometry_is_a_mild_similarity() -> None:
     flipped_x = torch.from_numpy(l_shaped_mask(96, 96)[:, ::-1].copy()).float()
     overlap = lambda m: ((out[:, 0] > 0.5) & (m > 0.5)).float().sum(dim=(1, 2))  # noqa: E731
     assert (overlap(flipped_x) > overlap(shape)).any() and (overlap(shape) > overlap(flipped_x)).any()
+
+
+def test_corner_artifacts_come_at_their_rate_and_leave_the_rest_aligned() -> None:
+    """Random vignettes / corner fills land on about ``p`` of the images (label-blind: each half of the batch,
+    standing for a class, gets its share), change only the rim of the view, keep the geometry of the same seed
+    exactly (so image and mask stay aligned) and repeat with the seed."""
+    x = torch.rand(1, 3, 32, 48).repeat(1200, 1, 1, 1) * 0.5 + 0.5
+    plain = BatchAugment(jitter=0.0)(x, torch.Generator().manual_seed(3))
+    augment = BatchAugment(jitter=0.0, corner_artifacts=0.5)
+    out = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(3)))
+    changed = ((out - plain).abs() > 1e-3).flatten(1).any(1).float()
+    for half in changed.chunk(2):
+        assert abs(half.mean().item() - 0.5) < 0.06
+    inner = ellipse_radius(32, 48) < 0.74  # the rings start at 0.75, the fills at 1: the lesion's place is kept
+    assert torch.allclose(out[:, :, inner], plain[:, :, inner], atol=1e-5)  # (jitter's mean-centring rounds)
+    assert (out[:, :, ~inner] <= plain[:, :, ~inner] + 1e-6).float().mean() > 0.9  # mostly darker rims
+    assert BatchAugment(corner_artifacts=0.0)(x[:4], torch.Generator().manual_seed(3)).equal(
+        BatchAugment()(x[:4], torch.Generator().manual_seed(3)))  # off: the old random stream, bit for bit
+
+
+def test_fine_tuning_starts_from_an_ensemble_member() -> None:
+    from core.engine import load_run
+    from core.ensemble import init_weights
+    from core.model import create_model
+
+    _, ensemble = load_run("models/default")
+    model = init_weights(create_model("efficientnet_lite0", pretrained=False), "models/default/members/lite0_160_wd05")
+    expected = ensemble.members[0].state_dict()
+    assert all(torch.equal(v.float(), expected[k].float()) for k, v in model.state_dict().items())
+    with pytest.raises(checkpoint.CheckpointError, match="neither a trained run"):
+        init_weights(model, "models/default/members/nobody")
 
 
 # --- device placement -----------------------------------------------------------------------------------------------

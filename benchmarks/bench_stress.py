@@ -1,0 +1,58 @@
+"""CPU time of the artifact stress test (``core.stress.intervened_probabilities``: paint, then predict the clean
+and every intervened copy with the run's TTA and calibration) on N test images, median of R repeats, and what that
+makes for the whole 1,500-image test split. Decoding the images and masks is timed apart (done once per split).
+
+    python benchmarks/bench_stress.py --run models/default [--images 150] [--repeats 3] [--threads 2]
+        [--interventions vignette vignette_strong corner_fill ink ruler]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from core.audit import model_view_masks
+from core.engine import load_splits, preload_images
+from core.interventions import INTERVENTIONS, image_key
+from core.runs import model_label
+from core.stress import intervened_probabilities, run_scorer
+
+TEST_IMAGES = 1500
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", type=Path, default=Path("models/default"))
+    parser.add_argument("--images", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--interventions", nargs="+", choices=list(INTERVENTIONS),
+                        default=["vignette", "vignette_strong", "corner_fill", "ink", "ruler"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    score, cfg = run_scorer(args.run, torch.device("cpu"))
+    frame = load_splits(cfg)["test"].head(args.images)
+    start = time.perf_counter()
+    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
+    decode = time.perf_counter() - start
+    keys = [image_key(i) for i in frame["image_id"]]
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        intervened_probabilities(score, images, masks, keys, args.interventions)
+        times.append(time.perf_counter() - start)
+    per_image = statistics.median(times) / len(frame)
+    print(f"stress test, {model_label(cfg)} @ {cfg.input_size}px, {len(args.interventions)} interventions "
+          f"({', '.join(args.interventions)}) + clean, {args.threads} threads, {len(frame)} images: median "
+          f"{statistics.median(times):.1f} s over {args.repeats} repeats ({1000 * per_image:.0f} ms per image); "
+          f"decoding images and masks {decode:.1f} s")
+    print(f"projected for the {TEST_IMAGES:,} test images: {per_image * TEST_IMAGES / 60:.1f} min "
+          f"+ {decode / len(frame) * TEST_IMAGES:.0f} s decoding")
+
+
+if __name__ == "__main__":
+    main()

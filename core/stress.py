@@ -1,0 +1,244 @@
+"""``train.py stress``: does the model *use* the corners? Intervene on every image and measure what moves.
+
+For each image of a split and each intervention (``core.interventions``), P(malignant) is predicted with the run's
+own preprocessing, TTA and calibration on the clean and the intervened image, and the decision is read at the val
+Youden threshold. An image's decision is **corner-dependent** when covering its corners with skin or adding a
+dermoscope ring flips it, or moves p by at least ``min_delta``: evidence from behaviour, where a CAM's corner share
+is only a hint (and, on the shipped model, a poor one: the summary says how poor).
+
+Writes into the run directory ``stress_<split>.csv`` (image_id, intervention, p_clean, p, delta_p, flipped,
+change, …) and ``stress_summary.json`` (one section per split).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from core import metrics
+from core.audit import model_view_masks
+from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
+from core.explain import dark_corner_score
+from core.interventions import (
+    CORNER_CHECK,
+    CORNER_INTERVENTIONS,
+    DEFAULT_MIN_DELTA,
+    INTERVENTIONS,
+    corner_dependent,
+    create_intervention,
+    image_key,
+)
+from core.io import atomic_write, atomic_write_text
+from core.runs import STRESS_SUMMARY, read_metrics
+
+# Images per forward for the stress test's scorer. On 2 CPU cores a forward of 32 images (16 × 2 flip views) runs
+# ~1.8× faster per image than evaluation's 128: the activations of a big batch fall out of cache.
+STRESS_BATCH = 32
+Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8 images (N, 3, H, W) → P(malignant) (N,)
+
+
+def run_scorer(run_dir: str | Path, device: torch.device) -> tuple[Scorer, object]:
+    """P(malignant) of a run exactly as evaluation computes it (preprocessing, TTA views, calibration)."""
+    cfg, model = load_run(run_dir, device)
+    preprocess = Preprocess(cfg)
+
+    def score(images: torch.Tensor) -> np.ndarray:
+        return predict_probabilities(model, images, preprocess, device, STRESS_BATCH, cfg.tta_flips,
+                                     cfg.amp, cfg.tta_views, cfg.calibration)
+
+    return score, cfg
+
+
+def intervened_probabilities(score: Scorer, images: torch.Tensor, masks: Sequence[np.ndarray | None] | None,
+                             keys: Sequence[int], names: Sequence[str], seed: int = 0,
+                             chunk: int = 64) -> dict[str, np.ndarray]:
+    """``{"clean": p, name: p, …}`` for uint8 ``images`` (``masks``: one lesion mask or None per image, or None
+    for none at all): each chunk's clean and intervened copies go through the network as one batch."""
+    masks = [None] * len(images) if masks is None else list(masks)
+    keys = list(keys)
+    interventions = [create_intervention(name, seed) for name in names]
+    out: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *names]}
+    for start in tqdm(range(0, len(images), chunk), desc="stress test", disable=None):
+        batch, part_masks, part_keys = images[start:start + chunk], masks[start:start + chunk], keys[start:start + chunk]
+        versions = [batch] + [intervention(batch, part_masks, part_keys) for intervention in interventions]
+        p = score(torch.cat(versions)).reshape(len(versions), len(batch))
+        for name, row in zip(out, p):
+            out[name].append(row)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def stress_table(frame: pd.DataFrame, probabilities: dict[str, np.ndarray], threshold: float) -> pd.DataFrame:
+    """One row per image × intervention: p before and after, Δp and whether the decision at ``threshold`` flipped
+    (``change``: ``to_malignant``, ``to_benign`` or ``none``)."""
+    clean = probabilities["clean"]
+    base = frame[[c for c in ("image_id", "lesion_id", "dx", "label") if c in frame]].reset_index(drop=True)
+    parts = []
+    for name, p in probabilities.items():
+        if name == "clean":
+            continue
+        before, after = clean >= threshold, p >= threshold
+        parts.append(base.assign(intervention=name, p_clean=clean, p=p, delta_p=p - clean, flipped=before != after,
+                                 change=np.where(after & ~before, "to_malignant",
+                                                 np.where(before & ~after, "to_benign", "none"))))
+    return pd.concat(parts, ignore_index=True)
+
+
+def wide(table: pd.DataFrame) -> pd.DataFrame:
+    """The long stress table as one row per image: ``p_clean`` and ``p_<intervention>`` columns."""
+    pivot = table.pivot(index="image_id", columns="intervention", values="p")
+    pivot.columns = [f"p_{name}" for name in pivot.columns]
+    clean = table.drop_duplicates("image_id").set_index("image_id")["p_clean"]
+    return pivot.assign(p_clean=clean).reset_index()
+
+
+def image_flags(table: pd.DataFrame, threshold: float, min_delta: float = DEFAULT_MIN_DELTA) -> pd.DataFrame:
+    """Per image: ``corner_dependent`` (:func:`corner_dependent`) and ``corner_delta_p``, the largest |Δp| over the
+    corner check."""
+    per_image = wide(table)
+    checked = {name: per_image[f"p_{name}"].to_numpy() for name in CORNER_CHECK}
+    per_image["corner_dependent"] = corner_dependent(per_image["p_clean"].to_numpy(), checked, threshold, min_delta)
+    per_image["corner_delta_p"] = np.max([np.abs(p - per_image["p_clean"].to_numpy()) for p in checked.values()], 0)
+    return per_image
+
+
+def _at_threshold(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    at = metrics.binary_metrics(labels, p, threshold)
+    return {"sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+
+def summarize(table: pd.DataFrame, threshold: float, min_delta: float = DEFAULT_MIN_DELTA,
+              attention: pd.DataFrame | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per intervention: AUROC (bootstrap CI) and its paired difference from the clean images (lesions resampled
+    whole), mean Δp and |Δp|, the share of decisions flipped each way, sensitivity and specificity; then the
+    corner-dependence flag and, given the Grad-CAM ``attention`` table, how well its corner share predicts it."""
+    first = table.drop_duplicates("image_id")
+    labels, clean = first["label"].to_numpy(), first["p_clean"].to_numpy()
+    groups = first["lesion_id"].to_numpy() if "lesion_id" in first else None
+    both = 0 < labels.sum() < len(labels)
+    report: dict = {"n": int(len(first)), "threshold_youden_val": threshold,
+                    "clean": {"auroc": metrics.auroc(labels, clean),
+                              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, clean, seed=seed)),
+                              **_at_threshold(labels, clean, threshold)},
+                    "interventions": {}}
+    for name, part in table.groupby("intervention", sort=False):
+        part = part.set_index("image_id").loc[first["image_id"]]
+        p = part["p"].to_numpy()
+        gain = metrics.paired_auroc_gain(labels, p, clean, groups, n_boot=n_boot, alpha=0.05, seed=seed) \
+            if both else (float("nan"),) * 3
+        report["interventions"][name] = {
+            "corner": name in CORNER_INTERVENTIONS,
+            "auroc": metrics.auroc(labels, p), "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, p, seed=seed)),
+            "auroc_change": gain[0], "auroc_change_ci": [gain[1], gain[2]],
+            "mean_delta_p": float(part["delta_p"].mean()), "mean_abs_delta_p": float(part["delta_p"].abs().mean()),
+            "flipped": float(part["flipped"].mean()),
+            "to_malignant": float((part["change"] == "to_malignant").mean()),
+            "to_benign": float((part["change"] == "to_benign").mean()),
+            **_at_threshold(labels, p, threshold)}
+    flags = image_flags(table, threshold, min_delta)
+    report["corner_dependent"] = {
+        "rule": f"the decision at the val Youden threshold flips, or |Δp| >= {min_delta}, under "
+                + " or ".join(CORNER_CHECK),
+        "min_delta": min_delta, "checked": list(CORNER_CHECK),
+        "n": int(flags["corner_dependent"].sum()), "rate": float(flags["corner_dependent"].mean())}
+    if attention is not None:
+        report["cam_validation"] = cam_validation(table, flags, attention)
+    return report
+
+
+def cam_validation(table: pd.DataFrame, flags: pd.DataFrame, attention: pd.DataFrame) -> dict:
+    """Does the Grad-CAM's corner share predict what the interventions show? Spearman ρ of ``corner_fraction``
+    with |Δp| and its AUROC for "the decision flips", per corner intervention and for the corner-dependence flag
+    (0.5 = chance; below 0.5 the CAM ranks the dependent images *less* corner-focused than the rest)."""
+    cam = attention.set_index("image_id")["corner_fraction"]
+    out: dict = {"score": "corner_fraction (Grad-CAM share in the four corner squares)"}
+    for name, part in table.groupby("intervention", sort=False):
+        if name not in CORNER_INTERVENTIONS:
+            continue
+        fraction = cam.reindex(part["image_id"]).to_numpy()
+        keep = np.isfinite(fraction)
+        flipped = part["flipped"].to_numpy()[keep].astype(int)
+        out[name] = {"spearman_abs_delta_p": float(pd.Series(fraction[keep]).corr(
+                         pd.Series(np.abs(part["delta_p"].to_numpy()[keep])), method="spearman")),
+                     "auroc_flipped": metrics.auroc(flipped, fraction[keep]) if 0 < flipped.sum() < len(flipped)
+                     else float("nan"),
+                     "cam_flag_among_flipped": int(attention.set_index("image_id")["flag"].reindex(
+                         part["image_id"][part["flipped"]]).astype(bool).sum()),
+                     "flipped": int(flipped.sum())}
+    fraction = cam.reindex(flags["image_id"]).to_numpy()
+    keep = np.isfinite(fraction)
+    dependent = flags["corner_dependent"].to_numpy()[keep].astype(int)
+    out["corner_dependent"] = {
+        "auroc": metrics.auroc(dependent, fraction[keep]) if 0 < dependent.sum() < len(dependent) else float("nan"),
+        "spearman_corner_delta_p": float(pd.Series(fraction[keep]).corr(
+            pd.Series(flags["corner_delta_p"].to_numpy()[keep]), method="spearman"))}
+    return out
+
+
+def dark_corners_by_class(frame: pd.DataFrame, quantiles: int = 5) -> dict:
+    """Why a model may learn the ring: how dark the corners are (``dark_corner_score``) by diagnosis, and the
+    malignant share in each quantile of darkness, on the training split."""
+    by_dx = frame.groupby("dx")["dark_corner_score"].agg(["size", "mean", "median"])
+    bins = pd.qcut(frame["dark_corner_score"], quantiles, duplicates="drop")
+    by_bin = frame.groupby(bins, observed=True).agg(n=("label", "size"), malignant=("label", "mean"),
+                                                    low=("dark_corner_score", "min"),
+                                                    high=("dark_corner_score", "max"))
+    by_label = frame.groupby("label")["dark_corner_score"].agg(["mean", "median"])
+    return {"n": int(len(frame)),
+            "by_dx": {dx: {"n": int(r["size"]), "mean": float(r["mean"]), "median": float(r["median"])}
+                      for dx, r in by_dx.iterrows()},
+            "by_label": {("malignant" if label else "benign"): {"mean": float(r["mean"]), "median": float(r["median"])}
+                         for label, r in by_label.iterrows()},
+            "malignant_share_by_quantile": [{"low": float(r["low"]), "high": float(r["high"]), "n": int(r["n"]),
+                                             "malignant": float(r["malignant"])} for _, r in by_bin.iterrows()],
+            "auroc_dark_corners_for_label": metrics.auroc(frame["label"], (frame["dark_corner_score"].clip(-1, 1) + 1)
+                                                          / 2)}
+
+
+def _subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """``limit`` images drawn at random (in split order), so a quick look still holds both classes; all without."""
+    if not limit or limit >= len(frame):
+        return frame
+    return frame.sample(n=limit, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] | None = None,
+                 limit: int | None = None, seed: int = 0, min_delta: float = DEFAULT_MIN_DELTA,
+                 device_name: str = "auto", train_corners: bool = True) -> dict:
+    """The stress test of one split of a run: writes ``stress_<split>.csv`` and this split's section of
+    ``stress_summary.json`` (the other splits' sections are kept). Returns that section."""
+    run_dir = Path(run_dir)
+    names = list(INTERVENTIONS) if names is None else list(names)
+    missing = [name for name in CORNER_CHECK if name not in names]
+    if missing:
+        raise ValueError(f"the corner-dependence flag needs {', '.join(missing)}; add them to --interventions")
+    for name in names:
+        create_intervention(name)  # unknown names refused before any work
+    threshold = read_metrics(run_dir)["thresholds"]["youden"]
+    device = resolve_device(device_name)
+    score, cfg = run_scorer(run_dir, device)
+    frames = load_splits(cfg)
+    frame = _subset(frames[split], limit, seed)
+    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
+    probabilities = intervened_probabilities(score, images, masks, [image_key(i) for i in frame["image_id"]], names,
+                                             seed)
+    table = stress_table(frame, probabilities, threshold)
+    attention_path = run_dir / f"attention_{split}.csv"
+    attention = pd.read_csv(attention_path, dtype={"image_id": str}) if attention_path.is_file() else None
+    section = summarize(table, threshold, min_delta, attention, seed=seed)
+    section |= {"seed": seed, "interventions_run": {name: repr(create_intervention(name, seed)) for name in names}}
+    if train_corners:
+        train = _subset(frames["train"], limit, seed)
+        views = preload_images(train["path"].tolist(), cfg.input_size, cfg.crop).permute(0, 2, 3, 1).numpy()
+        section["dark_corners_train"] = dark_corners_by_class(
+            train.assign(dark_corner_score=[dark_corner_score(view) for view in views]))
+    atomic_write(run_dir / f"stress_{split}.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    path = run_dir / STRESS_SUMMARY
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps(summary | {split: section}, indent=1))
+    return section
