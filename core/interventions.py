@@ -232,6 +232,12 @@ def corner_dependent(p_clean: np.ndarray | float, p_checked: dict[str, np.ndarra
     return flags
 
 
+def corner_delta_p(p_clean: np.ndarray | float, p_checked: dict[str, np.ndarray | float]) -> np.ndarray:
+    """Per image, the largest |Δp| over the :data:`CORNER_CHECK` interventions."""
+    clean = np.asarray(p_clean, dtype=float)
+    return np.max([np.abs(np.asarray(p_checked[name], dtype=float) - clean) for name in CORNER_CHECK], axis=0)
+
+
 def create_intervention(name: str, seed: int = 0) -> Intervention:
     if name not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {name!r}; choose from {', '.join(INTERVENTIONS)}")

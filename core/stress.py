@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from core import metrics
 from core.audit import model_view_masks
+from core.config import TrainConfig
 from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.explain import dark_corner_score
 from core.interventions import (
@@ -29,12 +30,13 @@ from core.interventions import (
     CORNER_INTERVENTIONS,
     DEFAULT_MIN_DELTA,
     INTERVENTIONS,
+    corner_delta_p,
     corner_dependent,
     create_intervention,
     image_key,
 )
 from core.io import atomic_write, atomic_write_text
-from core.runs import STRESS_SUMMARY, read_metrics
+from core.runs import STRESS_SUMMARY, RunError, read_attention, read_metrics
 
 # Images per forward for the stress test's scorer. On 2 CPU cores a forward of 32 images (16 × 2 flip views) runs
 # ~1.8× faster per image than evaluation's 128: the activations of a big batch fall out of cache.
@@ -42,7 +44,7 @@ STRESS_BATCH = 32
 Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8 images (N, 3, H, W) → P(malignant) (N,)
 
 
-def run_scorer(run_dir: str | Path, device: torch.device) -> tuple[Scorer, object]:
+def run_scorer(run_dir: str | Path, device: torch.device) -> tuple[Scorer, TrainConfig]:
     """P(malignant) of a run exactly as evaluation computes it (preprocessing, TTA views, calibration)."""
     cfg, model = load_run(run_dir, device)
     preprocess = Preprocess(cfg)
@@ -102,7 +104,7 @@ def image_flags(table: pd.DataFrame, threshold: float, min_delta: float = DEFAUL
     per_image = wide(table)
     checked = {name: per_image[f"p_{name}"].to_numpy() for name in CORNER_CHECK}
     per_image["corner_dependent"] = corner_dependent(per_image["p_clean"].to_numpy(), checked, threshold, min_delta)
-    per_image["corner_delta_p"] = np.max([np.abs(p - per_image["p_clean"].to_numpy()) for p in checked.values()], 0)
+    per_image["corner_delta_p"] = corner_delta_p(per_image["p_clean"].to_numpy(), checked)
     return per_image
 
 
@@ -228,8 +230,10 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
     probabilities = intervened_probabilities(score, images, masks, [image_key(i) for i in frame["image_id"]], names,
                                              seed)
     table = stress_table(frame, probabilities, threshold)
-    attention_path = run_dir / f"attention_{split}.csv"
-    attention = pd.read_csv(attention_path, dtype={"image_id": str}) if attention_path.is_file() else None
+    try:
+        attention = read_attention(run_dir, split)
+    except RunError:  # no Grad-CAM audit of this split: no CAM validation
+        attention = None
     section = summarize(table, threshold, min_delta, attention, seed=seed)
     section |= {"seed": seed, "interventions_run": {name: repr(create_intervention(name, seed)) for name in names}}
     if train_corners:

@@ -12,7 +12,7 @@ import streamlit as st
 
 from core import metrics
 from core.data import DX_NAMES, DataError
-from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_dependent
+from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_delta_p, corner_dependent
 from core.overlay import cam_overlay, outline_mask
 from dashboard import loaders, state
 
@@ -53,7 +53,7 @@ def add_corner_dependence(cases: pd.DataFrame, threshold: float) -> None:
     checked = {name: cases[f"p_{name}"].to_numpy() for name in CORNER_CHECK}
     p = cases["probability"].to_numpy()
     cases["corner_dependent"] = corner_dependent(p, checked, threshold)
-    cases["corner_delta_p"] = np.max([np.abs(value - p) for value in checked.values()], axis=0)
+    cases["corner_delta_p"] = corner_delta_p(p, checked)
 
 
 def has_stress(frame: pd.DataFrame) -> bool:
