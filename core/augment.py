@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.transforms import ellipse_radius
+
 
 class BatchAugment(nn.Module):
     """``float`` images ``(N, 3, H, W)`` in [0, 1] → augmented images, same shape. Every sample gets its own draw.
@@ -61,13 +63,6 @@ class BatchAugment(nn.Module):
         images = ((images - mean) * u(1 - j, 1 + j).view(shape) + mean).clamp(0, 1)
         gray = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
         return ((images - gray) * u(1 - j, 1 + j).view(shape) + gray).clamp(0, 1)
-
-
-def ellipse_radius(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``(H, W)``: radius in units of the inscribed circle/ellipse (as ``core.interventions.ellipse_radius``)."""
-    v = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
-    u = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
-    return torch.sqrt(u[None, :] ** 2 + v[:, None] ** 2)
 
 
 def corner_artifacts(images: torch.Tensor, p: float, u) -> torch.Tensor:

@@ -27,6 +27,7 @@ class TrainConfig:
     init_from: str | None = None           # start from a trained run's weights (or RUN/members/NAME of an ensemble)
     input_size: int = 224                  # model view height (and width, with the square crop)
     crop: str = "square"                   # "square": centre square | "frame": the whole 4:3 frame (core.transforms)
+    mask_corners: bool = False             # a constant colour outside the inscribed circle/ellipse, always
     normalization: str = "pretrained"      # "pretrained" (the weights' own mean/std) | "imagenet" | "per_image"
     shades_of_gray: bool = False
     drop_rate: float = 0.2

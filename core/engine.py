@@ -49,6 +49,7 @@ from core.sampler import BalancedSampler
 from core.split import apply_split, read_split
 from core.transforms import (
     Crop,
+    CornerMask,
     Normalization,
     normalize_transform,
     resize_transform,
@@ -135,14 +136,21 @@ def resolve_normalization(cfg: TrainConfig) -> Normalization:
 
 
 class Preprocess(nn.Module):
-    """uint8 batch → normalised float batch, as the model was trained (per the run's config)."""
+    """uint8 batch (or float in [0, 1], augmented) → normalised float batch, as the model was trained (per the
+    run's config). The one place the corner mask is applied: training (after augmentation), evaluation, the stress
+    test (after the intervention), the Predictor and Grad-CAM all go through here."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
+        self.corner_mask = CornerMask() if cfg.mask_corners else None
         self.normalize = normalize_transform(resolve_normalization(cfg), cfg.shades_of_gray)
 
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """The pixels the network gets, before normalisation: ``images`` with the corner mask if the run has one."""
+        return images if self.corner_mask is None else self.corner_mask(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(tv_tensors.Image(images)).as_subclass(torch.Tensor)
+        return self.normalize(tv_tensors.Image(self.view(images))).as_subclass(torch.Tensor)
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 
+from core import transforms
 from core.explain import border_region, corner_region
 
 Masks = Sequence[np.ndarray | None] | None
@@ -36,11 +37,9 @@ def image_key(image_id: str) -> int:
 
 def ellipse_radius(shape: tuple[int, int]) -> np.ndarray:
     """Per pixel, the radius in units of the inscribed circle (square view) or ellipse (4:3 view): 1 on it, > 1 in
-    the corners outside it, √2 at the very corner."""
-    h, w = shape
-    v = (np.arange(h) + 0.5) / h * 2 - 1
-    u = (np.arange(w) + 0.5) / w * 2 - 1
-    return np.sqrt(u[None, :] ** 2 + v[:, None] ** 2)
+    the corners outside it, √2 at the very corner. The corner mask's own function (``core.transforms``), so a corner
+    fill paints exactly the pixels a masked model never sees."""
+    return transforms.ellipse_radius(*shape).double().numpy()
 
 
 def unmasked_region(shape: tuple[int, int]) -> np.ndarray:

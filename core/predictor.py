@@ -23,6 +23,7 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 class Prediction:
     probability: float                     # P(malignant)
     model_input: np.ndarray                # the image as the model sees it: uint8 (H, W, 3) after crop + resize
+                                           # (and the run's corner mask)
     thresholds: dict[str, float] = field(default_factory=dict)  # chosen on val: "0.5", "youden", "sens95"
     cam: np.ndarray | None = None          # with explain=True: Grad-CAM (H, W) in [0, 1], aligned with model_input
     attention: dict = field(default_factory=dict)  # with explain=True: corner/border fractions, flag, dark corners
@@ -57,7 +58,7 @@ class Predictor:
         return cls(run_dir, device)
 
     def model_input(self, image: ImageInput) -> torch.Tensor:
-        """uint8 ``(3, H, W)``: cropped (the run's ``crop``) and resized — exactly what evaluation feeds the model."""
+        """uint8 ``(3, H, W)``: cropped (the run's ``crop``) and resized — exactly what evaluation preloads."""
         return self.resize(open_rgb(image)).as_subclass(torch.Tensor)
 
     def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam",
@@ -85,11 +86,12 @@ class Predictor:
                                               tta_flips=self.config.tta_flips, amp=self.config.amp,
                                               tta_views=self.config.tta_views,
                                               calibration=self.config.calibration)
-        view = pixels.permute(1, 2, 0).numpy().copy()
+        view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}
-            result.corner_views = {name: v[0].permute(1, 2, 0).numpy() for name, v in zip(CORNER_CHECK, versions[1:])}
+            result.corner_views = {name: self.preprocess.view(v[0]).permute(1, 2, 0).numpy()
+                                   for name, v in zip(CORNER_CHECK, versions[1:])}
             result.corner_dependent = bool(corner_dependent(result.probability, result.corner_probabilities,
                                                             threshold))
         if explain:

@@ -26,6 +26,8 @@ Crop = Literal["square", "frame"]
 CROPS = ("square", "frame")
 CROP_DESCRIPTIONS = {"square": "centre square, resized", "frame": "whole 4:3 frame, resized"}
 FRAME_ASPECT = 4 / 3  # HAM10000 / ISIC dermoscopy: 600×450
+# What CornerMask paints outside the inscribed circle/ellipse: the ImageNet mean in uint8, ≈ 0 after normalisation.
+CORNER_FILL = (124, 116, 104)
 
 
 def view_shape(input_size: int, crop: Crop = "square") -> tuple[int, int]:
@@ -36,6 +38,14 @@ def view_shape(input_size: int, crop: Crop = "square") -> tuple[int, int]:
     if crop == "frame":
         return input_size, 8 * round(input_size * FRAME_ASPECT / 8)
     raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+
+
+def ellipse_radius(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(H, W)``: per pixel, the radius in units of the circle (square view) or ellipse (4:3 view) inscribed in the
+    view: 1 on it, > 1 in the corners, √2 at the very corner (as ``core.interventions.ellipse_radius``)."""
+    v = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
+    u = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
+    return torch.sqrt(u[None, :] ** 2 + v[:, None] ** 2)
 
 
 class _ImageOnly(v2.Transform):
@@ -88,6 +98,18 @@ class ShadesOfGray(_ImageOnly):
         illuminant = image.clamp_min(0).pow(self.power).mean(dim=(-2, -1), keepdim=True).pow(1 / self.power)
         gain = illuminant.mean(dim=-3, keepdim=True) / illuminant.clamp_min(1e-6)
         return (image * gain).clamp(0, 1)
+
+
+class CornerMask(_ImageOnly):
+    """Everything outside the inscribed circle/ellipse becomes one constant colour (:data:`CORNER_FILL`), so the
+    corners carry nothing by construction: no vignette, ruler or dark skin there can move p. uint8 or float in
+    [0, 1] alike (the fill is the same uint8 value either way, so a preloaded and an augmented image agree)."""
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        outside = ellipse_radius(*image.shape[-2:], device=image.device) > 1
+        fill = torch.tensor(CORNER_FILL, device=image.device).view(3, 1, 1)
+        fill = fill.to(image.dtype) if not image.is_floating_point() else fill.to(image.dtype) / 255
+        return torch.where(outside, fill, image)
 
 
 class CenterFrameCrop(v2.Transform):

@@ -28,7 +28,7 @@ SCORES = ["probability", "outcome", "corner_dependent", "p_corner_fill", "p_vign
 class TestCases(NamedTuple):
     run: Path
     cases: pd.DataFrame       # one row per test image, with its ``outcome`` at ``threshold``
-    view: tuple[int, str]     # the run's model view: (input_size, crop), as core.transforms.resize_transform takes
+    view: tuple[int, str, bool]  # the run's model view: (input_size, crop, mask_corners), as loaders.model_view takes
     threshold: float
     images_problem: str       # why the images were not found ("" when they were)
 
@@ -107,7 +107,7 @@ def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
     return prediction.cam, "Grad-CAM of the decision at the current threshold (computed now)"
 
 
-def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opacity: float) -> None:
+def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, bool], opacity: float) -> None:
     """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
     st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
     if bool(row.get("corner_dependent", False)):
@@ -123,7 +123,7 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opaci
         image_col.image(view, caption="as the model sees it", width="stretch")
         cam_col.image(cam_overlay(view, cam, opacity), caption=cam_note, width="stretch")
         if isinstance(row.get("mask_path"), str):
-            mask = loaders.model_view_mask(row["mask_path"], *view_geometry)
+            mask = loaders.model_view_mask(row["mask_path"], *view_geometry[:2])
             mask_col.image(outline_mask(cam_overlay(view, cam, opacity), mask), width="stretch",
                            caption="lesion mask outline (green) over the CAM")
         else:
@@ -137,7 +137,7 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str], opaci
     st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")
 
 
-def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str], name: str, seed: int,
+def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str, bool], name: str, seed: int,
                       opacity: float) -> None:
     """One stress-test case: the image and its CAM, then the same image with the artifact painted in (as
     ``train.py stress`` painted it) and the CAM of the decision made on that copy."""

@@ -30,7 +30,7 @@ from core.runs import (
 )
 from core.stress import wide
 from core.split import read_split
-from core.transforms import resize_transform
+from core.transforms import CornerMask, resize_transform
 from dashboard import charts
 
 DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "ham10000.csv"
@@ -78,7 +78,7 @@ def predictor(run: Path) -> Predictor:
     return _predictor(str(run), _model_stamp(run))
 
 
-def intervened(run: Path, row: pd.Series, view: tuple[int, str], name: str, seed: int,
+def intervened(run: Path, row: pd.Series, view: tuple[int, str, bool], name: str, seed: int,
                threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
     """:func:`intervened_case` for one case row (with its ``path`` and ``mask_path``)."""
     mask_path = row.get("mask_path")
@@ -161,11 +161,12 @@ def stress_summary(run: Path, split: str = "test") -> dict | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def intervened_case(run: str, stamp: float, path: str, mask_path: str | None, size: int, crop: str, name: str,
-                    seed: int, image_id: str, threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
+def intervened_case(run: str, stamp: float, path: str, mask_path: str | None, size: int, crop: str,
+                    mask_corners: bool, name: str, seed: int, image_id: str,
+                    threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
     """A test image with one intervention painted in exactly as ``train.py stress`` painted it (same seed, key
     and mask), with its P(malignant) and the Grad-CAM of the decision at ``threshold``, computed now."""
-    view = model_view(path, size, crop)
+    view = model_view(path, size, crop, mask_corners)
     mask = model_view_mask(mask_path, size, crop) if mask_path else None
     pixels = torch.from_numpy(view).permute(2, 0, 1).unsqueeze(0)
     painted = create_intervention(name, seed)(pixels, [mask], [image_key(image_id)])[0]
@@ -182,9 +183,11 @@ def thumbnail(path: str, size: int = 160) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def model_view(path: str, size: int, crop: str = "square") -> np.ndarray:
-    """uint8 (H, W, 3): the photo cropped and resized as the model sees it (and as stored CAMs are aligned)."""
-    return resize_transform(size, crop)(open_rgb(path)).permute(1, 2, 0).numpy().copy()
+def model_view(path: str, size: int, crop: str = "square", mask_corners: bool = False) -> np.ndarray:
+    """uint8 (H, W, 3): the photo cropped and resized as the model sees it (and as stored CAMs are aligned), with
+    the run's corner mask painted by the same transform the model's preprocessing uses."""
+    view = resize_transform(size, crop)(open_rgb(path))
+    return (CornerMask()(view) if mask_corners else view).permute(1, 2, 0).numpy().copy()
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

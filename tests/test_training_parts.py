@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from core import checkpoint
-from core.augment import BatchAugment, ellipse_radius
+from core.augment import BatchAugment
 from core.config import TrainConfig, add_config_arguments
 from core.engine import FLIP_DIMS, Preprocess, create_training_parts, predict_probabilities, training_loss
 from core.losses import BinaryFocalLoss, create_loss
 from core.sampler import BalancedSampler
+from core.transforms import ellipse_radius
 from tests.test_transforms import l_shaped_mask
 
 

@@ -1,0 +1,133 @@
+"""The fixed corner mask (``mask_corners``): outside the inscribed circle/ellipse the model always sees one constant
+colour, and it is applied by one code path, so training (after augmentation), evaluation, the stress test, the
+Predictor, Grad-CAM and the dashboard's model view all see the same masked pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import checkpoint
+from core.augment import BatchAugment
+from core.config import TrainConfig
+from core.engine import Preprocess, create_training_parts, predict_probabilities, preload_images, training_loss
+from core.interventions import CORNER_INTERVENTIONS, create_intervention
+from core.model import create_model, head_outputs
+from core.predictor import Predictor
+from core.transforms import CORNER_FILL, CornerMask, ellipse_radius, view_shape
+from tests.conftest import write_image
+
+SIZE = 48
+
+
+def masked_config(crop: str = "square") -> TrainConfig:
+    return TrainConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, normalization="imagenet",
+                       tta_flips=True, tta_views=2)
+
+
+def outside(crop: str) -> torch.Tensor:
+    return ellipse_radius(*view_shape(SIZE, crop)) > 1
+
+
+def saved_run(path: Path, cfg: TrainConfig) -> Path:
+    """A run directory with random weights: enough for the Predictor and the dashboard to load."""
+    path.mkdir()
+    torch.manual_seed(0)
+    model = create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head))
+    checkpoint.save_weights(model, path / checkpoint.MODEL_FILE)
+    cfg.to_yaml(path / "config.yaml")
+    return path
+
+
+@pytest.mark.parametrize("crop", ["square", "frame"])
+def test_the_mask_paints_the_corners_one_colour_and_keeps_the_rest(crop: str) -> None:
+    shape = view_shape(SIZE, crop)
+    images = torch.randint(0, 256, (3, 3, *shape), dtype=torch.uint8)
+    masked = CornerMask()(images)
+    out = outside(crop)
+    assert torch.equal(masked[:, :, ~out], images[:, :, ~out])
+    assert (masked[:, :, out] == torch.tensor(CORNER_FILL, dtype=torch.uint8).view(1, 3, 1)).all()
+    # A float image in [0, 1] (the augmented training batch) gets the same fill as its uint8 original.
+    assert torch.equal((CornerMask()(images.float() / 255) * 255).round().to(torch.uint8), masked)
+    assert torch.equal(CornerMask()(masked), masked)  # idempotent: masking a masked view changes nothing
+
+
+def test_without_the_flag_nothing_is_masked() -> None:
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    plain = Preprocess(TrainConfig(pretrained=False, normalization="imagenet"))
+    assert torch.equal(plain.view(images), images)
+
+
+def test_training_sees_constant_corners_after_augmentation() -> None:
+    """Rotation, zoom and the random corner artifacts happen first; the mask after them, so the corners the network
+    gets in training are the same constant as at evaluation."""
+    cfg = masked_config()
+    cfg.corner_artifacts, cfg.rotation = 1.0, 30.0
+    model, loss_fn, augment, preprocess = create_training_parts(cfg, torch.device("cpu"))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0.0, 1.0, 0.0, 1.0]),
+                  amp=False, generator=torch.Generator().manual_seed(0))
+    evaluated = preprocess(images)
+    corner = evaluated[0, :, 0, 0]
+    assert torch.allclose(seen[0][:, :, outside("square")], corner.view(1, 3, 1), atol=1e-6)
+    assert not torch.allclose(seen[0][:, :, ~outside("square")], evaluated[:, :, ~outside("square")])  # augmented
+
+
+@pytest.mark.parametrize("crop", ["square", "frame"])
+def test_one_code_path_for_evaluation_predictor_gradcam_and_the_dashboard(tmp_path: Path, crop: str) -> None:
+    from dashboard import loaders
+
+    cfg = masked_config(crop)
+    run = saved_run(tmp_path / "run", cfg)
+    photo = write_image(tmp_path / "photo.png", (80, 60), seed=4)
+    predictor = Predictor.load(run)
+    seen = []
+    hook = predictor.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    result = predictor.predict(photo, explain=True, threshold=0.5)
+    hook.remove()
+    # Evaluation: the preloaded view through the run's preprocessing, as `train.py evaluate` runs it.
+    preloaded = preload_images([str(photo)], SIZE, crop)
+    expected = predict_probabilities(predictor.model, preloaded, Preprocess(cfg), torch.device("cpu"),
+                                     tta_flips=True, tta_views=2)
+    assert result.probability == pytest.approx(float(expected[0]), abs=1e-6)
+    inputs = Preprocess(cfg)(preloaded)
+    assert torch.allclose(seen[0][:1], inputs)     # the prediction's forward (identity view of the TTA pair)
+    assert torch.allclose(seen[-1], inputs)        # Grad-CAM's forward
+    # The dashboard shows exactly what the network got: the same masked pixels.
+    view = loaders.model_view(str(photo), SIZE, crop, True)
+    assert np.array_equal(view, result.model_input)
+    assert np.array_equal(view, Preprocess(cfg).view(preloaded)[0].permute(1, 2, 0).numpy())
+    assert (view[outside(crop).numpy()] == CORNER_FILL).all()
+
+
+def test_corner_interventions_outside_the_circle_cannot_move_a_masked_model(tmp_path: Path) -> None:
+    """By construction: the corner fill and the light vignette only touch pixels the mask replaces. The stronger
+    vignettes reach inside the circle and still can move p, which is what training with artifacts is for."""
+    run = saved_run(tmp_path / "run", masked_config())
+    predictor = Predictor.load(run)
+    images = torch.randint(0, 256, (6, 3, SIZE, SIZE), dtype=torch.uint8)
+    clean = predict_probabilities(predictor.model, images, predictor.preprocess, torch.device("cpu"))
+    for name in CORNER_INTERVENTIONS:
+        painted = predict_probabilities(predictor.model, create_intervention(name)(images), predictor.preprocess,
+                                        torch.device("cpu"))
+        if name in ("corner_fill", "vignette_light"):
+            assert np.array_equal(painted, clean), name
+        else:
+            assert not np.array_equal(painted, clean), name
+    unmasked = Preprocess(TrainConfig(pretrained=False, input_size=SIZE, normalization="imagenet"))
+    filled = create_intervention("corner_fill")(images)
+    assert not np.array_equal(predict_probabilities(predictor.model, filled, unmasked, torch.device("cpu")),
+                              predict_probabilities(predictor.model, images, unmasked, torch.device("cpu")))
+
+
+def test_augmentation_keeps_a_fixed_seed_reproducible_with_the_mask() -> None:
+    cfg = masked_config()
+    augment = BatchAugment(corner_artifacts=0.5)
+    images = torch.rand(8, 3, SIZE, SIZE)
+    first = Preprocess(cfg)(augment(images, torch.Generator().manual_seed(3)))
+    again = Preprocess(cfg)(augment(images, torch.Generator().manual_seed(3)))
+    assert torch.equal(first, again)
