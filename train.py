@@ -11,6 +11,7 @@
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
     python train.py stress --run runs/NAME --split test     # artifact stress test: stress_test.csv, summary
+    python train.py index --run runs/NAME                   # embedding index + OOD threshold (val percentile)
 """
 from __future__ import annotations
 
@@ -114,6 +115,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = evaluate_external(args.run, args.data, args.images, args.device)
     print(f"{report['name']}: {report['n']} images, AUROC {report['auroc']:.4f} "
           f"(95% CI {report['auroc_ci'][0]:.3f}–{report['auroc_ci'][1]:.3f})")
+    if "ood" not in report:
+        print(f"no embedding index in {args.run}: `python train.py index --run {args.run}` adds the OOD flag")
+        return
+    guard = report["ood"]
+    print(f"out of distribution: {100 * guard['share_flagged']:.1f} % of the images flagged")
+    for part in ("unflagged", "flagged"):
+        if guard[part] is not None:
+            at = guard[part]["at_threshold"]["youden"]
+            auroc = guard[part]["auroc"]
+            print(f"  {part:<9} n {guard[part]['n']:>5}  AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  "
+                  f"sensitivity {at['sensitivity']:.3f}  specificity {at['specificity']:.3f}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -129,13 +141,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     predictor = Predictor.load(args.run, args.device)
+    if predictor.ood is None:
+        print(f"note: {args.run} has no embedding index, so ood_score and out_of_distribution stay empty; "
+              f"`python train.py index --run {args.run}` builds it", file=sys.stderr)
     rows, failed = [], []
     for path in files:
         try:
-            rows.append({"image": path.name, "probability": predictor.predict(path).probability})
+            result = predictor.predict(path)
         except DataError as err:
             failed.append(str(err))
-    frame = pd.DataFrame(rows, columns=["image", "probability"])
+            continue
+        rows.append({"image": path.name, "probability": result.probability, "ood_score": result.ood_score,
+                     "out_of_distribution": result.out_of_distribution})
+    frame = pd.DataFrame(rows, columns=["image", "probability", "ood_score", "out_of_distribution"])
     atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
     print(f"wrote {len(frame)} predictions to {args.out}")
     for message in failed:
@@ -169,6 +187,19 @@ def cmd_stress(args: argparse.Namespace) -> None:
     dependent = section["corner_dependent"]
     print(f"corner-dependent decisions: {dependent['n']} ({100 * dependent['rate']:.1f} %; {dependent['rule']})")
     print(f"wrote stress_{args.split}.csv and stress_summary.json in {args.run}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from core.ood import build_index
+
+    summary = build_index(args.run, args.device, args.method, args.dims, args.k, args.percentile)
+    rates, mistakes = summary["flag_rate"], summary["mistakes_test"]
+    print(f"index of the training split: {summary['raw_dims']} → {summary['dims']} dims (PCA); OOD score "
+          f"{summary['method']}, threshold {summary['threshold']:.4f} = val {summary['percentile']:g}th percentile")
+    print(f"flagged: val {100 * rates['val']:.1f} % (by construction), test {100 * rates['test']:.1f} %; test mistakes "
+          f"{100 * mistakes['flag_rate_mistakes']:.1f} % vs correct {100 * mistakes['flag_rate_correct']:.1f} % "
+          f"(AUROC of the score for a mistake: {mistakes['auroc_score_for_mistake']})")
+    print(f"wrote index.safetensors, ood_scores.csv and ood_summary.json in {args.run}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the table of dark corners by class on the training split")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_stress)
+
+    from core.ood import DEFAULT_DIMS, DEFAULT_K, DEFAULT_PERCENTILE
+    p = sub.add_parser("index", help="embedding index of the training split and the out-of-distribution threshold "
+                       "(the val split's percentile)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--method", default="knn", choices=["knn", "mahalanobis"],
+                   help="OOD score: distance to the k-th nearest training image, or class-conditional Mahalanobis "
+                   "(default: %(default)s; benchmarks/ood_scores.py compares them)")
+    p.add_argument("--dims", type=int, default=DEFAULT_DIMS, help="PCA dimensions kept (default: %(default)s)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="k of the knn score (default: %(default)s)")
+    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
+                   help="val percentile of the score that becomes the threshold (default: %(default)s)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_index)
     return parser
 
 

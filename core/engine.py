@@ -30,7 +30,7 @@ from torch import nn
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from core import checkpoint, metrics
+from core import checkpoint, embedding, metrics
 from core.augment import BatchAugment
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.config import TrainConfig
@@ -167,9 +167,12 @@ FLIP_DIMS = [(), (-1,), (-2,), (-1, -2)]  # TTA views in order: identity, horizo
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Preprocess, device: torch.device,
                           batch_size: int = 128, tta_flips: bool = False, amp: bool = True,
-                          tta_views: int = 4, calibration: Sequence[float] = IDENTITY) -> np.ndarray:
+                          tta_views: int = 4, calibration: Sequence[float] = IDENTITY,
+                          features: list[np.ndarray] | None = None) -> np.ndarray:
     """P(malignant) for uint8 images ``(N, 3, S, S)``; with ``tta_flips`` the mean over the first ``tta_views``
-    of the four flips (2: identity + horizontal, half the cost of all four); then the run's Platt scaling."""
+    of the four flips (2: identity + horizontal, half the cost of all four); then the run's Platt scaling.
+    Given a list as ``features``, the same forward passes also append each image's pooled penultimate features
+    (``core.embedding``: per member L2-normalised and concatenated, averaged over the views) as one array."""
     if not 1 <= tta_views <= len(FLIP_DIMS):
         raise ValueError(f"tta_views must be 1 to {len(FLIP_DIMS)}, got {tta_views}")
     model.eval()
@@ -177,13 +180,18 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
     # The views go through the network as one batch: one pass over k·n images costs far less than k passes over n
     # (on 2 CPU cores one image's 2 views take 35 ms together, 52 ms one after the other).
     step = max(1, batch_size // len(flips))
-    probabilities = []
-    for start in range(0, len(images), step):
-        batch = preprocess(images[start:start + step].to(device, non_blocking=True))
-        views = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
-        with _autocast(device, amp):
-            p = malignant_probability(model(views.contiguous(memory_format=torch.channels_last)))
-        probabilities.append(p.float().view(len(flips), -1).mean(0).cpu())
+    probabilities, pooled = [], []
+    with embedding.captured_features(model, enabled=features is not None) as captured:
+        for start in range(0, len(images), step):
+            batch = preprocess(images[start:start + step].to(device, non_blocking=True))
+            views = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
+            with _autocast(device, amp):
+                p = malignant_probability(model(views.contiguous(memory_format=torch.channels_last)))
+            probabilities.append(p.float().view(len(flips), -1).mean(0).cpu())
+            if features is not None:
+                pooled.append(embedding.pooled_features(captured, len(flips)))
+    if features is not None:
+        features.append(torch.cat(pooled).numpy())
     return apply_platt(torch.cat(probabilities).double(), tuple(calibration)).numpy()
 
 
@@ -526,10 +534,11 @@ def _create_inference_model(cfg: TrainConfig) -> nn.Module:
     return create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
 
 
-def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device) -> pd.DataFrame:
+def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device,
+                  features: list[np.ndarray] | None = None) -> pd.DataFrame:
     images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
     probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp,
-                                  cfg.tta_views, cfg.calibration)
+                                  cfg.tta_views, cfg.calibration, features=features)
     out = frame.copy()
     out["probability"] = probs
     return out
@@ -547,17 +556,25 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
     are applied, never new ones chosen. Writes predictions_external_<name>.csv and metrics_external_<name>.json:
     the prefix keeps a set named e.g. ``val.csv`` from overwriting the run's own split outputs."""
+    from core import ood  # the guard is built on this module's inference
+
     run_dir = Path(run_dir)
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
-    frame = predict_frame(cfg, model, read_dataset(data, images), device)
-    name = Path(data).stem
-    write_predictions(frame, run_dir / f"predictions_external_{name}.csv")
+    guard = ood.OODGuard.load(run_dir, cfg) if (run_dir / embedding.INDEX_FILE).is_file() else None
+    features: list[np.ndarray] | None = [] if guard is not None else None
+    frame = predict_frame(cfg, model, read_dataset(data, images), device, features)
     thresholds = json.loads((run_dir / "metrics.json").read_text())["thresholds"]
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
+    name = Path(data).stem
     report = {"name": name, "n": len(frame), "auroc": metrics.auroc(labels, probs),
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+    if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
+        frame["ood_score"] = guard.score(features[0])[0]
+        frame["out_of_distribution"] = frame["ood_score"] > guard.threshold
+        report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
+    write_predictions(frame, run_dir / f"predictions_external_{name}.csv")
     atomic_write_text(run_dir / f"metrics_external_{name}.json", json.dumps(report, indent=1))
     return report
 

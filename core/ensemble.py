@@ -26,7 +26,7 @@ from core.model import malignant_probability
 MEMBERS_DIR = "members"
 # What `evaluate` / `explain` wrote about a run: removed when --overwrite replaces the run with another ensemble.
 STALE_OUTPUTS = ("metrics*.json", "predictions_*.csv", "attention_*.csv", "attention_summary.json", "cams_*.npz",
-                 "stress_*.csv", "stress_summary.json")
+                 "stress_*.csv", "stress_summary.json", "index.safetensors", "ood_scores.csv", "ood_summary.json")
 LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 finite
 
 

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from core.data import open_rgb
+from core.embedding import INDEX_FILE
 from core.engine import Preprocess, load_run, predict_probabilities
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
+from core.ood import OODGuard
 from core.transforms import resize_transform
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -32,9 +35,21 @@ class Prediction:
     corner_probabilities: dict[str, float] = field(default_factory=dict)
     corner_views: dict[str, np.ndarray] = field(default_factory=dict)
     corner_dependent: bool | None = None
+    # With the run's embedding index (``train.py index``; None without one): the distance to the training data,
+    # whether it is beyond the val-calibrated threshold (then the probability is not to be trusted and the decision
+    # is withheld), and the most similar training cases (image_id, dx, label, distance).
+    ood_score: float | None = None
+    out_of_distribution: bool | None = None
+    similar: pd.DataFrame | None = None
 
     def is_malignant(self, threshold: float) -> bool:
         return self.probability >= threshold
+
+    def decision(self, threshold: float) -> str:
+        """"malignant", "benign", or "withheld" for an image unlike the training data."""
+        if self.out_of_distribution:
+            return "withheld"
+        return "malignant" if self.is_malignant(threshold) else "benign"
 
 
 class Predictor:
@@ -46,6 +61,8 @@ class Predictor:
         self.config, self.model = load_run(self.run_dir, self.device)
         self.resize = resize_transform(self.config.input_size, self.config.crop)
         self.preprocess = Preprocess(self.config)
+        # An index built for other weights or another split is refused here (RunError), never used silently.
+        self.ood = OODGuard.load(self.run_dir, self.config) if (self.run_dir / INDEX_FILE).is_file() else None
         metrics_path = self.run_dir / "metrics.json"
         self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
                                              if metrics_path.is_file() else {})
@@ -82,12 +99,18 @@ class Predictor:
                  corner_check: bool) -> Prediction:
         batch = pixels.unsqueeze(0)
         versions = [batch] + ([create_intervention(name)(batch) for name in CORNER_CHECK] if corner_check else [])
+        features: list[np.ndarray] | None = [] if self.ood is not None else None
         probabilities = predict_probabilities(self.model, torch.cat(versions), self.preprocess, self.device,
                                               tta_flips=self.config.tta_flips, amp=self.config.amp,
                                               tta_views=self.config.tta_views,
-                                              calibration=self.config.calibration)
+                                              calibration=self.config.calibration, features=features)
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
+        if self.ood is not None:  # the features came with the prediction's own forward pass
+            scores, projected = self.ood.score(features[0][:1])
+            result.ood_score = float(scores[0])
+            result.out_of_distribution = bool(scores[0] > self.ood.threshold)
+            result.similar = self.ood.similar(projected)
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}
             result.corner_views = {name: self.preprocess.view(v[0]).permute(1, 2, 0).numpy()

@@ -22,6 +22,9 @@ ATTENTION_COLUMNS = ("image_id", "corner_fraction", "border_fraction", "flag", "
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc")
 STRESS_COLUMNS = ("image_id", "intervention", "p_clean", "p", "delta_p", "flipped")
 STRESS_SUMMARY = "stress_summary.json"
+OOD_SCORES = "ood_scores.csv"        # val and test: ood_score, out_of_distribution (train.py index)
+OOD_SUMMARY = "ood_summary.json"
+OOD_COLUMNS = ("image_id", "split", "ood_score", "out_of_distribution")
 DEFAULT_RUN = PROJECT_ROOT / "models" / "default"
 
 
@@ -126,6 +129,18 @@ def read_stress_summary(run: str | Path, split: str = "test") -> dict:
     if split not in summary or "interventions" not in summary[split]:
         raise RunError(f"{path} has no '{split}' section; {fix}")
     return summary[split]
+
+
+def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
+    """This split's rows of ``ood_scores.csv``: each image's distance to the training data and its flag."""
+    frame = _read_csv(Path(run) / OOD_SCORES, OOD_COLUMNS, _fix(Path(run), "index"))
+    frame = frame[frame["split"] == split].drop(columns="split").reset_index(drop=True)
+    return frame.assign(out_of_distribution=frame["out_of_distribution"].astype(bool))
+
+
+def read_ood_summary(run: str | Path) -> dict:
+    """``ood_summary.json``: the OOD score's method and threshold, flag rates, and the test mistakes' scores."""
+    return _read_json(Path(run) / OOD_SUMMARY, _fix(Path(run), "index"))
 
 
 def read_members(run: str | Path) -> dict[str, TrainConfig]:

@@ -152,6 +152,18 @@ def rate_bars(table: pd.DataFrame, group: str, title: str, flag: str = "flag") -
     ).properties(height=240, title=title)
 
 
+def score_by_group_chart(table: pd.DataFrame, score: str, group: str, threshold: float) -> alt.LayerChart:
+    """Overlaid histograms of ``score`` per ``group`` (share of each group per bin), the threshold as a rule."""
+    bars = alt.Chart(table[[score, group]]).transform_joinaggregate(total="count()", groupby=[group]).transform_bin(
+        "bin", score, bin=alt.Bin(maxbins=40)).transform_aggregate(
+        images="count()", total="max(total)", groupby=["bin", group]).transform_calculate(
+        share="datum.images / datum.total").mark_bar(opacity=0.55).encode(
+        x=alt.X("bin:Q", title=score.replace("_", " ")), y=alt.Y("share:Q", stack=None, axis=alt.Axis(format="%")),
+        color=alt.Color(f"{group}:N"), tooltip=[group, alt.Tooltip("share:Q", format=".1%"), "images:Q"])
+    rule = alt.Chart(pd.DataFrame({"x": [threshold]})).mark_rule(strokeDash=[4, 4], color="red").encode(x="x:Q")
+    return (bars + rule).properties(height=240, title=f"{score.replace('_', ' ')} by {group}")
+
+
 def corner_vs_dark_chart(table: pd.DataFrame, corner_threshold: float = 0.5) -> alt.LayerChart:
     points = alt.Chart(table).mark_circle(opacity=0.6).encode(
         x=alt.X("dark_corner_score:Q", title="dark-corner score (vignetting)"),

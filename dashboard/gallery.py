@@ -20,7 +20,7 @@ OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
                 "FN": "malignant, called benign", "TN": "benign, called benign"}
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
-SCORES = ["probability", "outcome", "corner_dependent", "p_corner_fill", "p_vignette", "corner_delta_p",
+SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "corner_dependent", "p_corner_fill", "p_vignette", "corner_delta_p",
           "corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
           "dark_corner_score", "flag"]
 
@@ -71,6 +71,29 @@ def corner_dependence_note(p: float, covered: float, vignette: float) -> str:
             f"vignette added (the decision flips at the threshold, or p moves by ≥ {DEFAULT_MIN_DELTA}).")
 
 
+def ood_warning(score: float, threshold: float) -> str:
+    """The text for an image the OOD guard flags: why the probability is not to be trusted."""
+    return (f"**This image is unlike the training data** (distance to the training images {score:.3f}, above the "
+            f"threshold {threshold:.3f} that only 5 % of the validation images exceed). The model has not learned "
+            "to judge images like it: its probability is unreliable, so **no decision is given**. Use a "
+            "dermoscopic photo with the lesion centred.")
+
+
+def similar_cases(similar: pd.DataFrame, data_dir: Path | None, key: str) -> None:
+    """The most similar training cases of a prediction as thumbnails (diagnosis, label, distance), or as a table
+    when the images are not here: retrieval as decision support (Tschandl et al., Nat. Med. 2020)."""
+    similar = loaders.similar_cases(similar, data_dir)
+    labelled = similar.assign(diagnosis=[f"{dx} — {DX_NAMES.get(dx, dx)}" for dx in similar["dx"]],
+                              label=similar["label"].map({1: "malignant", 0: "benign"}))
+    if "path" not in similar or similar["path"].isna().any():
+        st.dataframe(labelled[["image_id", "diagnosis", "label", "distance"]].style.format({"distance": "{:.3f}"}),
+                     hide_index=True, key=f"similar_{key}")
+        return
+    for column, (_, row) in zip(st.columns(len(labelled)), labelled.iterrows()):
+        column.image(loaders.thumbnail(row["path"]), width="stretch")
+        column.caption(f"**{row['dx']}** ({row['label']}) · d={row['distance']:.3f}")
+
+
 def opacity_slider() -> float:
     return st.slider("CAM opacity", 0.0, 1.0, 0.5, 0.05, key=OPACITY_KEY)
 
@@ -93,7 +116,8 @@ def thumbnail_grid(frame: pd.DataFrame, on_open: Callable[[str], None], columns:
                 except DataError as err:
                     st.warning(str(err))
                 st.caption(f"**{row['outcome']}** · {row['dx']} · p={row['probability']:.2f}"
-                           + (" · ⚠ corners" if bool(row.get("corner_dependent", False)) else ""))
+                           + (" · ⚠ corners" if bool(row.get("corner_dependent", False)) else "")
+                           + (" · ⚠ unlike training" if bool(row.get("out_of_distribution", False)) else ""))
                 st.button("Open", key=f"open-{row['image_id']}", on_click=on_open, args=(row["image_id"],),
                           width="stretch")
 

@@ -12,6 +12,7 @@ from core.audit import model_view_masks
 from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError, open_rgb, read_ham10000, resolve_data_dir
+from core.embedding import INDEX_FILE
 from core.interventions import create_intervention, image_key
 from core.metrics import age_band
 from core.predictor import Predictor
@@ -23,6 +24,8 @@ from core.runs import (
     read_history,
     read_members,
     read_metrics,
+    read_ood_scores,
+    read_ood_summary,
     read_predictions,
     read_stress,
     read_stress_summary,
@@ -69,7 +72,7 @@ def _predictor(run: str, stamp: float) -> Predictor:
 
 
 def _model_stamp(run: Path) -> float:
-    return max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml"))
+    return max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml"), _mtime(run / INDEX_FILE))
 
 
 def predictor(run: Path) -> Predictor:
@@ -109,6 +112,10 @@ def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataF
             stressed = None
         if stressed is not None:  # p with each artifact painted in (train.py stress); the flag is set per threshold
             frame = frame.merge(stressed, on="image_id", how="left", validate="one_to_one")
+    try:  # the distance to the training data (train.py index), val and test alike
+        frame = frame.merge(read_ood_scores(run, split), on="image_id", how="left", validate="one_to_one")
+    except RunError:
+        pass
     if "age" in frame:
         frame["age_band"] = age_band(frame["age"]).astype(str)
     if data_dir is not None:
@@ -144,6 +151,25 @@ def stress_table(run: Path, split: str = "test") -> pd.DataFrame | None:
     """The long stress table of ``train.py stress`` (None when the run has none)."""
     try:
         return _stress(str(run), split, _run_stamp(run))
+    except RunError:
+        return None
+
+
+def similar_cases(similar: pd.DataFrame, data_dir: Path | None) -> pd.DataFrame:
+    """A prediction's most similar training cases with their image paths where the images are here."""
+    if data_dir is None:
+        return similar
+    return similar.merge(_metadata(str(data_dir))[["image_id", "path"]], on="image_id", how="left")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _ood_summary(run: str, stamp: float) -> dict:
+    return read_ood_summary(run)
+
+
+def ood_summary(run: Path) -> dict | None:
+    try:
+        return _ood_summary(str(run), _run_stamp(run))
     except RunError:
         return None
 

@@ -34,7 +34,8 @@ only_dependent = st.toggle("Only decisions that depend on the corners", key="aud
 selection = errors[errors["outcome"].isin(kinds)]
 if only_dependent and has_stress:
     selection = selection[selection["corner_dependent"]]
-columns = [c for c in ["image_id", "outcome", "dx", "probability", "mistake_confidence", "corner_dependent",
+columns = [c for c in ["image_id", "outcome", "dx", "probability", "mistake_confidence", "out_of_distribution",
+                       "ood_score", "corner_dependent",
                        "p_corner_fill", "p_vignette", "corner_fraction", "dark_corner_score", "age", "sex",
                        "localization"] if c in selection]
 st.markdown(f"**{len(selection):,} mistakes** at threshold {threshold:.3f} (of {len(errors):,}: "
@@ -52,6 +53,24 @@ if len(picked):
     for _, row in picked.iterrows():
         with st.container(border=True):
             gallery.case_detail(row, run, view, opacity)
+
+ood = loaders.ood_summary(run)
+if ood is not None and "out_of_distribution" in cases:
+    st.header("Are mistakes far from the training data?")
+    by_result = cases.assign(result=cases["correct"].map({True: "correct", False: "mistake"}))
+    wrong = ~cases["correct"]
+    st.markdown(
+        f"Each test image's distance to the training images ({ood['method']} in the model's embedding, "
+        f"`train.py index`), flagged above the val split's {ood['percentile']:g}th percentile "
+        f"({ood['threshold']:.3f}). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
+        f"of the mistakes** are flagged against {cases['out_of_distribution'][~wrong].mean():.1%} of the correct "
+        f"decisions; median distance {cases['ood_score'][wrong].median():.3f} vs "
+        f"{cases['ood_score'][~wrong].median():.3f}.")
+    left, right = st.columns([1, 2])
+    left.altair_chart(charts.rate_bars(by_result, "result", "Unlike training: mistakes vs correct",
+                                       flag="out_of_distribution"), width="stretch")
+    right.altair_chart(charts.score_by_group_chart(by_result, "ood_score", "result", ood["threshold"]),
+                       width="stretch")
 
 summary = loaders.stress_summary(run)
 if has_stress and summary is not None:

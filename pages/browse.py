@@ -10,6 +10,7 @@ from dashboard import gallery, state
 CASE_KEY = "browse_case"
 PER_PAGE = 24
 CORNER_FILTER = {"depends on corners": True, "does not": False}
+OOD_FILTER = {"unlike training": True, "like training": False}
 
 st.title("Test-split browser")
 run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
@@ -30,7 +31,11 @@ with st.expander("Filters", expanded=True):
                             disabled="corner_dependent" not in cases,
                             help="From the artifact stress test: covering the corners or adding a vignette flips "
                                  "the decision at this threshold, or moves p by ≥ 0.2. None picked: all images.")
-    row2 = st.columns(4)
+    row2 = st.columns(5)
+    far = row2[4].pills("Distance to training", list(OOD_FILTER), key="f_ood",
+                        disabled="out_of_distribution" not in cases,
+                        help="From the embedding index (train.py index): flagged when the image's distance to the "
+                             "training images is above the val split's 95th percentile. None picked: all images.")
     ages = cases["age"].dropna() if "age" in cases else pd.Series(dtype=float)
     age_range = row2[0].slider("Age", 0, 100, (0, 100), 5, key="f_age", disabled=ages.empty)
     include_unknown_age = row2[0].checkbox("include unknown age", True, key="f_age_unknown")
@@ -45,6 +50,8 @@ if dx:
     shown = shown[shown["dx"].isin(dx)]
 if corners is not None and "corner_dependent" in shown:
     shown = shown[shown["corner_dependent"] == CORNER_FILTER[corners]]
+if far is not None and "out_of_distribution" in shown:
+    shown = shown[shown["out_of_distribution"] == OOD_FILTER[far]]
 if "age" in shown and age_range != (0, 100):
     in_range = shown["age"].between(*age_range)
     shown = shown[in_range | (shown["age"].isna() & include_unknown_age)]

@@ -71,15 +71,29 @@ for upload in uploads or []:
         st.error(f"**{upload.name}** cannot be used: {result}")
         continue
     malignant = result.is_malignant(threshold)
+    decision = result.decision(threshold)
     st.subheader(upload.name)
+    if result.out_of_distribution:
+        st.error(gallery.ood_warning(result.ood_score, predictor.ood.threshold), icon=":material/block:")
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
     image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
                     width="stretch")
     cam_col.image(cam_overlay(result.model_input, result.cam, opacity), width="stretch",
-                  caption=f"{method} of the '{'malignant' if malignant else 'benign'}' decision")
-    numbers.metric("P(malignant)", f"{result.probability:.3f}")
-    verdict = "**malignant** (≥ threshold)" if malignant else "**benign** (< threshold)"
-    numbers.markdown(f"Decision at {threshold:.3f}: {verdict}")
+                  caption=f"{method} of the '{'malignant' if malignant else 'benign'}' decision"
+                  + (" (withheld)" if decision == "withheld" else ""))
+    if result.out_of_distribution:  # the number stays visible, greyed, and is not turned into a decision
+        numbers.markdown(f"P(malignant) :gray[{result.probability:.3f} — unreliable]")
+        numbers.markdown(f"Decision at {threshold:.3f}: **withheld** (image unlike the training data)")
+    else:
+        numbers.metric("P(malignant)", f"{result.probability:.3f}")
+        verdict = "**malignant** (≥ threshold)" if malignant else "**benign** (< threshold)"
+        numbers.markdown(f"Decision at {threshold:.3f}: {verdict}")
+    if result.ood_score is None:
+        numbers.caption(f"This run has no embedding index, so nothing checks whether the image is like the "
+                        f"training data: `python train.py index --run {run}` builds it.")
+    elif not result.out_of_distribution:
+        numbers.caption(f"Like the training data: distance {result.ood_score:.3f} to the training images "
+                        f"(flagged above {predictor.ood.threshold:.3f}).")
     covered, vignette = (result.corner_probabilities[name] for name in CORNER_CHECK)
     checks = numbers.columns(2)
     checks[0].metric("corners covered", f"{covered:.3f}", f"{covered - result.probability:+.3f}", delta_color="off",
@@ -98,6 +112,9 @@ for upload in uploads or []:
         for column, name in zip(views, CORNER_CHECK):
             column.image(result.corner_views[name], caption=f"{name}: p = {result.corner_probabilities[name]:.3f}",
                          width="stretch")
+    if result.similar is not None:
+        st.markdown("**Most similar training cases** (by the model's own features; distance in its embedding)")
+        gallery.similar_cases(result.similar, loaders.data_dir_or_none()[0], upload.file_id)
     numbers.dataframe(pd.Series({"CAM share in the corners": f"{result.attention['corner_fraction']:.1%}",
                                  "CAM share in the border": f"{result.attention['border_fraction']:.1%}",
                                  "dark-corner score": f"{result.attention['dark_corner_score']:.3f}"},

@@ -1,0 +1,179 @@
+"""Is this image like the training data? An out-of-distribution score on the run's embedding index, with a
+threshold calibrated on in-distribution images only (the val split), and ``train.py index`` that builds both.
+
+Two scores, both distances in the index's PCA space (``core.embedding``), both larger = farther from training:
+
+* ``knn``: the distance to the k-th nearest training image (Sun et al., ICML 2022), on L2-normalised features;
+* ``mahalanobis``: the smallest class-conditional Mahalanobis distance with one shared, Ledoit-Wolf-shrunk
+  covariance (Lee et al., NeurIPS 2018).
+
+They are compared in ``benchmarks/ood_scores.py`` (numbers in benchmarks/RESULTS.md); the index records which one a
+run uses. The threshold is the val split's ``percentile``-th score, so by construction (100 − percentile) % of val
+is flagged; the test split's rate, reported beside it, says whether that holds on unseen in-distribution images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from core import metrics
+from core.embedding import EmbeddingIndex, run_fingerprint
+from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
+from core.io import atomic_write, atomic_write_text
+from core.runs import OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions
+
+DEFAULT_DIMS = 128
+DEFAULT_K = 10
+DEFAULT_PERCENTILE = 95.0
+SIMILAR_CASES = 6
+
+
+class OODScore:
+    """Skeleton: ``fit`` on the index's training features, then ``__call__`` gives one distance per image."""
+
+    name = "score"
+
+    def fit(self, train: np.ndarray, labels: np.ndarray) -> OODScore:
+        raise NotImplementedError
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KNNDistance(OODScore):
+    name = "knn"
+
+    def __init__(self, k: int = DEFAULT_K) -> None:
+        self.k = k
+
+    def fit(self, train, labels):
+        self.index = train
+        return self
+
+    def __call__(self, features):
+        distances = self.index.distances(np.atleast_2d(features))
+        return np.partition(distances, self.k - 1, axis=1)[:, self.k - 1]
+
+
+class Mahalanobis(OODScore):
+    name = "mahalanobis"
+
+    def fit(self, train, labels):
+        features = train.features.astype(np.float64)
+        self.means = np.stack([features[labels == c].mean(0) for c in (0, 1)])
+        centred = features - self.means[labels]
+        self.precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        return self
+
+    def __call__(self, features):
+        features = np.atleast_2d(features).astype(np.float64)
+        gaps = features[:, None, :] - self.means[None]
+        return np.sqrt(np.einsum("nci,ij,ncj->nc", gaps, self.precision, gaps).min(1))
+
+
+def create_score(method: str, k: int = DEFAULT_K) -> OODScore:
+    if method == "knn":
+        return KNNDistance(k)
+    if method == "mahalanobis":
+        return Mahalanobis()
+    raise ValueError(f"unknown OOD score {method!r}; choose 'knn' or 'mahalanobis'")
+
+
+class OODGuard:
+    """A run's index with its fitted score and val-calibrated threshold: what the Predictor asks per image."""
+
+    def __init__(self, index: EmbeddingIndex) -> None:
+        self.index = index
+        meta = index.meta
+        self.threshold = float(meta["threshold"])
+        self.score_fn = create_score(meta["method"], meta.get("k", DEFAULT_K)).fit(index, index.labels)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, cfg) -> OODGuard:
+        index = EmbeddingIndex.load(run_dir)
+        index.check(run_fingerprint(run_dir, cfg), run_dir)
+        return cls(index)
+
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(OOD scores, their projection) for raw features ``(N, D)``."""
+        projected = self.index.project(features)
+        return self.score_fn(projected), projected
+
+    def similar(self, projected: np.ndarray, k: int = SIMILAR_CASES) -> pd.DataFrame:
+        return self.index.nearest(projected, k)[0]
+
+
+def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> np.ndarray:
+    """Raw features of a split's images, from the forward passes that predict them (the run's TTA views)."""
+    features: list[np.ndarray] = []
+    predict_probabilities(model, preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop), Preprocess(cfg),
+                          device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp, cfg.tta_views, features=features)
+    return features[0]
+
+
+def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "knn", dims: int = DEFAULT_DIMS,
+                k: int = DEFAULT_K, percentile: float = DEFAULT_PERCENTILE) -> dict:
+    """Features of train, val and test in one pass each; the index of train; the threshold on val. Writes
+    ``index.safetensors``, ``ood_scores.csv`` (val and test) and ``ood_summary.json``, all or nothing."""
+    run_dir = Path(run_dir)
+    create_score(method, k)  # refuses an unknown method before minutes of features
+    thresholds = read_metrics(run_dir)["thresholds"]  # the decision the mistakes are judged at
+    device = resolve_device(device_name)
+    cfg, model = load_run(run_dir, device)
+    frames = load_splits(cfg)
+    raw = {name: split_features(cfg, model, frames[name], device) for name in ("train", "val", "test")}
+    meta = {"fingerprint": run_fingerprint(run_dir, cfg), "method": method, "k": k, "dims": dims,
+            "percentile": percentile, "raw_dims": int(raw["train"].shape[1])}
+    index = EmbeddingIndex.fit(raw["train"], frames["train"], dims, meta)
+    scorer = create_score(method, k).fit(index, index.labels)
+    scores = {name: scorer(index.project(raw[name])) for name in ("val", "test")}
+    index.meta["threshold"] = float(np.percentile(scores["val"], percentile))
+    table = pd.concat([pd.DataFrame({"image_id": frames[name]["image_id"].astype(str), "split": name,
+                                     "ood_score": scores[name],
+                                     "out_of_distribution": scores[name] > index.meta["threshold"]})
+                       for name in ("val", "test")], ignore_index=True)
+    summary = summarize(table, run_dir, thresholds["youden"], index.meta)
+    index.save(run_dir)
+    atomic_write(run_dir / OOD_SCORES, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_text(run_dir / OOD_SUMMARY, json.dumps(summary, indent=1))
+    return summary
+
+
+def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) -> dict:
+    """Flag rates per split, and whether the test mistakes (at the val Youden threshold) lie farther out."""
+    summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold")}
+    summary["flag_rate"] = {name: float(part["out_of_distribution"].mean()) for name, part in table.groupby("split")}
+    test = read_predictions(run_dir, "test").merge(table[table["split"] == "test"], on="image_id", validate="1:1")
+    wrong = ((test["probability"] >= threshold).astype(int) != test["label"]).to_numpy()
+    summary["mistakes_test"] = {
+        "n": int(wrong.sum()),
+        "flag_rate_mistakes": float(test["out_of_distribution"][wrong].mean()),
+        "flag_rate_correct": float(test["out_of_distribution"][~wrong].mean()),
+        "median_score_mistakes": float(test["ood_score"][wrong].median()),
+        "median_score_correct": float(test["ood_score"][~wrong].median()),
+        "auroc_score_for_mistake": float(roc_auc_score(wrong, test["ood_score"])) if 0 < wrong.sum() < len(wrong)
+        else None,
+    }
+    return summary
+
+
+def flagged_report(frame: pd.DataFrame, thresholds: dict[str, float], ood_threshold: float) -> dict:
+    """For a labelled set with ``ood_score`` / ``out_of_distribution`` columns: the share flagged, and AUROC and the
+    metrics at the val thresholds for the flagged and the unflagged images apart (None where a part is empty)."""
+    def part(rows: pd.DataFrame) -> dict | None:
+        if rows.empty:
+            return None
+        labels, probs = rows["label"].to_numpy(), rows["probability"].to_numpy()
+        auroc = metrics.auroc(labels, probs) if len(set(labels)) == 2 else None
+        return {"n": len(rows), "auroc": auroc,
+                "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+
+    flagged = frame["out_of_distribution"].astype(bool)
+    return {"threshold": ood_threshold, "share_flagged": float(flagged.mean()),
+            "flagged": part(frame[flagged]), "unflagged": part(frame[~flagged])}
