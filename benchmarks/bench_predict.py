@@ -2,9 +2,11 @@
 with ``--explain`` of ``predict(image, explain=True)`` (probability + Grad-CAM + attention scores); with
 ``--corner-check`` the corners-covered and vignette copies go through the network in the same batch; with
 ``--compile`` the model runs through ``torch.compile`` (Inductor), whose one-off compile time is reported apart.
+A run with an embedding index (``train.py index``) also scores every image against it (OOD score, the 6 most
+similar training cases), from the same forward pass; ``--no-ood`` leaves that out, to see what it costs.
 
-    python benchmarks/bench_predict.py --run models/default [--explain] [--corner-check] [--compile] [--threads 2]
-        [--repeats 50]
+    python benchmarks/bench_predict.py --run models/default [--explain] [--corner-check] [--no-ood] [--compile]
+        [--threads 2] [--repeats 50]
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--explain", action="store_true")
     parser.add_argument("--corner-check", action="store_true", help="also p with the corners covered / a vignette "
                                                                     "(what the Predict page shows)")
+    parser.add_argument("--no-ood", action="store_true", help="skip the run's embedding index (OOD score, similar "
+                                                               "cases)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (not with --explain: "
                                                                "Grad-CAM hooks need the eager modules)")
     args = parser.parse_args()
@@ -45,6 +49,8 @@ def main() -> None:
         parser.error("--compile and --explain do not go together: Grad-CAM hooks need the eager modules")
     torch.set_num_threads(args.threads)
     predictor = Predictor.load(args.run)
+    if args.no_ood:
+        predictor.ood = None
     jpeg = original_size_jpeg()
     if args.compile:
         predictor.model = torch.compile(predictor.model)
@@ -62,7 +68,9 @@ def main() -> None:
     model = model_label(cfg)
     tta = f"{cfg.tta_views} flip views" if cfg.tta_flips else "no TTA"
     compiled = ", torch.compile" if args.compile else ""
-    print(f"Predictor.predict(explain={args.explain}, corner_check={args.corner_check}{compiled}), 600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
+    ood = "with" if predictor.ood is not None else "without"
+    print(f"Predictor.predict(explain={args.explain}, corner_check={args.corner_check}{compiled}), {ood} OOD index, "
+          f"600x450 JPEG, {model} @ {cfg.input_size}px, {tta}, "
           f"{args.threads} threads: median {statistics.median(times):.1f} ms, "
           f"p90 {sorted(times)[int(0.9 * len(times))]:.1f} ms over {args.repeats} calls")
 

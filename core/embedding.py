@@ -6,12 +6,13 @@ concatenated for an ensemble: the members' feature spaces are unrelated, so aver
 that mean different things, while concatenating unit vectors keeps each member's geometry and weighs members alike.
 With flip TTA the features are averaged over the views, as the probability is.
 
-The index keeps the training split's features projected on their first principal components (fp16), image ids,
-diagnoses and labels, and a fingerprint of the weights, the split file and the model's view, so an index built for
+The index keeps the training split's features projected on their first principal components (fp16) with the norm
+of what the projection leaves out (the residual), image ids, diagnoses and labels, and a fingerprint of the weights, the split file and the model's view, so an index built for
 another model or split is refused instead of silently answering for it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -76,12 +77,21 @@ def run_fingerprint(run_dir: str | Path, cfg: TrainConfig) -> dict:
 @dataclass
 class EmbeddingIndex:
     mean: np.ndarray          # (D,) the training features' mean, removed before projecting
-    components: np.ndarray    # (d, D) the first d principal axes
+    components: np.ndarray    # (d, D) the first d principal axes (stored in fp16)
     features: np.ndarray      # (N, d) the training split, projected
+    residuals: np.ndarray     # (N,) the norm of each training feature's part outside the d axes
     image_ids: list[str]
     dx: list[str]
     labels: np.ndarray        # (N,) 0/1
     meta: dict                # fingerprint, the OOD score's method and threshold, what it was built with
+
+    def __post_init__(self) -> None:
+        # Converted once, as torch tensors: the search runs on PyTorch's thread pool. numpy's BLAS would start its
+        # own threads, whose spin-waiting after each call slowed the next network pass on 2 cores by ~90 ms.
+        self._train = torch.from_numpy(self.features.astype(np.float32))
+        self._residuals = torch.from_numpy(self.residuals.astype(np.float32))
+        self._train_sq = (self._train ** 2).sum(1) + self._residuals ** 2
+        self._mean, self._components = torch.from_numpy(self.mean), torch.from_numpy(self.components)
 
     @classmethod
     def fit(cls, features: np.ndarray, frame: pd.DataFrame, dims: int, meta: dict) -> EmbeddingIndex:
@@ -89,36 +99,57 @@ class EmbeddingIndex:
         features = np.asarray(features, dtype=np.float64)
         mean = features.mean(0)
         _, _, axes = np.linalg.svd(features - mean, full_matrices=False)
-        components = axes[:dims].astype(np.float32)
-        projected = ((features - mean) @ components.T).astype(np.float16)
-        return cls(mean.astype(np.float32), components, projected, frame["image_id"].astype(str).tolist(),
-                   frame["dx"].astype(str).tolist(), frame["label"].to_numpy().astype(np.int8), dict(meta))
+        return cls.from_axes(features, mean, axes[:dims], frame, meta)
 
-    def project(self, features: np.ndarray) -> np.ndarray:
-        return ((np.asarray(features, dtype=np.float32) - self.mean) @ self.components.T).astype(np.float32)
+    @classmethod
+    def from_axes(cls, features: np.ndarray, mean: np.ndarray, axes: np.ndarray, frame: pd.DataFrame,
+                  meta: dict) -> EmbeddingIndex:
+        """The index of ``features`` on given principal ``axes`` ``(d, D)`` (the first rows of one SVD serve every
+        d, which is how the benchmark compares dimensions)."""
+        # Rounded to fp16 as stored, so the index scores the same built as loaded.
+        dims, components = len(axes), np.asarray(axes, dtype=np.float16).astype(np.float32)
+        index = cls(mean.astype(np.float32), components, np.zeros((len(features), dims), np.float16),
+                    np.zeros(len(features), np.float32), frame["image_id"].astype(str).tolist(),
+                    frame["dx"].astype(str).tolist(), frame["label"].to_numpy().astype(np.int8), dict(meta))
+        projected, residuals = index.project(features)
+        return dataclasses.replace(index, features=projected.astype(np.float16), residuals=residuals)
 
-    def distances(self, projected: np.ndarray) -> np.ndarray:
-        """(M, N) Euclidean distances of projected features to every training image."""
-        train = self.features.astype(np.float32)
-        squared = (projected ** 2).sum(1)[:, None] + (train ** 2).sum(1)[None, :] - 2 * projected @ train.T
-        return np.sqrt(np.clip(squared, 0, None))
+    def project(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates on the d axes ``(M, d)`` and the norm of the rest ``(M,)``."""
+        centred = torch.from_numpy(np.atleast_2d(np.asarray(features, dtype=np.float32))) - self._mean
+        coords = centred @ self._components.T
+        residuals = ((centred ** 2).sum(1) - (coords ** 2).sum(1)).clamp_min(0).sqrt()
+        return coords.numpy(), residuals.numpy()
 
-    def nearest(self, projected: np.ndarray, k: int = 6) -> list[pd.DataFrame]:
+    def distances(self, coords: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+        """(M, N) distances to every training image: on the d axes, plus the difference of the residual norms, i.e.
+        the Euclidean distance of ``[coords, residual]``. It never exceeds the full-feature distance and is 0 for an
+        image and itself. Non-dermoscopic images differ mostly *outside* the axes that spread the training images,
+        so dropping the residual would hide them (``benchmarks/ood_scores.py``)."""
+        coords, residuals = torch.from_numpy(np.atleast_2d(coords)), torch.from_numpy(np.atleast_1d(residuals))
+        squared = ((coords ** 2).sum(1) + residuals ** 2)[:, None] + self._train_sq[None, :] \
+            - 2 * (coords @ self._train.T + residuals[:, None] * self._residuals[None, :])
+        return squared.clamp_min(0).sqrt().numpy()
+
+    def nearest(self, coords: np.ndarray, residuals: np.ndarray, k: int = 6) -> list[pd.DataFrame]:
         """Per image, the ``k`` most similar training cases: image_id, dx, label, distance (closest first)."""
-        out = []
-        for row in self.distances(np.atleast_2d(projected)):
-            order = np.argsort(row, kind="stable")[:k]
-            out.append(pd.DataFrame({"image_id": [self.image_ids[i] for i in order],
-                                     "dx": [self.dx[i] for i in order], "label": self.labels[order].astype(int),
-                                     "distance": row[order].astype(float)}))
-        return out
+        return [self.cases(row, k) for row in self.distances(coords, residuals)]
+
+    def cases(self, distances: np.ndarray, k: int) -> pd.DataFrame:
+        """The ``k`` training cases closest by one image's ``distances`` (a row of :meth:`distances`)."""
+        candidates = np.argpartition(distances, k - 1)[:k]
+        order = candidates[np.argsort(distances[candidates], kind="stable")]
+        return pd.DataFrame({"image_id": [self.image_ids[i] for i in order], "dx": [self.dx[i] for i in order],
+                             "label": self.labels[order].astype(int), "distance": distances[order].astype(float)})
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / INDEX_FILE
         tmp = path.with_suffix(".tmp")
         meta = {"meta": json.dumps(self.meta), "image_ids": json.dumps(self.image_ids), "dx": json.dumps(self.dx)}
-        save_file({"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components),
-                   "features": torch.from_numpy(self.features), "labels": torch.from_numpy(self.labels)},
+        save_file({"mean": torch.from_numpy(self.mean),
+                   "components": torch.from_numpy(self.components.astype(np.float16)),  # half the file; ~1e-3
+                   "features": torch.from_numpy(self.features), "residuals": torch.from_numpy(self.residuals),
+                   "labels": torch.from_numpy(self.labels)},
                   str(tmp), metadata=meta)
         tmp.replace(path)
         return path
@@ -133,8 +164,8 @@ class EmbeddingIndex:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as store:
                 header = store.metadata()
-            return cls(tensors["mean"].numpy(), tensors["components"].numpy(), tensors["features"].numpy(),
-                       json.loads(header["image_ids"]), json.loads(header["dx"]), tensors["labels"].numpy(),
+            return cls(tensors["mean"].numpy(), tensors["components"].float().numpy(), tensors["features"].numpy(),
+                       tensors["residuals"].numpy(), json.loads(header["image_ids"]), json.loads(header["dx"]), tensors["labels"].numpy(),
                        json.loads(header["meta"]))
         except Exception as err:  # a truncated or foreign file: the same fix either way
             raise RunError(f"{path} is not a readable index ({err}); {fix} again") from err

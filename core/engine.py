@@ -571,7 +571,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
-        frame["ood_score"] = guard.score(features[0])[0]
+        frame["ood_score"] = guard.score(features[0])
         frame["out_of_distribution"] = frame["ood_score"] > guard.threshold
         report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
     write_predictions(frame, run_dir / f"predictions_external_{name}.csv")

@@ -79,7 +79,8 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
             raise ValueError(f"{name} is itself an ensemble; list its members instead")
         for what, mine, theirs in (("input_size", cfg.input_size, first.input_size), ("crop", cfg.crop, first.crop),
                                    ("normalization", resolve_normalization(cfg), resolve_normalization(first)),
-                                   ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray)):
+                                   ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray),
+                                   ("mask_corners", cfg.mask_corners, first.mask_corners)):
             if mine != theirs:
                 raise ValueError(f"ensemble members must share {what}: {names[0]} has {theirs}, {name} has {mine}")
         # Thresholds are chosen on val and the metrics read on test: a member trained on another split may have

@@ -1,11 +1,12 @@
 """Is this image like the training data? An out-of-distribution score on the run's embedding index, with a
 threshold calibrated on in-distribution images only (the val split), and ``train.py index`` that builds both.
 
-Two scores, both distances in the index's PCA space (``core.embedding``), both larger = farther from training:
+Two scores on the index (``core.embedding``), both larger = farther from training:
 
-* ``knn``: the distance to the k-th nearest training image (Sun et al., ICML 2022), on L2-normalised features;
+* ``knn``: the distance to the k-th nearest training image (Sun et al., ICML 2022) on L2-normalised features, in
+  the index's PCA space plus the residual outside it;
 * ``mahalanobis``: the smallest class-conditional Mahalanobis distance with one shared, Ledoit-Wolf-shrunk
-  covariance (Lee et al., NeurIPS 2018).
+  covariance (Lee et al., NeurIPS 2018), in the PCA space.
 
 They are compared in ``benchmarks/ood_scores.py`` (numbers in benchmarks/RESULTS.md); the index records which one a
 run uses. The threshold is the val split's ``percentile``-th score, so by construction (100 − percentile) % of val
@@ -28,7 +29,7 @@ from core.engine import Preprocess, load_run, load_splits, predict_probabilities
 from core.io import atomic_write, atomic_write_text
 from core.runs import OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions
 
-DEFAULT_DIMS = 128
+DEFAULT_DIMS = 256
 DEFAULT_K = 10
 DEFAULT_PERCENTILE = 95.0
 SIMILAR_CASES = 6
@@ -42,7 +43,7 @@ class OODScore:
     def fit(self, train: np.ndarray, labels: np.ndarray) -> OODScore:
         raise NotImplementedError
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
+    def __call__(self, coords: np.ndarray, residuals: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -56,8 +57,10 @@ class KNNDistance(OODScore):
         self.index = train
         return self
 
-    def __call__(self, features):
-        distances = self.index.distances(np.atleast_2d(features))
+    def __call__(self, coords, residuals):
+        return self.kth(self.index.distances(coords, residuals))
+
+    def kth(self, distances: np.ndarray) -> np.ndarray:
         return np.partition(distances, self.k - 1, axis=1)[:, self.k - 1]
 
 
@@ -66,15 +69,16 @@ class Mahalanobis(OODScore):
 
     def fit(self, train, labels):
         features = train.features.astype(np.float64)
-        self.means = np.stack([features[labels == c].mean(0) for c in (0, 1)])
-        centred = features - self.means[labels]
+        classes = np.unique(labels)  # both, except in a tiny training set
+        self.means = np.stack([features[labels == c].mean(0) for c in classes])
+        centred = features - self.means[np.searchsorted(classes, labels)]
         self.precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         return self
 
-    def __call__(self, features):
-        features = np.atleast_2d(features).astype(np.float64)
+    def __call__(self, coords, residuals):
+        features = np.atleast_2d(coords).astype(np.float64)
         gaps = features[:, None, :] - self.means[None]
-        return np.sqrt(np.einsum("nci,ij,ncj->nc", gaps, self.precision, gaps).min(1))
+        return np.sqrt(np.einsum("nci,ij,ncj->nc", gaps, self.precision, gaps).min(1).clip(0))
 
 
 def create_score(method: str, k: int = DEFAULT_K) -> OODScore:
@@ -100,13 +104,19 @@ class OODGuard:
         index.check(run_fingerprint(run_dir, cfg), run_dir)
         return cls(index)
 
-    def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(OOD scores, their projection) for raw features ``(N, D)``."""
-        projected = self.index.project(features)
-        return self.score_fn(projected), projected
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """OOD scores for raw features ``(N, D)``."""
+        return self.score_fn(*self.index.project(features))
 
-    def similar(self, projected: np.ndarray, k: int = SIMILAR_CASES) -> pd.DataFrame:
-        return self.index.nearest(projected, k)[0]
+    def score_and_similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> tuple[float, pd.DataFrame]:
+        """One image's OOD score and its ``k`` most similar training cases, from one distance computation."""
+        coords, residuals = self.index.project(features[:1])
+        distances = self.index.distances(coords, residuals)
+        if isinstance(self.score_fn, KNNDistance):
+            score = float(self.score_fn.kth(distances)[0])
+        else:
+            score = float(self.score_fn(coords, residuals)[0])
+        return score, self.index.cases(distances[0], k)
 
 
 def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> np.ndarray:
@@ -132,7 +142,7 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
             "percentile": percentile, "raw_dims": int(raw["train"].shape[1])}
     index = EmbeddingIndex.fit(raw["train"], frames["train"], dims, meta)
     scorer = create_score(method, k).fit(index, index.labels)
-    scores = {name: scorer(index.project(raw[name])) for name in ("val", "test")}
+    scores = {name: scorer(*index.project(raw[name])) for name in ("val", "test")}
     index.meta["threshold"] = float(np.percentile(scores["val"], percentile))
     table = pd.concat([pd.DataFrame({"image_id": frames[name]["image_id"].astype(str), "split": name,
                                      "ood_score": scores[name],

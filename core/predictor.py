@@ -107,10 +107,8 @@ class Predictor:
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
         if self.ood is not None:  # the features came with the prediction's own forward pass
-            scores, projected = self.ood.score(features[0][:1])
-            result.ood_score = float(scores[0])
-            result.out_of_distribution = bool(scores[0] > self.ood.threshold)
-            result.similar = self.ood.similar(projected)
+            result.ood_score, result.similar = self.ood.score_and_similar(features[0][:1])
+            result.out_of_distribution = result.ood_score > self.ood.threshold
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}
             result.corner_views = {name: self.preprocess.view(v[0]).permute(1, 2, 0).numpy()

@@ -48,6 +48,18 @@ def test_benchmark_scripts_document_their_command(script: str) -> None:
     assert done.returncode == 0 and f"benchmarks/{script}" in done.stdout, done.stderr
 
 
+def test_ood_scores_compares_the_scores_and_dimensions(ham_dir: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.ood_scores", "--limit", "60", "--altered", "4"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "answered confidently" in done.stdout
+    for method in ("knn k=10", "mahalanobis"):
+        assert re.search(rf"{method}\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", done.stdout), done.stdout
+    help_text = subprocess.run([sys.executable, "-m", "benchmarks.ood_scores", "--help"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "python -m benchmarks.ood_scores" in help_text
+
+
 def _fake_runs(n: int = 600) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
     """Per-view probabilities of three runs on one val/test set: ``strong`` separates the classes far better; the
     two weak runs make nearly the same mistakes, so no subset of them is really better than another."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from core import metrics
 from core.data import PROJECT_ROOT
@@ -110,6 +111,25 @@ def test_upload_shows_probability_and_overlay(page, app_url: str, ham_dir: Path)
     assert page.locator("[data-testid=stMain] [data-testid=stImage] img").count() >= 2  # photo + CAM overlay
     no_exceptions(page)
     shot(page, "predict_upload")
+
+
+def test_a_non_dermoscopic_upload_is_withheld_and_a_lesion_gets_similar_cases(page, app_url: str, ham_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    from skimage import data
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    open_page(page, app_url, "")
+    page.locator("input[type=file]").set_input_files([str(photo), str(ham_dir / "images" / "ISIC_0024306.jpg")])
+    page.get_by_text("This image is unlike the training data").wait_for()
+    page.get_by_text("withheld (image unlike the training data)").wait_for()
+    page.get_by_text("Most similar training cases").first.wait_for()
+    expected = Predictor.load(DEFAULT_RUN).predict(ham_dir / "images" / "ISIC_0024306.jpg")
+    first = expected.similar.iloc[0]
+    page.get_by_text(f"d={first['distance']:.3f}").first.wait_for()
+    settle(page)
+    no_exceptions(page)
+    shot(page, "predict_ood")
 
 
 def _cell(tab, name: str) -> int:

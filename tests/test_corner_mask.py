@@ -3,6 +3,7 @@ colour, and it is applied by one code path, so training (after augmentation), ev
 Predictor, Grad-CAM and the dashboard's model view all see the same masked pixels."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,13 @@ def test_augmentation_keeps_a_fixed_seed_reproducible_with_the_mask() -> None:
     first = Preprocess(cfg)(augment(images, torch.Generator().manual_seed(3)))
     again = Preprocess(cfg)(augment(images, torch.Generator().manual_seed(3)))
     assert torch.equal(first, again)
+
+
+def test_an_ensemble_refuses_members_that_disagree_on_the_mask(tmp_path: Path) -> None:
+    from core.ensemble import create_ensemble
+
+    masked = saved_run(tmp_path / "masked", masked_config())
+    plain = saved_run(tmp_path / "plain", dataclasses.replace(masked_config(), mask_corners=False))
+    with pytest.raises(ValueError, match="must share mask_corners"):
+        create_ensemble([masked, plain], tmp_path / "ensemble")
+    assert not (tmp_path / "ensemble").exists()

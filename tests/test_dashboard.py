@@ -17,7 +17,14 @@ from core import metrics
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK, corner_dependent
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, read_metrics, read_predictions, read_stress, read_stress_summary
+from core.runs import (
+    DEFAULT_RUN,
+    read_metrics,
+    read_ood_scores,
+    read_predictions,
+    read_stress,
+    read_stress_summary,
+)
 from core.stress import wide
 from dashboard import loaders
 from tests.conftest import streamlit_server
@@ -80,14 +87,48 @@ def test_predict_shows_the_probability_of_an_uploaded_photo(ham_dir: Path) -> No
 
 
 def test_predict_takes_several_photos_and_odd_modes(ham_dir: Path) -> None:
-    """Grayscale, palette, RGBA and CMYK photos are converted, not refused: one probability each."""
+    """Grayscale, palette, RGBA and CMYK photos are converted, not refused: each gets its p, and (being noise, not
+    dermoscopy) each is flagged as unlike the training data with its decision withheld."""
     uploads = [(f"photo_{mode}.{'jpg' if mode == 'CMYK' else 'png'}", _png(mode), "image/png")
                for mode in ("L", "P", "RGBA", "CMYK")]
     at = open_page("predict")
     at.file_uploader[0].set_value(uploads)
     at.run()
-    assert not at.exception and not at.error
-    assert len(at.metric) == 4 * 3 and all(0 <= float(m.value) <= 1 for m in at.metric)
+    assert not at.exception
+    assert len(at.error) == 4 and all("unlike the training data" in e.value for e in at.error)
+    assert len(at.metric) == 4 * 2 and all(0 <= float(m.value) <= 1 for m in at.metric)  # the corner check's
+    greyed = [m.value for m in at.markdown if m.value.startswith("P(malignant) :gray[")]
+    assert len(greyed) == 4 and all(0 <= float(v.split("[")[1].split(" ")[0]) <= 1 for v in greyed)
+
+
+def test_predict_withholds_the_decision_on_a_non_dermoscopic_photo() -> None:
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.coffee()).save(buffer, format="PNG")
+    at = open_page("predict")
+    at.file_uploader[0].upload("coffee.png", buffer.getvalue(), "image/png")
+    at.run()
+    assert not at.exception
+    expected = Predictor.load(DEFAULT_RUN).predict(Image.fromarray(data.coffee()))
+    assert expected.out_of_distribution
+    assert len(at.error) == 1 and f"{expected.ood_score:.3f}" in at.error[0].value
+    assert any("**withheld**" in m.value for m in at.markdown if "Decision at" in m.value)
+    assert any(f":gray[{expected.probability:.3f}" in m.value for m in at.markdown)
+    assert not any(m.label == "P(malignant)" for m in at.metric)
+
+
+def test_predict_shows_the_most_similar_training_cases(ham_dir: Path) -> None:
+    path = ham_dir / "images" / f"{IMAGE_ID}.jpg"
+    at = open_page("predict")
+    at.file_uploader[0].upload(path.name, path.read_bytes(), "image/jpeg")
+    at.run()
+    expected = Predictor.load(DEFAULT_RUN).predict(path)
+    assert not expected.out_of_distribution and not at.error
+    assert any("Like the training data" in c.value for c in at.caption)
+    strip = [c.value for c in at.caption if " · d=" in c.value]
+    assert strip == [f"**{row.dx}** ({'malignant' if row.label else 'benign'}) · d={row.distance:.3f}"
+                     for row in expected.similar.itertuples()]
 
 
 @pytest.mark.parametrize(("name", "content", "reason"), [
@@ -259,6 +300,20 @@ def test_browser_filters_decisions_that_depend_on_the_corners(ham_dir: Path) -> 
     assert _match_line(at).startswith(f"**{frame['dependent'].sum():,} of 1,500")
     at.pills(key="f_corners").set_value("does not").run()
     assert _match_line(at).startswith(f"**{(~frame['dependent']).sum():,} of 1,500")
+
+
+def test_browser_and_audit_carry_the_distance_to_training(ham_dir: Path) -> None:
+    scores = read_ood_scores(DEFAULT_RUN, "test")
+    at = open_page("browse")
+    at.pills(key="f_ood").set_value("unlike training").run()
+    assert _match_line(at).startswith(f"**{scores['out_of_distribution'].sum():,} of 1,500")
+    at = open_page("audit", threshold=0.5, chart_threshold=0.5)
+    assert not at.exception
+    assert "ood_score" in at.dataframe(key="audit_table").value.columns
+    frame = read_predictions(DEFAULT_RUN, "test").merge(scores, on="image_id")
+    wrong = np.isin(metrics.outcomes(frame["label"], frame["probability"], 0.5), ["FP", "FN"])
+    rate = frame["out_of_distribution"][wrong].mean()
+    assert any(f"{rate:.1%} of the mistakes" in m.value for m in at.markdown)
 
 
 def test_training_report_shows_metrics_and_runs() -> None:
