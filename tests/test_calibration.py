@@ -60,7 +60,7 @@ def small_default_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped run on 40 val + 40 test images (a split-file subset), evaluated: a real model, seconds to run."""
     run = tmp_path_factory.mktemp("cal") / "run"
     shutil.copytree(PROJECT_ROOT / "models" / "default", run,
-                    ignore=shutil.ignore_patterns("cams_*", "attention_*"))
+                    ignore=shutil.ignore_patterns("cams_*", "attention_*", "index.*", "ood_*"))  # another split
     split = pd.read_csv(PROJECT_ROOT / "splits" / "ham10000.csv")
     parts = [split[(split["split"] == s) & (split["label"] == y)].head(20) for s in ("val", "test") for y in (0, 1)]
     pd.concat(parts).to_csv(run / "split.csv", index=False)
