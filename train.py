@@ -104,7 +104,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
     if any(args.run.glob("stress_*.csv")):
         print(f"the stress test still lists the old probabilities: python train.py stress --run {args.run}")
-    if (args.run / "ood_summary.json").is_file():
+    from core.runs import OOD_SUMMARY
+    if (args.run / OOD_SUMMARY).is_file():
         print(f"the OOD summary's mistake rates use the old decisions: python train.py index --run {args.run}")
 
 

@@ -44,7 +44,8 @@ def noise(n: int = 12, seed: int = 0) -> dict[str, Image.Image]:
 def flat(seed: int = 0) -> dict[str, Image.Image]:
     rng = np.random.default_rng(seed)
     colours = [*SKIN_TONES, (0, 0, 0), (255, 255, 255), (128, 128, 128), *map(tuple, rng.integers(0, 256, (5, 3)))]
-    return {f"flat_{k}": Image.new("RGB", (200, 150), tuple(int(c) for c in colour)) for k, colour in enumerate(colours)}
+    return {f"flat_{k}": Image.new("RGB", (200, 150), tuple(int(c) for c in colour))
+            for k, colour in enumerate(colours)}
 
 
 def text() -> dict[str, Image.Image]:

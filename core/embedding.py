@@ -7,8 +7,9 @@ that mean different things, while concatenating unit vectors keeps each member's
 With flip TTA the features are averaged over the views, as the probability is.
 
 The index keeps the training split's features projected on their first principal components (fp16) with the norm
-of what the projection leaves out (the residual), image ids, diagnoses and labels, and a fingerprint of the weights, the split file and the model's view, so an index built for
-another model or split is refused instead of silently answering for it.
+of what the projection leaves out (the residual), image ids, diagnoses and labels, and a fingerprint of the
+weights, the split file and the model's view, so an index built for another model or split is refused instead of
+silently answering for it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import nn
 from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import project_path
+from core.io import atomic_write
 from core.runs import RunError
 
 INDEX_FILE = "index.safetensors"
@@ -143,16 +145,12 @@ class EmbeddingIndex:
                              "label": self.labels[order].astype(int), "distance": distances[order].astype(float)})
 
     def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / INDEX_FILE
-        tmp = path.with_suffix(".tmp")
-        meta = {"meta": json.dumps(self.meta), "image_ids": json.dumps(self.image_ids), "dx": json.dumps(self.dx)}
-        save_file({"mean": torch.from_numpy(self.mean),
+        header = {"meta": json.dumps(self.meta), "image_ids": json.dumps(self.image_ids), "dx": json.dumps(self.dx)}
+        tensors = {"mean": torch.from_numpy(self.mean),
                    "components": torch.from_numpy(self.components.astype(np.float16)),  # half the file; ~1e-3
                    "features": torch.from_numpy(self.features), "residuals": torch.from_numpy(self.residuals),
-                   "labels": torch.from_numpy(self.labels)},
-                  str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+                   "labels": torch.from_numpy(self.labels)}
+        return atomic_write(Path(run_dir) / INDEX_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> EmbeddingIndex:
@@ -165,8 +163,8 @@ class EmbeddingIndex:
             with safe_open(str(path), "pt") as store:
                 header = store.metadata()
             return cls(tensors["mean"].numpy(), tensors["components"].float().numpy(), tensors["features"].numpy(),
-                       tensors["residuals"].numpy(), json.loads(header["image_ids"]), json.loads(header["dx"]), tensors["labels"].numpy(),
-                       json.loads(header["meta"]))
+                       tensors["residuals"].numpy(), json.loads(header["image_ids"]), json.loads(header["dx"]),
+                       tensors["labels"].numpy(), json.loads(header["meta"]))
         except Exception as err:  # a truncated or foreign file: the same fix either way
             raise RunError(f"{path} is not a readable index ({err}); {fix} again") from err
 
@@ -176,4 +174,4 @@ class EmbeddingIndex:
         differ = [key for key in fingerprint if built.get(key) != fingerprint[key]]
         if differ:
             raise RunError(f"{Path(run_dir) / INDEX_FILE} was built for another run ({', '.join(differ)} "
-                              f"differ); rebuild it with `python train.py index --run {run_dir}`")
+                           f"differ); rebuild it with `python train.py index --run {run_dir}`")

@@ -561,7 +561,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     run_dir = Path(run_dir)
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
-    guard = ood.OODGuard.load(run_dir, cfg) if (run_dir / embedding.INDEX_FILE).is_file() else None
+    guard = ood.OODGuard.load_if_built(run_dir, cfg)
     features: list[np.ndarray] | None = [] if guard is not None else None
     frame = predict_frame(cfg, model, read_dataset(data, images), device, features)
     thresholds = json.loads((run_dir / "metrics.json").read_text())["thresholds"]

@@ -24,7 +24,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from core import metrics
-from core.embedding import EmbeddingIndex, run_fingerprint
+from core.embedding import INDEX_FILE, EmbeddingIndex, run_fingerprint
 from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.io import atomic_write, atomic_write_text
 from core.runs import OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions
@@ -58,10 +58,7 @@ class KNNDistance(OODScore):
         return self
 
     def __call__(self, coords, residuals):
-        return self.kth(self.index.distances(coords, residuals))
-
-    def kth(self, distances: np.ndarray) -> np.ndarray:
-        return np.partition(distances, self.k - 1, axis=1)[:, self.k - 1]
+        return np.partition(self.index.distances(coords, residuals), self.k - 1, axis=1)[:, self.k - 1]
 
 
 class Mahalanobis(OODScore):
@@ -104,19 +101,20 @@ class OODGuard:
         index.check(run_fingerprint(run_dir, cfg), run_dir)
         return cls(index)
 
+    @classmethod
+    def load_if_built(cls, run_dir: str | Path, cfg) -> OODGuard | None:
+        """The run's guard, or None for a run without an index; one built for another run is refused (RunError)."""
+        return cls.load(run_dir, cfg) if (Path(run_dir) / INDEX_FILE).is_file() else None
+
     def score(self, features: np.ndarray) -> np.ndarray:
         """OOD scores for raw features ``(N, D)``."""
         return self.score_fn(*self.index.project(features))
 
     def score_and_similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> tuple[float, pd.DataFrame]:
-        """One image's OOD score and its ``k`` most similar training cases, from one distance computation."""
+        """One image's OOD score and its ``k`` most similar training cases (two 0.2 ms distance passes)."""
         coords, residuals = self.index.project(features[:1])
-        distances = self.index.distances(coords, residuals)
-        if isinstance(self.score_fn, KNNDistance):
-            score = float(self.score_fn.kth(distances)[0])
-        else:
-            score = float(self.score_fn(coords, residuals)[0])
-        return score, self.index.cases(distances[0], k)
+        score = float(self.score_fn(coords, residuals)[0])
+        return score, self.index.nearest(coords, residuals, k)[0]
 
 
 def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> np.ndarray:

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from core.data import open_rgb
-from core.embedding import INDEX_FILE
 from core.engine import Preprocess, load_run, predict_probabilities
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
 from core.ood import OODGuard
@@ -62,7 +61,7 @@ class Predictor:
         self.resize = resize_transform(self.config.input_size, self.config.crop)
         self.preprocess = Preprocess(self.config)
         # An index built for other weights or another split is refused here (RunError), never used silently.
-        self.ood = OODGuard.load(self.run_dir, self.config) if (self.run_dir / INDEX_FILE).is_file() else None
+        self.ood = OODGuard.load_if_built(self.run_dir, self.config)
         metrics_path = self.run_dir / "metrics.json"
         self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
                                              if metrics_path.is_file() else {})

@@ -20,7 +20,8 @@ OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
                 "FN": "malignant, called benign", "TN": "benign, called benign"}
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
-SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "corner_dependent", "p_corner_fill", "p_vignette", "corner_delta_p",
+SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "corner_dependent", "p_corner_fill",
+          "p_vignette", "corner_delta_p",
           "corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
           "dark_corner_score", "flag"]
 
@@ -71,18 +72,18 @@ def corner_dependence_note(p: float, covered: float, vignette: float) -> str:
             f"vignette added (the decision flips at the threshold, or p moves by ≥ {DEFAULT_MIN_DELTA}).")
 
 
-def ood_warning(score: float, threshold: float) -> str:
+def ood_warning(score: float, threshold: float, percentile: float) -> str:
     """The text for an image the OOD guard flags: why the probability is not to be trusted."""
     return (f"**This image is unlike the training data** (distance to the training images {score:.3f}, above the "
-            f"threshold {threshold:.3f} that only 5 % of the validation images exceed). The model has not learned "
-            "to judge images like it: its probability is unreliable, so **no decision is given**. Use a "
-            "dermoscopic photo with the lesion centred.")
+            f"threshold {threshold:.3f} that only {100 - percentile:g} % of the validation images exceed). The model "
+            "has not learned to judge images like it: its probability is unreliable, so **no decision is given**. "
+            "Use a dermoscopic photo with the lesion centred.")
 
 
 def similar_cases(similar: pd.DataFrame, data_dir: Path | None, key: str) -> None:
     """The most similar training cases of a prediction as thumbnails (diagnosis, label, distance), or as a table
     when the images are not here: retrieval as decision support (Tschandl et al., Nat. Med. 2020)."""
-    similar = loaders.similar_cases(similar, data_dir)
+    similar = loaders.with_image_paths(similar, data_dir)
     labelled = similar.assign(diagnosis=[f"{dx} — {DX_NAMES.get(dx, dx)}" for dx in similar["dx"]],
                               label=similar["label"].map({1: "malignant", 0: "benign"}))
     if "path" not in similar or similar["path"].isna().any():

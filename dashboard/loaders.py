@@ -155,8 +155,8 @@ def stress_table(run: Path, split: str = "test") -> pd.DataFrame | None:
         return None
 
 
-def similar_cases(similar: pd.DataFrame, data_dir: Path | None) -> pd.DataFrame:
-    """A prediction's most similar training cases with their image paths where the images are here."""
+def with_image_paths(similar: pd.DataFrame, data_dir: Path | None) -> pd.DataFrame:
+    """Training cases (e.g. a prediction's most similar ones) with their image paths where the images are here."""
     if data_dir is None:
         return similar
     return similar.merge(_metadata(str(data_dir))[["image_id", "path"]], on="image_id", how="left")

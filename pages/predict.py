@@ -74,7 +74,8 @@ for upload in uploads or []:
     decision = result.decision(threshold)
     st.subheader(upload.name)
     if result.out_of_distribution:
-        st.error(gallery.ood_warning(result.ood_score, predictor.ood.threshold), icon=":material/block:")
+        st.error(gallery.ood_warning(result.ood_score, predictor.ood.threshold, predictor.ood.index.meta["percentile"]),
+                 icon=":material/block:")
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
     image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
                     width="stretch")
