@@ -23,10 +23,11 @@ class BatchAugment(nn.Module):
     """
 
     def __init__(self, rotation: float = 15.0, jitter: float = 0.1, crop_scale: tuple[float, float] = (0.9, 1.0),
-                 zoom: tuple[float, float] = (1.0, 1.1), corner_artifacts: float = 0.0) -> None:
+                 zoom: tuple[float, float] = (1.0, 1.1), corner_artifacts: float = 0.0,
+                 ring_start: tuple[float, float] = (0.75, 1.05), fill_share: float = 0.25) -> None:
         super().__init__()
         self.rotation, self.jitter, self.crop_scale, self.zoom = rotation, jitter, crop_scale, zoom
-        self.corner_artifacts = corner_artifacts
+        self.corner_artifacts, self.ring_start, self.fill_share = corner_artifacts, ring_start, fill_share
 
     def _uniform(self, n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
         return torch.empty(n, device=device).uniform_(low, high, generator=generator)
@@ -50,7 +51,7 @@ class BatchAugment(nn.Module):
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.corner_artifacts > 0:  # drawn only when on, so runs without it keep their random stream
-            out = corner_artifacts(out, self.corner_artifacts, u)
+            out = corner_artifacts(out, self.corner_artifacts, u, self.ring_start, self.fill_share)
         return self.color_jitter(out, u)
 
     def color_jitter(self, images: torch.Tensor, u) -> torch.Tensor:
@@ -65,15 +66,17 @@ class BatchAugment(nn.Module):
         return ((images - gray) * u(1 - j, 1 + j).view(shape) + gray).clamp(0, 1)
 
 
-def corner_artifacts(images: torch.Tensor, p: float, u) -> torch.Tensor:
+def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: tuple[float, float] = (0.75, 1.05),
+                     fill_share: float = 0.25) -> torch.Tensor:
     """With probability ``p`` per image, whatever its class, a random dermoscope ring or a corner fill, so that dark
     or covered corners carry no information about the label. The stress test's ``vignette`` and ``corner_fill``
     (``core.interventions``) with their parameters drawn at random instead of fixed:
 
-    * ring (¾ of the artifacts): darkness ramping up from radius 0.75–1.05 over 0.05–0.3 to 0.5–1, in a dark
-      colour of random tint;
-    * fill (¼): everything outside the inscribed circle/ellipse in the image's own skin colour (the median of the
-      ring between 0.7 and 1 of the radius).
+    * ring (1 − ``fill_share`` of the artifacts): darkness ramping up from a radius drawn in ``ring_start``
+      (1 = the inscribed circle/ellipse) over 0.05–0.3 to 0.5–1, in a dark colour of random tint;
+    * fill (``fill_share``): everything outside the inscribed circle/ellipse in the image's own skin colour (the
+      median of the ring between 0.7 and 1 of the radius). Under the fixed corner mask a fill changes nothing the
+      model sees, so masked runs can spend every artifact on rings.
 
     ``u(low, high)`` draws one value per image from the caller's generator. Works on float ``(N, 3, H, W)`` in
     [0, 1], on any device, in a few tensor operations.
@@ -81,8 +84,8 @@ def corner_artifacts(images: torch.Tensor, p: float, u) -> torch.Tensor:
     n, _, h, w = images.shape
     shape = (-1, 1, 1, 1)
     radius = ellipse_radius(h, w, images.device).to(images.dtype)
-    apply, fill = u(0, 1) < p, u(0, 1) < 0.25
-    start, softness, darkness = u(0.75, 1.05).view(shape), u(0.05, 0.3).view(shape), u(0.5, 1.0).view(shape)
+    apply, fill = u(0, 1) < p, u(0, 1) < fill_share
+    start, softness, darkness = u(*ring_start).view(shape), u(0.05, 0.3).view(shape), u(0.5, 1.0).view(shape)
     tint = torch.stack([u(0.0, 0.12) for _ in range(3)], 1).view(n, 3, 1, 1)
     ramp = ((radius - start) / softness).clamp(0, 1)
     ring = darkness * ramp * ramp * (3 - 2 * ramp)

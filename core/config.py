@@ -45,6 +45,8 @@ class TrainConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     zoom: list[float] = field(default_factory=lambda: [1.0, 1.1])
     corner_artifacts: float = 0.0          # share of training images given a random vignette or corner fill
+    corner_ring_start: list[float] = field(default_factory=lambda: [0.75, 1.05])  # a vignette's inner radius range
+    corner_fill_share: float = 0.25        # share of those artifacts that are corner fills, not vignettes
     # optimisation
     epochs: int = 30
     batch_size: int = 32

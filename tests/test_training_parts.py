@@ -127,6 +127,21 @@ def test_corner_artifacts_come_at_their_rate_and_leave_the_rest_aligned() -> Non
         BatchAugment()(x[:4], torch.Generator().manual_seed(3)))  # off: the old random stream, bit for bit
 
 
+def test_ring_only_artifacts_reach_inside_the_circle_from_their_start_radius() -> None:
+    """``fill_share=0`` (for masked runs, where a fill changes nothing the model sees) gives only rings, and a ring
+    never darkens inside its ``ring_start`` range's lower end but does inside the circle above it."""
+    x = torch.full((400, 3, 40, 40), 0.8)
+    plain = BatchAugment(jitter=0.0)(x, torch.Generator().manual_seed(5))
+    out = BatchAugment(jitter=0.0, corner_artifacts=1.0, ring_start=(0.6, 0.9), fill_share=0.0)(
+        x, torch.Generator().manual_seed(5))
+    radius = ellipse_radius(40, 40)
+    inner, band = radius < 0.59, (radius > 0.92) & (radius <= 1)
+    assert torch.allclose(out[:, :, inner], plain[:, :, inner], atol=1e-5)
+    darker_in_band = (out[:, :, band] < plain[:, :, band] - 0.05).flatten(1).any(1)
+    assert darker_in_band.all()  # every image got a ring, and every ring starts inside the circle
+    # a fill (the skin colour outside the circle) would leave the band untouched: none at fill_share 0
+
+
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
     from core.engine import load_run
     from core.ensemble import init_weights
