@@ -20,13 +20,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
-from core.checkpoint import CheckpointError
-from core.config import TrainConfig, add_config_arguments, parse_bool
-from core.data import IMAGE_EXTENSIONS, DataError, read_dataset
-from core.engine import Interrupted, TrainingError
+from core import runs
+from core.config import TrainConfig, add_config_arguments, literal_choices
+from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
+from core.fit import Interrupted
+from core.inference import DeviceError
+from core.training import TrainingError
 
-DEFAULT_SPLIT = Path("splits/ham10000.csv")
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -59,18 +61,17 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from core.engine import fit
+    from core.fit import fit
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-        fit(cfg, run_dir, resume=True)
+        fit(runs.read_config(run_dir, need_weights=False), run_dir, resume=True)
         return
     if args.out is None:
         raise ValueError("fit needs --out RUN_DIR (or --resume RUN_DIR)")
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     cfg = cfg.override(args)
-    if (args.out / "model.safetensors").exists() and not args.overwrite:
+    if (args.out / runs.MODEL_FILE).exists() and not args.overwrite:
         raise ValueError(f"{args.out} already holds a trained run; use --resume, --overwrite or another --out")
     fit(cfg, args.out)
 
@@ -88,29 +89,28 @@ def cmd_cv(args: argparse.Namespace) -> None:
 def cmd_ensemble(args: argparse.Namespace) -> None:
     from core.ensemble import create_ensemble
 
-    out = create_ensemble(args.members, args.out, args.tta_flips, args.tta_views, args.overwrite)
+    out = create_ensemble(args.members, args.out, args.tta_views, args.overwrite)
     print(f"wrote {out} ({len(args.members)} members); next: python train.py evaluate --run {out}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from core.engine import calibrate_run
+    from core.evaluation import calibrate_run
 
     before, after = calibrate_run(args.run, args.device)
     a, b = after["run"]["calibration"]
     was = f"{before['calibration_test']['ece']:.4f} → " if before else ""
     print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); test ECE {was}{after['calibration_test']['ece']:.4f}; "
           f"test AUROC {after['test']['auroc']:.4f} (calibration keeps the ranking)")
-    if any(args.run.glob("attention_*.csv")):
+    if any(args.run.glob(runs.attention_file("*"))):
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
-    if any(args.run.glob("stress_*.csv")):
+    if any(args.run.glob(runs.stress_file("*"))):
         print(f"the stress test still lists the old probabilities: python train.py stress --run {args.run}")
-    from core.runs import OOD_SUMMARY
-    if (args.run / OOD_SUMMARY).is_file():
+    if (args.run / runs.OOD_SUMMARY).is_file():
         print(f"the OOD summary's mistake rates use the old decisions: python train.py index --run {args.run}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from core.engine import evaluate_external, evaluate_run
+    from core.evaluation import evaluate_external, evaluate_run
 
     if args.data is None:
         evaluate_run(args.run, args.device)
@@ -166,7 +166,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_explain(args: argparse.Namespace) -> None:
     from core.audit import explain_split
 
-    summary = explain_split(args.run, args.split, args.method, args.limit, corner_threshold=args.corner_threshold)
+    summary = explain_split(args.run, args.split, args.method, args.limit, corner_threshold=args.corner_threshold,
+                            device_name=args.device)
     flagged, by = summary["flagged"], summary["by_correctness"]
     print(f"{summary['n']} {args.split} images, {args.method}: {flagged['flagged']} corner-focused "
           f"({100 * flagged['rate']:.1f} %; rule {summary['corner_flag_rule']}); correct {100 * by['correct']['rate']:.1f} %"
@@ -205,6 +206,16 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(f"wrote index.safetensors, ood_scores.csv and ood_summary.json in {args.run}")
 
 
+DEVICES = literal_choices(get_type_hints(TrainConfig)["device"])
+
+
+def add_run_and_device(parser: argparse.ArgumentParser) -> None:
+    """The two arguments every command on a trained run takes, with the same meaning and default everywhere."""
+    parser.add_argument("--run", type=Path, required=True, help="run directory (a trained run or an ensemble)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: a CUDA GPU if there is one, else the CPU (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="HAM10000 folder, or a label CSV (ISIC 2018/2019 ground truth, image,label)")
     data.add_argument("--images", help="image folder, when --data-dir is a label CSV")
     out = p.add_argument_group("split")
-    out.add_argument("--out", type=Path, default=DEFAULT_SPLIT, help="split file to write (default: %(default)s)")
+    out.add_argument("--out", type=Path, default=Path(DEFAULT_SPLIT_FILE), help="split file to write (default: %(default)s)")
     out.add_argument("--fractions", type=float, nargs=3, default=[0.70, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
     out.add_argument("--seed", type=int, default=0)
     out.add_argument("--folds", type=int, default=0, help="also write an N-fold assignment of train+val")
@@ -233,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("cross-validation")
     run.add_argument("--config", type=Path, help="YAML config (e.g. configs/default.yaml); flags override it")
     run.add_argument("--out", type=Path, required=True, help="folder for fold<k>/ run directories and the summary")
-    run.add_argument("--folds-file", default="splits/ham10000_folds5.csv",
+    run.add_argument("--folds-file", default=DEFAULT_FOLDS_FILE,
                      help="fold assignment of train+val (default: %(default)s; `train.py split --folds 5` makes it)")
     run.add_argument("--only-folds", type=int, nargs="+", help="train only these folds (e.g. one per machine)")
     add_config_arguments(p)
@@ -242,34 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="one run directory averaging the P(malignant) of trained runs")
     p.add_argument("--members", type=Path, nargs="+", required=True, help="trained run directories")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
-    p.add_argument("--tta-flips", type=parse_bool, help="flip TTA of the ensemble (default: the first member's)")
-    p.add_argument("--tta-views", type=int, choices=[1, 2, 3, 4], help="flip views with --tta-flips (2: identity + "
-                   "horizontal; 4: all four)")
+    p.add_argument("--tta-views", type=int, choices=[1, 2, 3, 4], help="flip views the ensemble averages (1: none; "
+                   "2: identity + horizontal; 4: all four; default: the first member's)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("calibrate", help="fit Platt scaling of P(malignant) on val, write it to the run's config, "
                        "evaluate again")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--device", default="auto")
+    add_run_and_device(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics of a run on val and test, or on another labelled set")
-    p.add_argument("--run", type=Path, required=True)
+    add_run_and_device(p)
     p.add_argument("--data", help="a label CSV (ISIC 2018/2019 ground truth or image,label) instead of the split")
     p.add_argument("--images", help="image folder for --data")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="P(malignant) for every image in a folder")
-    p.add_argument("--run", type=Path, required=True)
+    add_run_and_device(p)
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="CSV to write: image,probability")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM + attention scores for every image of a split")
-    p.add_argument("--run", type=Path, required=True)
+    add_run_and_device(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "hirescam", "layercam"])
     p.add_argument("--limit", type=int, help="only the first N images (a quick look)")
@@ -280,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     from core.interventions import DEFAULT_MIN_DELTA, INTERVENTIONS
     p = sub.add_parser("stress", help="artifact stress test: p before and after painting vignettes, corner fills, "
                        "ink, rulers and hairs beside the lesion")
-    p.add_argument("--run", type=Path, required=True)
+    add_run_and_device(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--interventions", nargs="+", choices=list(INTERVENTIONS), metavar="NAME",
                    help=f"which to run (default: all of {', '.join(INTERVENTIONS)})")
@@ -291,13 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="|Δp| that makes a decision corner-dependent even without a flip (default: %(default)s)")
     p.add_argument("--no-train-corners", action="store_true",
                    help="skip the table of dark corners by class on the training split")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_stress)
 
     from core.ood import DEFAULT_DIMS, DEFAULT_K, DEFAULT_PERCENTILE
     p = sub.add_parser("index", help="embedding index of the training split and the out-of-distribution threshold "
                        "(the val split's percentile)")
-    p.add_argument("--run", type=Path, required=True)
+    add_run_and_device(p)
     p.add_argument("--method", default="knn", choices=["knn", "mahalanobis"],
                    help="OOD score: distance to the k-th nearest training image, or class-conditional Mahalanobis "
                    "(default: %(default)s; benchmarks/ood_scores.py compares them)")
@@ -305,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=DEFAULT_K, help="k of the knn score (default: %(default)s)")
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
                    help="val percentile of the score that becomes the threshold (default: %(default)s)")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_index)
     return parser
 
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, CheckpointError, TrainingError, ValueError) as err:
+    except (DataError, runs.RunError, TrainingError, DeviceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during fit: the shell's exit status for that signal

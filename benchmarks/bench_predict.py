@@ -66,7 +66,7 @@ def main() -> None:
         times.append(1000 * (time.perf_counter() - start))
     cfg = predictor.config
     model = model_label(cfg)
-    tta = f"{cfg.tta_views} flip views" if cfg.tta_flips else "no TTA"
+    tta = f"{cfg.tta_views} flip views" if cfg.tta_views > 1 else "no TTA"
     compiled = ", torch.compile" if args.compile else ""
     ood = "with" if predictor.ood is not None else "without"
     print(f"Predictor.predict(explain={args.explain}, corner_check={args.corner_check}{compiled}), {ood} OOD index, "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from core.audit import model_view_masks
-from core.engine import load_splits, preload_images
+from core.inference import load_splits, preload_images
 from core.interventions import INTERVENTIONS, image_key
 from core.runs import model_label
 from core.stress import intervened_probabilities, run_scorer

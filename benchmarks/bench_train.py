@@ -12,7 +12,8 @@ import time
 import torch
 
 from core.config import TrainConfig
-from core.engine import _autocast, create_training_parts, resolve_device
+from core.inference import autocast, resolve_device
+from core.training import create_training_parts
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -57,7 +58,7 @@ def main() -> None:
     batch = prepare()
 
     def learn() -> None:
-        with _autocast(device, True):
+        with autocast(device, True):
             loss = loss_fn(step_model(batch), labels)
         loss.backward()
         optimizer.step()

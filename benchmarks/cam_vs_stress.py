@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from core import explain, metrics
-from core.engine import Preprocess, load_run, load_splits, preload_images
+from core.inference import Preprocess, load_run, load_splits, preload_images
 from core.runs import read_metrics, read_stress
 from core.stress import image_flags
 

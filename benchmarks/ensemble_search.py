@@ -11,25 +11,22 @@ runs 20+): the highest val AUROC within both limits replaces the shipped ensembl
 under a paired bootstrap that resamples whole lesions: the 5th percentile of the gain must be above 0. Without that
 margin, noise-level val gains (runs 12, 19) swapped the shipped model back and forth.
 
-    python benchmarks/ensemble_search.py --runs runs/A runs/B runs/C [--out table.csv] [--cache runs/.search]
+    python -m benchmarks.ensemble_search --runs runs/A runs/B runs/C [--out table.csv] [--cache runs/.search]
         [--max-forwards 4 --max-mb 25 --incumbent A B --incumbent-views 2]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from core import metrics
 from core.config import TrainConfig
-from core.engine import (
+from core.inference import (
     FLIP_DIMS,
     Preprocess,
     load_run,
@@ -39,6 +36,7 @@ from core.engine import (
     resolve_device,
 )
 from core.ensemble import check_compatible
+from core.runs import read_config
 
 
 def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -147,14 +145,14 @@ def main() -> None:
     if args.incumbent and not set(args.incumbent) <= set(names):
         parser.error(f"--incumbent {sorted(set(args.incumbent) - set(names))} not among --runs {names}")
     probabilities = {run.name: view_probabilities(run, args.cache, args.device) for run in args.runs}
-    configs = {run.name: TrainConfig.from_yaml(run / "config.yaml") for run in args.runs}
+    configs = {run.name: read_config(run) for run in args.runs}
     table = search(probabilities, {run.name: fp16_megabytes(run) for run in args.runs}, args.views,
                    compatible_pairs(configs))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         table.to_csv(args.out, index=False, float_format="%.4f")
     if args.incumbent:
-        val = load_splits(TrainConfig.from_yaml(args.runs[0] / "config.yaml"))["val"]
+        val = load_splits(read_config(args.runs[0]))["val"]
         decision = apply_rule(table, probabilities, val["lesion_id"].to_numpy(), tuple(args.incumbent),
                               args.incumbent_views, args.max_forwards, args.max_mb)
         print(f"\nrule (≤ {args.max_forwards} forwards, ≤ {args.max_mb:g} MB): best {decision['best']} with "

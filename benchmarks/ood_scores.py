@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import ood_probes
 from core.embedding import EmbeddingIndex
-from core.engine import Preprocess, load_run, load_splits, predict_probabilities
+from core.inference import Preprocess, load_run, load_splits, predict_probabilities
 from core.ood import create_score, split_features
 from core.transforms import resize_transform
 
@@ -35,8 +35,8 @@ def image_features(cfg, model, images) -> tuple[np.ndarray, np.ndarray]:
     resize = resize_transform(cfg.input_size, cfg.crop)
     batch = torch.stack([resize(image).as_subclass(torch.Tensor) for image in images])
     features: list[np.ndarray] = []
-    p = predict_probabilities(model, batch, Preprocess(cfg), torch.device("cpu"), 32, cfg.tta_flips, cfg.amp,
-                              cfg.tta_views, cfg.calibration, features=features)
+    p = predict_probabilities(model, batch, Preprocess(cfg), torch.device("cpu"), 32, cfg.tta_views, cfg.amp,
+                              cfg.calibration, features=features)
     return features[0], p
 
 

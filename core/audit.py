@@ -9,7 +9,6 @@ uint8, with their image ids) and ``attention_summary.json``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,9 @@ import torch
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from core import explain, metrics
-from core.data import open_mask
-from core.engine import Preprocess, load_run, load_splits, preload_images
-from core.io import atomic_write, atomic_write_text
+from core import explain, metrics, runs
+from core.images import open_mask
+from core.inference import Preprocess, load_run, load_splits, preload_images, resolve_device
 from core.transforms import Crop, resize_transform
 
 CAM_STORE_SIZE = 56
@@ -43,15 +41,15 @@ def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") 
 
 
 def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradcam", limit: int | None = None,
-                  batch_size: int = 16, corner_threshold: float = 0.5) -> dict:
+                  batch_size: int = 16, corner_threshold: float = 0.5, device_name: str = "auto") -> dict:
     run_dir = Path(run_dir)
-    cfg, model = load_run(run_dir)
+    cfg, model = load_run(run_dir, resolve_device(device_name))
     frame = load_splits(cfg)[split]
     if limit:
         frame = frame.head(limit).reset_index(drop=True)
-    predictions = pd.read_csv(run_dir / f"predictions_{split}.csv", dtype={"image_id": str})
+    predictions = runs.read_predictions(run_dir, split)
     frame = frame.merge(predictions[["image_id", "probability"]], on="image_id", how="left", validate="one_to_one")
-    threshold = json.loads((run_dir / "metrics.json").read_text())["thresholds"]["youden"]
+    threshold = runs.read_metrics(run_dir)["thresholds"]["youden"]
     images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     preprocess = Preprocess(cfg)
@@ -81,22 +79,11 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
             store.append(np.round(small * 255).astype(np.uint8))
     table = frame[["image_id", "lesion_id", "dx", "label", "probability"]].merge(pd.DataFrame(rows), on="image_id")
     table["correct"] = (table["probability"] >= threshold).astype(int) == table["label"]
-    atomic_write(run_dir / f"attention_{split}.csv",
-                 lambda tmp: table.to_csv(tmp, index=False, float_format="%.5f"))
-    write_cam_store(run_dir / f"cams_{split}.npz", table["image_id"].to_numpy(dtype=str), np.stack(store))
+    runs.write_csv(run_dir / runs.attention_file(split), table, float_format="%.5f")
+    runs.write_cam_store(run_dir / runs.cams_file(split), table["image_id"].to_numpy(dtype=str), np.stack(store))
     summary = summarize(table, threshold, method, corner_threshold)
-    atomic_write_text(run_dir / "attention_summary.json", json.dumps(summary, indent=1))
+    runs.write_json(run_dir / runs.ATTENTION_SUMMARY, summary)
     return summary
-
-
-def write_cam_store(path: Path, image_ids: np.ndarray, cams: np.ndarray) -> None:
-    """``image_id`` and ``cam`` arrays in one .npz (through an open handle: given a path, numpy would add ".npz"
-    to the temporary file's name)."""
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.savez_compressed(f, image_id=image_ids, cam=cams)
-
-    atomic_write(path, write)
 
 
 def summarize(table: pd.DataFrame, threshold: float, method: str, corner_threshold: float) -> dict:

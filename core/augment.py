@@ -1,7 +1,7 @@
 """Training augmentation for a whole batch at once, on whatever device the batch is on.
 
-The per-image torchvision pipeline (``core.transforms.create_transform(train=True)``) costs ~1 ms of CPU per image,
-which caps a GPU at ~1,000 img/s. This module draws *per-sample* parameters for the same recipe — random resized
+The per-image torchvision pipeline (``core.transforms.create_transform(train=True)``) runs in Python per image on
+the CPU, which caps what a GPU can be fed (experiments.md, "Lab notes"). This module draws *per-sample* parameters for the same recipe — random resized
 crop (scale 0.9–1.0), zoom up to 1.1×, flips, rotation ±15°, colour jitter 0.1 — and applies them as one
 ``affine_grid``/``grid_sample`` and a few tensor ops, so augmentation stays a small fraction of a training step.
 """

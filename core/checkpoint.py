@@ -11,13 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.io import atomic_write, atomic_write_text
-
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "last.safetensors"
-STATE_META = "last.json"
+from core.runs import STATE_META, RunError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that is missing, corrupt, or does not fit the model its config describes."""
 
 

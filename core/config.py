@@ -1,5 +1,10 @@
 """One configuration for a training run: defaults here, a YAML file over them, command-line flags over that.
-The resolved config is saved in the run directory (``config.yaml``) and is what evaluation and prediction read."""
+The resolved config is saved in the run directory (``config.yaml``) and is what evaluation and prediction read.
+
+Each field is declared once, with its help text and flag group as field metadata and ``Literal`` types for its
+choices, so ``train.py fit --help`` explains every flag and argparse (or :meth:`TrainConfig.from_dict`, for a YAML
+file) refuses a bad choice by itself.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,71 +12,97 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from core.data import DEFAULT_SPLIT_FILE
 from core.io import atomic_write_text
-from core.transforms import CROPS
+
+
+def option(default: Any, help: str, group: str) -> Any:
+    """A config field: its default, one sentence for ``--help``, and the flag group it is listed under."""
+    metadata = {"help": help, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    # data
-    data_dir: str | None = None            # HAM10000 folder (None: the resolved default)
-    split_file: str = "splits/ham10000.csv"
-    train_limit: int | None = None         # use only N training images (CPU smoke runs)
-    # model
-    model: str = "efficientnet_lite0"
-    pretrained: bool = True
-    init_from: str | None = None           # start from a trained run's weights (or RUN/members/NAME of an ensemble)
-    input_size: int = 224                  # model view height (and width, with the square crop)
-    crop: str = "square"                   # "square": centre square | "frame": the whole 4:3 frame (core.transforms)
-    mask_corners: bool = False             # a constant colour outside the inscribed circle/ellipse, always
-    normalization: str = "pretrained"      # "pretrained" (the weights' own mean/std) | "imagenet" | "per_image"
-    shades_of_gray: bool = False
-    drop_rate: float = 0.2
-    head: str = "binary"                   # "binary": one logit | "dx": 7 HAM10000 diagnoses, P = mel+bcc+akiec
-    ensemble: list[str] = field(default_factory=list)  # member run folders (core/ensemble.py); [] = one model
-    # loss and sampling
-    loss: str = "focal"                    # "focal" | "bce"
-    focal_alpha: float = 0.6
-    focal_gamma: float = 2.0
-    positive_fraction: float = 0.4         # balanced sampler: 60/40 benign/malignant; 0 = plain shuffling
-    mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 = off
-    # augmentation
-    rotation: float = 15.0
-    jitter: float = 0.1
-    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
-    zoom: list[float] = field(default_factory=lambda: [1.0, 1.1])
-    corner_artifacts: float = 0.0          # share of training images given a random vignette or corner fill
-    corner_ring_start: list[float] = field(default_factory=lambda: [0.75, 1.05])  # a vignette's inner radius range
-    corner_fill_share: float = 0.25        # share of those artifacts that are corner fills, not vignettes
-    # optimisation
-    epochs: int = 30
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    head_warmup_epochs: int = 1            # epochs training the head only (backbone frozen); 0 = full fine-tuning
-    ema_decay: float = 0.0                 # EMA of weights, evaluated and saved instead of the raw ones; 0 = off
-    early_stopping: int = 0                # stop after N epochs without a better val AUROC; 0 = off
-    amp: bool = True                       # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True
-    compile: bool = False
-    # evaluation
-    tta_flips: bool = False                # average over identity + h/v/hv flips at evaluation and prediction
-    tta_views: int = 4                     # with tta_flips: 2 = identity + horizontal flip, 4 = all four
-    eval_batch_size: int = 128
-    # Platt scaling (a, b) of the final P(malignant), p = σ(a·logit p + b): written by `train.py calibrate`
-    calibration: list[float] = field(default_factory=lambda: [1.0, 0.0])
-    # run
-    seed: int = 0
-    device: str = "auto"                   # "auto" | "cpu" | "cuda"
+    data_dir: str | None = option(None, "HAM10000 folder; without it $HAM10000_DIR, data/ham10000, then "
+                                        "../shared/data/ham10000 are tried", "data")
+    split_file: str = option(DEFAULT_SPLIT_FILE, "lesion-wise train/val/test split file (`train.py split` writes "
+                                                 "it)", "data")
+    train_limit: int | None = option(None, "train on N randomly drawn training images only (CPU smoke runs)",
+                                     "data")
+    model: str = option("efficientnet_lite0", "timm architecture; efficientnet_lite0/1/2 have ImageNet weights "
+                                              "offline", "model")
+    pretrained: bool = option(True, "start the backbone from ImageNet weights", "model")
+    init_from: str | None = option(None, "start from a trained run's weights (or RUN/members/NAME of an ensemble "
+                                         "run): fine-tuning", "model")
+    input_size: int = option(224, "model view height in px (and width, with the square crop)", "model")
+    crop: Literal["square", "frame"] = option("square", "square: the centre square; frame: the whole 4:3 frame",
+                                              "model")
+    mask_corners: bool = option(False, "a constant colour outside the inscribed circle/ellipse, in training and "
+                                       "at every prediction", "model")
+    normalization: Literal["pretrained", "imagenet", "per_image"] = option(
+        "pretrained", "pretrained: the weights' own mean/std; imagenet: ImageNet's; per_image: zero mean and unit "
+                      "variance per image", "model")
+    shades_of_gray: bool = option(False, "Shades-of-Gray colour constancy before normalising", "model")
+    drop_rate: float = option(0.2, "dropout before the classifier", "model")
+    head: Literal["binary", "dx"] = option("binary", "binary: one logit; dx: the 7 HAM10000 diagnoses, "
+                                                     "P = mel + bcc + akiec", "model")
+    ensemble: list[str] = option([], "member run folders (written by `train.py ensemble`); [] = one model",
+                                 "model")
+    loss: Literal["focal", "bce"] = option("focal", "focal (binary focal loss) or bce", "loss and sampling")
+    focal_alpha: float = option(0.6, "focal loss weight of the malignant class", "loss and sampling")
+    focal_gamma: float = option(2.0, "focal loss focusing exponent (0 = weighted BCE)", "loss and sampling")
+    positive_fraction: float = option(0.4, "share of malignant images the balanced sampler draws; 0 = plain "
+                                           "shuffling", "loss and sampling")
+    mixup: float = option(0.0, "Beta(a, a) mixup strength; 0 = off", "loss and sampling")
+    rotation: float = option(15.0, "random rotation up to ± this many degrees", "augmentation")
+    jitter: float = option(0.1, "brightness, contrast and saturation jitter (a factor in 1 ± this)",
+                           "augmentation")
+    crop_scale: list[float] = option([0.9, 1.0], "area range of the random resized crop", "augmentation")
+    zoom: list[float] = option([1.0, 1.1], "zoom-in range on top of the crop", "augmentation")
+    corner_artifacts: float = option(0.0, "share of training images given a random vignette or corner fill",
+                                     "augmentation")
+    corner_ring_start: list[float] = option([0.75, 1.05], "range of a random vignette's inner radius (1 = the "
+                                                          "inscribed circle)", "augmentation")
+    corner_fill_share: float = option(0.25, "share of the corner artifacts that are corner fills, not vignettes",
+                                      "augmentation")
+    epochs: int = option(30, "number of passes over the training split", "optimisation")
+    batch_size: int = option(32, "images per training step", "optimisation")
+    grad_accum: int = option(1, "steps whose gradients add up before each optimiser step", "optimisation")
+    lr: float = option(3e-4, "AdamW peak learning rate (cosine decay over the run)", "optimisation")
+    weight_decay: float = option(1e-4, "AdamW's decoupled weight decay", "optimisation")
+    head_warmup_epochs: int = option(1, "epochs training the head only (backbone frozen); 0 = full fine-tuning",
+                                     "optimisation")
+    ema_decay: float = option(0.0, "EMA of the weights, evaluated and saved instead of the raw ones; 0 = off",
+                              "optimisation")
+    early_stopping: int = option(0, "stop after N epochs without a better val AUROC; 0 = off", "optimisation")
+    amp: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)", "optimisation")
+    channels_last: bool = option(True, "channels-last memory format (faster convolutions)", "optimisation")
+    compile: bool = option(False, "run the training model through torch.compile", "optimisation")
+    tta_views: Literal[1, 2, 3, 4] = option(1, "flip views averaged at evaluation and prediction: 1 = none, 2 = "
+                                               "identity + horizontal flip, 4 = all four", "evaluation")
+    eval_batch_size: int = option(128, "images per batch when predicting val, test or other sets",
+                                  "evaluation")
+    calibration: list[float] = option([1.0, 0.0], "Platt scaling (a, b) of P(malignant), p = σ(a·logit p + b), "
+                                                  "written by `train.py calibrate`", "evaluation")
+    seed: int = option(0, "seed of every random draw (sampler, augmentation, dropout, head init)",
+                     "seed and device")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: a CUDA GPU if there is one, else the CPU",
+                                                    "seed and device")
 
     def __post_init__(self) -> None:
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            choices = literal_choices(hints[f.name])
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {getattr(self, f.name)!r}")
         a_b = self.calibration
         if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
                 and float(a_b[0]) > 0):
@@ -85,6 +116,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        data = _migrate(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -100,29 +132,49 @@ class TrainConfig:
         return dataclasses.replace(self, **given)
 
 
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before flip TTA became one setting said ``tta_flips: true`` plus ``tta_views`` (default 4)."""
+    if "tta_flips" not in data:
+        return data
+    data = dict(data)
+    flips = data.pop("tta_flips")
+    data["tta_views"] = data.get("tta_views", 4) if flips else 1
+    return data
+
+
+def literal_choices(hint: Any) -> tuple:
+    """The allowed values of a ``Literal[...]`` type (also inside ``X | None``); () for any other type."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    return next((get_args(t) for t in get_args(hint) if get_origin(t) is Literal), ())
+
+
 NOT_FLAGS = {"ensemble", "calibration"}  # written by `train.py ensemble` / `calibrate`, not training options
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, in named groups, defaulting to None so only given flags override."""
+    """One flag per config field, in its group, with its help sentence; flags default to None so that only the
+    given ones override the YAML file."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    section = {"data_dir": "data", "model": "model", "loss": "loss and sampling", "rotation": "augmentation",
-               "epochs": "optimisation", "tta_flips": "evaluation", "seed": "run"}
-    current = "data"
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        current = section.get(f.name, current)
         if f.name in NOT_FLAGS:
             continue
-        group = groups.setdefault(current, parser.add_argument_group(current))
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        choices = literal_choices(hints[f.name])
         base = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None → X
-        kind = {bool: parse_bool, int: int, float: float}.get(base, str)
-        if isinstance(default, list):
-            group.add_argument(flag, type=float, nargs=2, default=None, help=f"(default: {default})")
+        if choices:
+            group.add_argument(flag, type=type(choices[0]), choices=choices, default=None, help=help_text)
+        elif isinstance(default, list):
+            group.add_argument(flag, type=float, nargs=2, default=None, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+            kind = {bool: parse_bool, int: int, float: float}.get(base, str)
+            group.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def parse_bool(text: str) -> bool:

@@ -5,15 +5,15 @@ the same held-out test split, so the spread across folds is the spread a single 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
+from core import runs
 from core.config import TrainConfig
 from core.data import DataError, project_path
-from core.engine import fit
+from core.fit import fit
 from core.io import atomic_write
 from core.split import SPLIT_COLUMNS, read_folds, read_split, write_csv
 
@@ -52,12 +52,12 @@ def cross_validate(cfg: TrainConfig, out_dir: str | Path, folds_file: str | Path
     rows = []
     for k in sorted(folds["fold"].unique()) if only_folds is None else only_folds:
         run = out_dir / f"fold{k}"
-        if not (run / "metrics.json").is_file():
+        if not (run / runs.METRICS_FILE).is_file():
             run.mkdir(parents=True, exist_ok=True)
             split_path = run / "split.csv"
             write_csv(fold_split(folds, test, k), split_path)
-            fit(replace(cfg, split_file=str(split_path.resolve())), run, resume=(run / "last.safetensors").is_file())
-        rows.append(fold_row(json.loads((run / "metrics.json").read_text()), k))
+            fit(replace(cfg, split_file=str(split_path.resolve())), run, resume=(run / runs.STATE_FILE).is_file())
+        rows.append(fold_row(runs.read_metrics(run), k))
     table = pd.DataFrame(rows)
     metrics = table.drop(columns="fold")
     summary = pd.DataFrame({"mean": metrics.mean(), "sd": metrics.std(ddof=1), "min": metrics.min(),

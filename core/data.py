@@ -7,34 +7,23 @@ Bad input raises :class:`DataError` naming the file, the rows and the problem, n
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import tv_tensors
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPLIT_FILE = "splits/ham10000.csv"      # relative to the project (``project_path``); `train.py split` writes it
+DEFAULT_FOLDS_FILE = "splits/ham10000_folds5.csv"
 HAM10000_METADATA = "HAM10000_metadata.csv"
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MAX_IMAGE_BYTES = 25 * 2**20           # 25 MB: dermoscopy photos are a few MB; bigger is not a photo we can use
-# Pillow's own default (~90 MP): its bomb warning then never fires for an image we accept. Checked here as well,
-# since Pillow's limit is a global anyone may raise or switch off.
-MAX_IMAGE_PIXELS = 89_478_485
-MIN_IMAGE_SIDE = 32                    # smaller holds no lesion detail (models see 160–224 px)
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # what Pillow may even try: no EPS/PSD/… parsers reached
 
 # Diagnoses and the binary target. ``scc`` only occurs in ISIC 2019; HAM10000 files it under ``akiec``.
 MALIGNANT_DX = ("mel", "bcc", "akiec", "scc")
-BENIGN_DX = ("nv", "bkl", "df", "vasc")
 HAM10000_DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DX_NAMES = {
     "akiec": "actinic keratosis / Bowen's disease",
@@ -255,132 +244,3 @@ def read_dataset(source: str | os.PathLike | None = None, image_dir: str | os.Pa
         return read_labelled_csv(csv_path, image_dir)
     raise DataError(f"{csv_path}: unrecognised label file; expected HAM10000 metadata, ISIC 2018/2019 ground truth "
                     f"(image,MEL,NV,…) or image,label — found columns {', '.join(map(str, header))}")
-
-
-class InvalidImage(DataError):
-    """An input that is not a usable photo: not an image, truncated, empty, too small, or too large to decode safely.
-    The message names the input and says which."""
-
-
-def open_rgb(image: str | os.PathLike | bytes | Image.Image) -> Image.Image:
-    """THE image loader (CLI, Predictor, dashboard, training): a path, bytes or PIL image → upright 8-bit RGB.
-
-    Accepts JPEG, PNG, BMP, TIFF and WebP; applies the EXIF orientation. Size limits are checked before any pixel
-    is decoded (file size, then the dimensions in the header), so a decompression bomb costs nothing.
-    Colour modes become RGB by :func:`_to_rgb`. Every rejection is an :class:`InvalidImage` naming the input.
-    """
-    if isinstance(image, Image.Image):
-        _check_dimensions(image.size, "PIL image")
-        return _to_rgb(_decoded(lambda: ImageOps.exif_transpose(image), "PIL image", "image"), "PIL image")
-    name = "uploaded bytes" if isinstance(image, bytes) else str(image)
-    with _open_checked(image, name, "image") as opened:
-        _check_dimensions(opened.size, name)
-        upright = _decoded(lambda: ImageOps.exif_transpose(opened), name, "image")
-    return _to_rgb(upright, name)
-
-
-def open_mask(path: str | os.PathLike) -> np.ndarray:
-    """A lesion mask as a boolean array (nonzero = lesion), under the same file-size and pixel limits as photos."""
-    with _open_checked(path, str(path), "mask") as opened:
-        _check_dimensions(opened.size, str(path), "mask", min_side=1)
-        return np.asarray(_decoded(lambda: opened.convert("L"), str(path), "mask")) > 127
-
-
-def _open_checked(source: str | os.PathLike | bytes, name: str, what: str) -> Image.Image:
-    """Pillow's lazy open (header only) after the file-size check; nothing is decoded yet."""
-    if isinstance(source, bytes):
-        size = len(source)
-    else:
-        try:
-            size = os.stat(source).st_size
-        except OSError as err:
-            raise InvalidImage(f"{name}: cannot read {what}: {err.strerror or err}") from err
-        if not Path(source).is_file():
-            raise InvalidImage(f"{name}: cannot read {what}: not a file")
-    if size == 0:
-        raise InvalidImage(f"{name}: cannot read {what}: empty file (0 bytes)")
-    if size > MAX_IMAGE_BYTES:
-        raise InvalidImage(f"{name}: cannot read {what}: file is {size / 2**20:.1f} MB, over the "
-                           f"{MAX_IMAGE_BYTES // 2**20} MB limit")
-    return _decoded(lambda: Image.open(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                       formats=IMAGE_FORMATS), name, what)
-
-
-def _check_dimensions(size: tuple[int, int], name: str, what: str = "image", min_side: int = MIN_IMAGE_SIDE) -> None:
-    """Header dimensions against the limits, before decoding."""
-    width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise InvalidImage(f"{name}: cannot read {what}: {width}×{height} px is {width * height / 1e6:.0f} megapixels, "
-                           f"over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit (a decompression bomb?); not decoded")
-    if min(width, height) < min_side:
-        raise InvalidImage(f"{name}: cannot read {what}: {width}×{height} px is too small "
-                           f"(at least {min_side} px a side)")
-
-
-def _decoded(step: Callable[[], Image.Image], name: str, what: str) -> Image.Image:
-    """Run one Pillow step on untrusted bytes. Decoders answer hostile input with a zoo of exception types
-    (OSError, SyntaxError, struct.error, IndexError, …), so any of them means: this is not a usable image."""
-    try:
-        return step()
-    except InvalidImage:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InvalidImage(f"{name}: cannot read {what}: too many pixels, a decompression bomb? ({err}); "
-                           "not decoded") from err
-    except UnidentifiedImageError as err:
-        raise InvalidImage(f"{name}: cannot read {what}: not an image in a supported format "
-                           f"({', '.join(IMAGE_FORMATS)})") from err
-    except MemoryError as err:
-        raise InvalidImage(f"{name}: cannot read {what}: not enough memory to decode it") from err
-    except Exception as err:  # any type at all: see the docstring
-        kind = "truncated" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt"
-        raise InvalidImage(f"{name}: cannot read {what}: {kind} image data ({type(err).__name__}: {err})") from err
-
-
-def _to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """8-bit RGB from any mode Pillow decodes.
-
-    16-bit grayscale (``I;16*``, or ``I`` holding 16-bit values) is scaled by 1/257, so 65535 is white; Pillow's
-    own conversion clips at 255 and turns most of such an image white. Transparent pixels (RGBA, LA, PA, or a
-    palette/tRNS transparent colour) are composited onto white: the colour stored under alpha 0 is arbitrary,
-    often black, and black borders are exactly the dermatoscope vignette the model must not key on. CMYK, palette,
-    1-bit and grayscale go through Pillow's conversions.
-    """
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        pixels = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
-    try:
-        if image.has_transparency_data:
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            white.alpha_composite(image.convert("RGBA"))
-            image = white
-        return image.convert("RGB")
-    except ValueError as err:  # a mode Pillow decodes but cannot convert (e.g. LAB)
-        raise InvalidImage(f"{name}: cannot read image: colour mode {image.mode} is not supported ({err})") from err
-
-
-class LesionDataset(torch.utils.data.Dataset):
-    """Images of a frame from any reader, through a transform: ``(image, label)``, or ``(image, mask, label)``
-    with ``with_mask`` (the mask as a ``tv_tensors.Mask`` so it follows the image's geometry)."""
-
-    def __init__(self, frame: pd.DataFrame, transform: Callable | None = None, with_mask: bool = False) -> None:
-        if with_mask and frame["mask_path"].isna().any():
-            missing = frame[frame["mask_path"].isna()]
-            raise DataError(f"{len(missing)} image(s) have no lesion mask, e.g. {', '.join(missing['image_id'][:5])}")
-        self.frame = frame.reset_index(drop=True)
-        self.transform = transform
-        self.with_mask = with_mask
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def __getitem__(self, index: int) -> tuple:
-        row = self.frame.iloc[index]
-        image = open_rgb(row["path"])
-        label = torch.tensor(float(row["label"]))
-        if not self.with_mask:
-            return (self.transform(image) if self.transform else image), label
-        mask = tv_tensors.Mask(torch.from_numpy(open_mask(row["mask_path"])).unsqueeze(0).to(torch.uint8))
-        if self.transform:
-            image, mask = self.transform(image, mask)
-        return image, mask, label

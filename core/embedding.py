@@ -29,13 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import project_path
 from core.io import atomic_write
-from core.runs import RunError
-
-INDEX_FILE = "index.safetensors"
+from core.runs import INDEX_FILE, MODEL_FILE, RunError
 
 
 def feature_layers(model: nn.Module) -> list[nn.Module]:
@@ -73,7 +70,7 @@ def sha256(path: str | Path) -> str:
 def run_fingerprint(run_dir: str | Path, cfg: TrainConfig) -> dict:
     """What an index depends on: the weights, the split file (which images are "training") and the view."""
     return {"weights": sha256(Path(run_dir) / MODEL_FILE), "split": sha256(project_path(cfg.split_file)),
-            "view": [cfg.input_size, cfg.crop, cfg.mask_corners, cfg.tta_flips, cfg.tta_views]}
+            "view": [cfg.input_size, cfg.crop, cfg.mask_corners, cfg.tta_views]}
 
 
 @dataclass
@@ -89,7 +86,7 @@ class EmbeddingIndex:
 
     def __post_init__(self) -> None:
         # Converted once, as torch tensors: the search runs on PyTorch's thread pool. numpy's BLAS would start its
-        # own threads, whose spin-waiting after each call slowed the next network pass on 2 cores by ~90 ms.
+        # own threads, whose spin-waiting after each call slows the next network pass (experiments.md, "Lab notes").
         self._train = torch.from_numpy(self.features.astype(np.float32))
         self._residuals = torch.from_numpy(self.residuals.astype(np.float32))
         self._train_sq = (self._train ** 2).sum(1) + self._residuals ** 2

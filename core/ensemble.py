@@ -21,12 +21,19 @@ from torch import nn
 from core import checkpoint
 from core.config import TrainConfig
 from core.data import project_path
-from core.model import malignant_probability
+from core.model import malignant_probability, model_from_config, resolve_normalization
+from core.runs import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MEMBERS_DIR,
+    MODEL_FILE,
+    RunError,
+    member_configs,
+    read_config,
+    remove_derived_outputs,
+    write_config,
+)
 
-MEMBERS_DIR = "members"
-# What `evaluate` / `explain` wrote about a run: removed when --overwrite replaces the run with another ensemble.
-STALE_OUTPUTS = ("metrics*.json", "predictions_*.csv", "attention_*.csv", "attention_summary.json", "cams_*.npz",
-                 "stress_*.csv", "stress_summary.json", "index.safetensors", "ood_scores.csv", "ood_summary.json")
 LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 finite
 
 
@@ -44,35 +51,32 @@ class Ensemble(nn.Module):
         return torch.logit(p, eps=LOGIT_EPS).unsqueeze(1)
 
 
-def member_configs(run_dir: Path, cfg: TrainConfig) -> list[TrainConfig]:
-    missing = [member for member in cfg.ensemble if not (run_dir / member / "config.yaml").is_file()]
-    if missing:
-        raise checkpoint.CheckpointError(f"{run_dir} is an ensemble whose member config(s) are missing: "
-                                         + ", ".join(f"{m}/config.yaml" for m in missing))
-    return [TrainConfig.from_yaml(run_dir / member / "config.yaml") for member in cfg.ensemble]
+def model_for_run(run_dir: str | Path, cfg: TrainConfig) -> nn.Module:
+    """The network a run's weights file fits: one model, or an :class:`Ensemble` of its members' networks."""
+    if cfg.ensemble:
+        return Ensemble([model_from_config(member) for member in member_configs(run_dir, cfg)])
+    return model_from_config(cfg)
 
 
 def init_weights(model: nn.Module, source: str | Path) -> nn.Module:
     """Fine-tuning's starting point: the best weights of a trained run, or of one member of an ensemble run given
     as ``RUN/members/NAME`` (its part of the ensemble's one weights file)."""
     source = project_path(source)
-    if (source / checkpoint.MODEL_FILE).is_file():
-        return checkpoint.load_weights(model, source / checkpoint.MODEL_FILE)
+    if (source / MODEL_FILE).is_file():
+        return checkpoint.load_weights(model, source / MODEL_FILE)
     run, name = source.parent.parent, f"{MEMBERS_DIR}/{source.name}"
-    members = TrainConfig.from_yaml(run / "config.yaml").ensemble if (run / "config.yaml").is_file() else []
+    members = read_config(run).ensemble if (run / CONFIG_FILE).is_file() else []
     if source.parent.name != MEMBERS_DIR or name not in members:
-        raise checkpoint.CheckpointError(f"--init-from {source}: neither a trained run (no {checkpoint.MODEL_FILE}) "
+        raise checkpoint.CheckpointError(f"--init-from {source}: neither a trained run (no {MODEL_FILE}) "
                                          f"nor a member of an ensemble run (RUN/{MEMBERS_DIR}/NAME)")
     prefix = f"members.{members.index(name)}."
-    tensors = checkpoint.read_tensors(run / checkpoint.MODEL_FILE)
+    tensors = checkpoint.read_tensors(run / MODEL_FILE)
     return checkpoint.load_state(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                 f"{run / checkpoint.MODEL_FILE} [{name}]")
+                                 f"{run / MODEL_FILE} [{name}]")
 
 
 def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
     """Members must take the very same input tensor: one preprocessing serves them all."""
-    from core.engine import resolve_normalization
-
     first = configs[0]
     for cfg, name in zip(configs[1:], names[1:]):
         if cfg.ensemble:
@@ -91,44 +95,39 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
                              "other's training set)")
 
 
-def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_flips: bool | None = None,
-                    tta_views: int | None = None, overwrite: bool = False) -> Path:
+def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: int | None = None,
+                    overwrite: bool = False) -> Path:
     """Build an ensemble run directory from trained runs (``train.py ensemble``); then ``train.py evaluate`` it.
     TTA is the ensemble's own setting (default: the first member's)."""
-    from core.engine import load_run
-
     runs = [Path(r) for r in member_runs]
     out = Path(out)
     names = [r.resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"ensemble members need distinct directory names, got {names}")
-    if (out / checkpoint.MODEL_FILE).exists() and not overwrite:
+    if (out / MODEL_FILE).exists() and not overwrite:
         raise ValueError(f"{out} already holds a run; use --overwrite or another --out")
-    configs = [TrainConfig.from_yaml(r / "config.yaml") if (r / "config.yaml").is_file() else None for r in runs]
-    missing = [str(r) for r, c in zip(runs, configs) if c is None]
-    if missing:
-        raise ValueError(f"not run directories (no config.yaml): {', '.join(missing)}")
+    not_runs = [str(r) for r in runs if not (r / CONFIG_FILE).is_file() or not (r / MODEL_FILE).is_file()]
+    if not_runs:
+        raise RunError(f"not run directories (no {CONFIG_FILE} and {MODEL_FILE}): {', '.join(not_runs)}")
+    configs = [read_config(r) for r in runs]
     if configs[0].ensemble:
         raise ValueError(f"{runs[0]} is itself an ensemble; list its members instead")
     check_compatible(configs, [str(r) for r in runs])
-    models = [load_run(r)[1] for r in runs]
+    models = [checkpoint.load_weights(model_from_config(cfg), r / MODEL_FILE) for r, cfg in zip(runs, configs)]
     if overwrite and out.is_dir():  # what described the replaced run would describe the wrong model
         shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
-        for pattern in STALE_OUTPUTS:
-            for path in out.glob(pattern):
-                path.unlink()
+        remove_derived_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     for run, name, cfg in zip(runs, names, configs):
         member_dir = out / MEMBERS_DIR / name
         member_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(member_dir / "config.yaml")
-        if (run / "history.csv").is_file():
-            shutil.copyfile(run / "history.csv", member_dir / "history.csv")
-    checkpoint.save_weights(Ensemble(models), out / checkpoint.MODEL_FILE, dtype=torch.float16)
+        write_config(cfg, member_dir)
+        if (run / HISTORY_FILE).is_file():
+            shutil.copyfile(run / HISTORY_FILE, member_dir / HISTORY_FILE)
+    checkpoint.save_weights(Ensemble(models), out / MODEL_FILE, dtype=torch.float16)
     # A member's own calibration does not carry over: the ensemble's mean is calibrated (or not) by itself.
     top = dataclasses.replace(configs[0], head="binary", ensemble=[f"{MEMBERS_DIR}/{n}" for n in names],
                               calibration=[1.0, 0.0],
-                              tta_flips=configs[0].tta_flips if tta_flips is None else tta_flips,
                               tta_views=configs[0].tta_views if tta_views is None else tta_views)
-    top.to_yaml(out / "config.yaml")
+    write_config(top, out)
     return out

@@ -29,7 +29,6 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
 }
 CORNER_SIDE = 0.25    # each corner square is ¼ of the image side: a uniform CAM puts 4 · (¼)² = 0.25 there
 BORDER_WIDTH = 0.125  # the outer frame is ⅛ of the side wide: a uniform CAM puts 1 − (¾)² = 0.4375 there
-CENTRE_SIDE = 0.5     # dark_corner_score's reference: the central square, ½ of the side
 TARGET_STRIDE = 16    # CAM layer's downsampling: 10×10 cells at 160 px, 14×14 at 224 px
 SUPPORTED_ARCHITECTURES = (EfficientNet, ConvNeXt)
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as OpenCV's RGB→gray

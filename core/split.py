@@ -19,7 +19,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from core.data import DataError, open_rgb, project_path, read_csv
+from core.data import DataError, project_path, read_csv
+from core.images import open_rgb
 from core.io import atomic_write
 
 SPLITS = ("train", "val", "test")

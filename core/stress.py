@@ -11,7 +11,6 @@ change, …) and ``stress_summary.json`` (one section per split).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from core import metrics
+from core import metrics, runs
 from core.audit import model_view_masks
 from core.config import TrainConfig
-from core.engine import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
+from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.explain import dark_corner_score
 from core.interventions import (
     CORNER_CHECK,
@@ -35,8 +34,7 @@ from core.interventions import (
     create_intervention,
     image_key,
 )
-from core.io import atomic_write, atomic_write_text
-from core.runs import STRESS_SUMMARY, RunError, read_attention, read_metrics
+from core.runs import RunError, read_attention, read_metrics
 
 # Images per forward for the stress test's scorer. On 2 CPU cores a forward of 32 images (16 × 2 flip views) runs
 # ~1.8× faster per image than evaluation's 128: the activations of a big batch fall out of cache.
@@ -50,8 +48,8 @@ def run_scorer(run_dir: str | Path, device: torch.device) -> tuple[Scorer, Train
     preprocess = Preprocess(cfg)
 
     def score(images: torch.Tensor) -> np.ndarray:
-        return predict_probabilities(model, images, preprocess, device, STRESS_BATCH, cfg.tta_flips,
-                                     cfg.amp, cfg.tta_views, cfg.calibration)
+        return predict_probabilities(model, images, preprocess, device, STRESS_BATCH, cfg.tta_views, cfg.amp,
+                                     cfg.calibration)
 
     return score, cfg
 
@@ -241,8 +239,6 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
         views = preload_images(train["path"].tolist(), cfg.input_size, cfg.crop).permute(0, 2, 3, 1).numpy()
         section["dark_corners_train"] = dark_corners_by_class(
             train.assign(dark_corner_score=[dark_corner_score(view) for view in views]))
-    atomic_write(run_dir / f"stress_{split}.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
-    path = run_dir / STRESS_SUMMARY
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    atomic_write_text(path, json.dumps(summary | {split: section}, indent=1))
+    runs.write_csv(run_dir / runs.stress_file(split), table)
+    runs.write_json(run_dir / runs.STRESS_SUMMARY, runs.read_stress_summaries(run_dir) | {split: section})
     return section

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from core.data import DX_NAMES
+from dashboard import labels
 
 THRESHOLD_PARAM = "threshold_pick"
 CLASS_COLOURS = alt.Scale(domain=["benign", "malignant"], range=["#4c78a8", "#e45756"])
@@ -65,8 +66,9 @@ def confusion_matrix_chart(base: alt.Chart) -> alt.Chart:
 
 def rates_chart(base: alt.Chart) -> alt.Chart:
     names = ["sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1"]
+    human = "".join(f"datum.metric == '{name}' ? '{labels.label(name)}' : " for name in names) + "datum.metric"
     rows = _rates(base).transform_fold(names, as_=["metric", "value"]).transform_calculate(
-        label="datum.metric + ': ' + (isValid(datum.value) && isFinite(datum.value) ? format(datum.value, '.3f') : '—')")
+        label=f"({human}) + ': ' + (isValid(datum.value) && isFinite(datum.value) ? format(datum.value, '.3f') : '—')")
     return rows.mark_text(align="left", fontSize=14).encode(
         y=alt.Y("metric:N", sort=names, axis=None), text="label:N", x=alt.value(0),
     ).properties(width=200, height=220, title="At this threshold")

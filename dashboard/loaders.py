@@ -1,7 +1,9 @@
 """Cached readers shared by the pages: each file is parsed once per change, not on every rerun."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -9,14 +11,17 @@ import streamlit as st
 import torch
 
 from core.audit import model_view_masks
-from core.checkpoint import MODEL_FILE
 from core.config import TrainConfig
-from core.data import PROJECT_ROOT, DataError, open_rgb, read_ham10000, resolve_data_dir
-from core.embedding import INDEX_FILE
+from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
+from core.images import open_rgb
 from core.interventions import create_intervention, image_key
 from core.metrics import age_band
 from core.predictor import Predictor
 from core.runs import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    INDEX_FILE,
+    MODEL_FILE,
     RunError,
     read_attention,
     read_cams,
@@ -36,7 +41,8 @@ from core.split import read_split
 from core.transforms import CornerMask, resize_transform
 from dashboard import charts
 
-DEFAULT_SPLIT = PROJECT_ROOT / "splits" / "ham10000.csv"
+T = TypeVar("T")
+DEFAULT_SPLIT = project_path(DEFAULT_SPLIT_FILE)
 
 
 @st.cache_data(show_spinner=False)
@@ -72,7 +78,7 @@ def _predictor(run: str, stamp: float) -> Predictor:
 
 
 def _model_stamp(run: Path) -> float:
-    return max(_mtime(run / MODEL_FILE), _mtime(run / "config.yaml"), _mtime(run / INDEX_FILE))
+    return max(_mtime(run / MODEL_FILE), _mtime(run / CONFIG_FILE), _mtime(run / INDEX_FILE))
 
 
 def predictor(run: Path) -> Predictor:
@@ -221,13 +227,18 @@ def model_view_mask(path: str, size: int, crop: str = "square") -> np.ndarray:
     return model_view_masks([path], size, crop)[0]
 
 
-def cases_or_stop(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:
-    """``cases``, or an error box saying what the run lacks and how to make it, and the page stops there."""
+def or_stop(load: Callable[[], T], what: str = "", errors: tuple[type[Exception], ...] = (RunError, DataError)) -> T:
+    """``load()``, or an error box saying what could not be opened and why (the error names the missing or damaged
+    file and the command that makes it), and the page stops there."""
     try:
-        return cases(run, split, data_dir)
-    except (RunError, DataError) as err:
-        st.error(f"Cannot open the {split} predictions of `{run}`.\n\n{err}")
+        return load()
+    except errors as err:
+        st.error(f"{what}\n\n{err}" if what else str(err))
         st.stop()
+
+
+def cases_or_stop(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:
+    return or_stop(lambda: cases(run, split, data_dir), f"Cannot open the {split} predictions of `{run}`.")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -269,7 +280,7 @@ def _history(run: str, stamp: float) -> pd.DataFrame:
 def run_history(run: Path) -> pd.DataFrame:
     """A run's (or an ensemble member's) history.csv, re-read when that file changes: it grows every epoch while
     the run trains, which the run directory's own stamp would not always show."""
-    return _history(str(run), _mtime(run / "history.csv"))
+    return _history(str(run), _mtime(run / HISTORY_FILE))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

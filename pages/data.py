@@ -2,9 +2,9 @@
 import altair as alt
 import streamlit as st
 
-from core.data import DATA_CITATION, DX_NAMES, MALIGNANT_DX, DataError
+from core.data import DATA_CITATION, DX_NAMES, MALIGNANT_DX
 from core.split import SPLITS, split_summary
-from dashboard.loaders import DEFAULT_SPLIT, data_dir_or_none, split_frame
+from dashboard.loaders import DEFAULT_SPLIT, data_dir_or_none, or_stop, split_frame
 
 st.title("Data & split")
 
@@ -14,11 +14,7 @@ if data_dir is None:
 else:
     st.caption(f"Images: `{data_dir}`")
 
-try:
-    split = split_frame()
-except DataError as err:
-    st.error(f"Cannot read the split file `{DEFAULT_SPLIT}`: {err}")
-    st.stop()
+split = or_stop(split_frame, f"Cannot read the split file `{DEFAULT_SPLIT}`.")
 
 st.markdown("Lesion-wise 70 / 15 / 15 split: no lesion (and no near-duplicate cluster of lesions) is in two splits. "
             "Thresholds are chosen on **val** and applied to **test**.")

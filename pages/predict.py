@@ -20,11 +20,8 @@ st.title("Predict")
 st.warning("Research tool, not a medical device. It has not been validated for clinical use: never base a "
            "diagnosis or a treatment decision on it.", icon=":material/warning:")
 run = state.current_run()
-try:
-    predictor = loaders.predictor(run)
-except (RunError, DataError, RuntimeError, ValueError) as err:
-    st.error(f"Cannot load the model of `{run}`: {err}")
-    st.stop()
+predictor = loaders.or_stop(lambda: loaders.predictor(run), f"Cannot load the model of `{run}`.",
+                            (RunError, DataError, RuntimeError, ValueError))
 
 threshold = state.threshold()
 options = st.columns([2, 1, 1])

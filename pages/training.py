@@ -5,9 +5,9 @@ import pandas as pd
 import streamlit as st
 
 from core.config import TrainConfig
-from core.runs import RunError
+from core.runs import CONFIG_FILE, RunError
 from core.transforms import CROP_DESCRIPTIONS, view_shape
-from dashboard import charts, loaders, state
+from dashboard import charts, labels, loaders, state
 
 
 def recipe(cfg: TrainConfig) -> str:
@@ -17,21 +17,13 @@ def recipe(cfg: TrainConfig) -> str:
 
 
 def tta(cfg: TrainConfig) -> str:
-    return f"flip TTA {f'on ({cfg.tta_views} views)' if cfg.tta_flips else 'off'}"
+    return f"flip TTA {f'on ({cfg.tta_views} views)' if cfg.tta_views > 1 else 'off'}"
 
 
 st.title("Training report")
 run = state.current_run()
-try:
-    config = loaders.run_config(run)
-except RunError as err:
-    st.error(str(err))
-    st.stop()
-try:
-    members = loaders.run_members(run)
-except RunError as err:
-    st.error(str(err))
-    st.stop()
+config = loaders.or_stop(lambda: loaders.run_config(run))
+members = loaders.or_stop(lambda: loaders.run_members(run))
 if members:
     st.markdown(f"`{state.run_label(run)}`: an **ensemble** averaging the P(malignant) of {len(members)} trained "
                 f"runs, {tta(config)}.")
@@ -64,18 +56,18 @@ else:
                          "threshold": f"{state.PRESET_LABELS.get(name, name)} = {at['threshold']:.3f}",
                          **{k: at[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "macro_f1",
                                                "ppv", "npv", "tp", "fp", "fn", "tn")}})
-    st.dataframe(pd.DataFrame(rows).style.format(precision=3), hide_index=True, key="metrics_table")
+    st.dataframe(labels.readable(pd.DataFrame(rows)).style.format(precision=3), hide_index=True, key="metrics_table")
     st.caption("Thresholds are chosen on val and applied unchanged to test. CIs: 2,000 bootstrap resamples.")
     if "calibration_test" in report:
         st.altair_chart(charts.calibration_chart(report["calibration_test"]))
 
 with st.expander("Resolved config (config.yaml)"):
-    st.code((run / "config.yaml").read_text(), language="yaml")
+    st.code((run / CONFIG_FILE).read_text(), language="yaml")
 
 st.header("All runs")
 table = loaders.runs_table(state.available_runs())
 if len(table):
-    st.dataframe(table.drop(columns="path").style.format(precision=4, na_rep="—"), hide_index=True,
+    st.dataframe(labels.readable(table.drop(columns="path")).style.format(precision=4, na_rep="—"), hide_index=True,
                  key="runs_table")
 st.caption("Runs are the directories under models/ and runs/ that hold config.yaml and model.safetensors. "
            "Compare them on val AUROC: the test split is for reporting, not choosing.")

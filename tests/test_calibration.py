@@ -19,7 +19,7 @@ from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.checkpoint import CheckpointError
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
-from core.engine import calibrate_run, evaluate_run
+from core.evaluation import calibrate_run, evaluate_run
 from core.predictor import Predictor
 
 

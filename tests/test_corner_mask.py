@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import checkpoint
+from core import checkpoint, runs
 from core.augment import BatchAugment
 from core.config import TrainConfig
-from core.engine import Preprocess, create_training_parts, predict_probabilities, preload_images, training_loss
+from core.inference import Preprocess, predict_probabilities, preload_images
+from core.training import create_training_parts, training_loss
 from core.interventions import CORNER_INTERVENTIONS, create_intervention
 from core.model import create_model, head_outputs
 from core.predictor import Predictor
@@ -25,7 +26,7 @@ SIZE = 48
 
 def masked_config(crop: str = "square") -> TrainConfig:
     return TrainConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, normalization="imagenet",
-                       tta_flips=True, tta_views=2)
+                       tta_views=2)
 
 
 def outside(crop: str) -> torch.Tensor:
@@ -37,7 +38,7 @@ def saved_run(path: Path, cfg: TrainConfig) -> Path:
     path.mkdir()
     torch.manual_seed(0)
     model = create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head))
-    checkpoint.save_weights(model, path / checkpoint.MODEL_FILE)
+    checkpoint.save_weights(model, path / runs.MODEL_FILE)
     cfg.to_yaml(path / "config.yaml")
     return path
 
@@ -93,7 +94,7 @@ def test_one_code_path_for_evaluation_predictor_gradcam_and_the_dashboard(tmp_pa
     # Evaluation: the preloaded view through the run's preprocessing, as `train.py evaluate` runs it.
     preloaded = preload_images([str(photo)], SIZE, crop)
     expected = predict_probabilities(predictor.model, preloaded, Preprocess(cfg), torch.device("cpu"),
-                                     tta_flips=True, tta_views=2)
+                                     tta_views=2)
     assert result.probability == pytest.approx(float(expected[0]), abs=1e-6)
     inputs = Preprocess(cfg)(preloaded)
     assert torch.allclose(seen[0][:1], inputs)     # the prediction's forward (identity view of the TTA pair)

@@ -320,7 +320,7 @@ def test_training_report_shows_metrics_and_runs() -> None:
     at = open_page("training")
     table = _table_with(at, "AUROC (95 % CI)")
     assert len(table) == 6 and set(table["split"]) == {"val", "test"}
-    runs = _table_with(at, "val_auroc")
+    runs = _table_with(at, "val AUROC")
     assert "default" in set(runs["run"])
 
 

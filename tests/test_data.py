@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.data import (HAM10000_COLUMNS, DataError, LesionDataset, open_rgb, read_dataset, read_ham10000,
-                       read_isic_groundtruth, read_labelled_csv, resolve_data_dir)
+from core.data import (HAM10000_COLUMNS, DataError, read_dataset, read_ham10000, read_isic_groundtruth,
+                       read_labelled_csv, resolve_data_dir)
+from core.images import open_mask, open_rgb
 from tests.conftest import write_image
 
 
@@ -39,11 +40,15 @@ def test_real_ham10000_is_read_whole(ham: pd.DataFrame) -> None:
     assert ham["mask_path"].notna().all()
 
 
-def test_real_dataset_yields_tensors_with_masks(ham: pd.DataFrame) -> None:
+def test_a_real_image_and_its_mask_go_through_the_training_transform_together(ham: pd.DataFrame) -> None:
+    import torch
+    from torchvision import tv_tensors
+
     from core.transforms import create_transform
-    dataset = LesionDataset(ham.head(3), create_transform(64, train=True), with_mask=True)
-    image, mask, label = dataset[2]
-    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and label.item() in (0.0, 1.0)
+    row = ham.iloc[2]
+    mask = tv_tensors.Mask(torch.from_numpy(open_mask(row["mask_path"])).unsqueeze(0).to(torch.uint8))
+    image, mask = create_transform(64, train=True)(open_rgb(row["path"]), mask)
+    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and mask.any()
 
 
 # --- folder resolution --------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
     (root / "images" / "ISIC_3.jpg").write_bytes(b"not a jpeg at all")
     frame = read_ham10000(root)
     with pytest.raises(DataError, match=r"ISIC_3\.jpg: cannot read image"):
-        LesionDataset(frame)[2]
+        open_rgb(frame["path"][2])
 
 
 def test_not_a_csv(tmp_path: Path) -> None:

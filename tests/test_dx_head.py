@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from core.config import TrainConfig
-from core.engine import TrainingError, fit, training_targets
+from core.fit import fit
+from core.training import TrainingError, training_targets
 from core.explain import MalignantTarget
 from core.losses import SoftmaxFocalLoss, create_loss
 from core.model import DX_CLASSES, MALIGNANT_OUTPUTS, malignant_log_odds, malignant_probability

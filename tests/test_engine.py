@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 import train
-from core import checkpoint
+from core import checkpoint, runs
 from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.engine import (Preprocess, TrainingError, fit, load_run, load_splits, out_of_memory_advice,
-                         predict_probabilities, preload_images, train_one_epoch)
+from core.fit import fit
+from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images
+from core.training import TrainingError, out_of_memory_advice, train_one_epoch
 from core.losses import create_loss
 from core.predictor import Predictor
 
@@ -143,7 +144,7 @@ def test_stop_while_saving_an_epoch_then_resume_matches_an_uninterrupted_run(whe
         fit(TrainConfig(data_dir=str(ham_dir), **TINY), run)
     monkeypatch.undo()
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1, 2]
-    assert checkpoint.load_training_meta(run / checkpoint.STATE_FILE)["epoch"] == {"before": 0, "after": 1}[when]
+    assert checkpoint.load_training_meta(run / runs.STATE_FILE)["epoch"] == {"before": 0, "after": 1}[when]
     assert train.main(["fit", "--resume", str(run)]) == 0
     assert_same_training(run, tiny_run)
 
@@ -159,16 +160,19 @@ def assert_same_training(run: Path, reference: Path) -> None:
 
 
 # Runs ``train.py`` and holds training at the start of epoch 2 (epoch 1 committed) so a signal lands mid-training.
+# A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and Python then installs no Ctrl-C
+# handler: the child restores it, as an interactive ``train.py`` has it.
 HELD_AFTER_EPOCH_1 = """
-import sys, time
-import core.engine, train
-real = core.engine.train_one_epoch
-def held(*args, **kwargs):
-    if args[11] == 1:
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import core.fit, train
+real = core.fit.train_one_epoch
+def held(**kwargs):
+    if kwargs["epoch"] == 1:
         print("EPOCH 1 COMMITTED", flush=True)
         time.sleep(300)
-    return real(*args, **kwargs)
-core.engine.train_one_epoch = held
+    return real(**kwargs)
+core.fit.train_one_epoch = held
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -197,7 +201,7 @@ def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Si
     if stop != signal.SIGKILL:
         assert f"{run} holds epoch 1 whole" in err and f"train.py fit --resume {run}" in err
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1]
-    assert checkpoint.load_training_meta(run / checkpoint.STATE_FILE)["epoch"] == 0
+    assert checkpoint.load_training_meta(run / runs.STATE_FILE)["epoch"] == 0
     assert train.main(["fit", "--resume", str(run)]) == 0
     assert_same_training(run, tiny_run)
     assert not list(run.glob(".*.tmp"))
@@ -207,29 +211,29 @@ def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Si
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: str, ham_dir: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN loss in epoch 2, or weights gone NaN at its last step: a clear TrainingError, and epoch 1's files stay."""
-    import core.engine
+    import core.fit
 
-    real = core.engine.train_one_epoch
+    real = core.fit.train_one_epoch
 
-    def poisoned(*args, **kwargs):
-        if args[11] != 1:
-            return real(*args, **kwargs)
+    def poisoned(**kwargs):
+        if kwargs["epoch"] != 1:
+            return real(**kwargs)
         if poison == "loss":
-            loss_fn = args[6]
-            return real(*args[:6], lambda logits, y: loss_fn(logits, y) * float("nan"), *args[7:], **kwargs)
-        stats = real(*args, **kwargs)
+            loss_fn = kwargs["loss_fn"]
+            return real(**kwargs | {"loss_fn": lambda logits, y: loss_fn(logits, y) * float("nan")})
+        stats = real(**kwargs)
         with torch.no_grad():
-            next(args[0].parameters()).fill_(float("nan"))
+            next(kwargs["model"].parameters()).fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(core.engine, "train_one_epoch", poisoned)
+    monkeypatch.setattr(core.fit, "train_one_epoch", poisoned)
     run = tmp_path / "run"
     message = {"loss": r"loss became nan at epoch 2, step 1; stopping\. The last good checkpoint is kept: lower --lr",
                "weights": r"val predictions are not finite after epoch 2; stopping\. The last good checkpoint is kept"}
     with pytest.raises(TrainingError, match=message[poison]):
         fit(TrainConfig(data_dir=str(ham_dir), **TINY), run)
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1]
-    tensors, meta = checkpoint.load_training_state(run / checkpoint.STATE_FILE)
+    tensors, meta = checkpoint.load_training_state(run / runs.STATE_FILE)
     assert meta["epoch"] == 0 and all(torch.isfinite(t).all() for t in tensors.values())
     _, model = load_run(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())

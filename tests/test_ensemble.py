@@ -11,20 +11,14 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import train
-from core import checkpoint, explain
+from core import checkpoint, explain, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.engine import (
-    FLIP_DIMS,
-    Preprocess,
-    load_run,
-    predict_frame,
-    predict_probabilities,
-)
-from core.ensemble import MEMBERS_DIR, Ensemble, create_ensemble
+from core.inference import FLIP_DIMS, Preprocess, load_run, predict_frame, predict_probabilities
+from core.ensemble import Ensemble, create_ensemble
 from core.model import create_model, head_outputs, malignant_probability
 from core.predictor import Predictor
-from core.runs import read_members, run_summary
+from core.runs import MEMBERS_DIR, read_members, run_summary
 
 SIZE = 64
 
@@ -40,7 +34,7 @@ def make_run(path: Path, head: str = "binary", seed: int = 0, **overrides) -> Pa
             p.normal_(0, 0.03)  # logits of std ~1: probabilities spread, not saturated
     path.mkdir(parents=True)
     cfg.to_yaml(path / "config.yaml")
-    checkpoint.save_weights(model, path / checkpoint.MODEL_FILE)
+    checkpoint.save_weights(model, path / runs.MODEL_FILE)
     pd.DataFrame({"epoch": [1, 2], "train_loss": [0.2, 0.1], "val_loss": [0.3, 0.2],
                   "val_auroc": [0.6, 0.7]}).to_csv(path / "history.csv", index=False)
     return path
@@ -54,7 +48,7 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ensemble_run(members: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return create_ensemble(members, tmp_path_factory.mktemp("ens") / "ens", tta_flips=True, tta_views=2)
+    return create_ensemble(members, tmp_path_factory.mktemp("ens") / "ens", tta_views=2)
 
 
 def member_mean(members: list[Path], images: torch.Tensor, **kwargs) -> np.ndarray:
@@ -81,7 +75,7 @@ def test_forward_is_the_log_odds_of_the_mean_probability(members: list[Path]) ->
 def test_run_directory_layout_and_config(ensemble_run: Path, members: list[Path]) -> None:
     cfg = TrainConfig.from_yaml(ensemble_run / "config.yaml")
     assert cfg.ensemble == ["members/single", "members/dx"]
-    assert (cfg.head, cfg.tta_flips, cfg.tta_views, cfg.input_size) == ("binary", True, 2, SIZE)
+    assert (cfg.head, cfg.tta_views, cfg.input_size) == ("binary", 2, SIZE)
     assert {name: c.head for name, c in read_members(ensemble_run).items()} == {"members/single": "binary",
                                                                                 "members/dx": "dx"}
     assert (ensemble_run / "members" / "dx" / "history.csv").is_file()
@@ -92,21 +86,19 @@ def test_run_directory_layout_and_config(ensemble_run: Path, members: list[Path]
 def test_predictions_are_the_members_mean_with_tta_views(ensemble_run: Path, members: list[Path]) -> None:
     images = torch.randint(0, 256, (6, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     cfg, model = load_run(ensemble_run)
-    got = predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"), amp=False, tta_flips=True,
-                                tta_views=2)
+    got = predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"), amp=False, tta_views=2)
     # fp16 weights in the ensemble file, fp32 in the members: equal to fp16 precision
-    np.testing.assert_allclose(got, member_mean(members, images, tta_flips=True, tta_views=2), atol=2e-3)
+    np.testing.assert_allclose(got, member_mean(members, images, tta_views=2), atol=2e-3)
     identity_and_h = member_mean(members, images) / 2 + member_mean(members, images.flip(-1)) / 2
     np.testing.assert_allclose(got, identity_and_h, atol=2e-3)
-    assert not np.allclose(got, member_mean(members, images, tta_flips=True, tta_views=4), atol=1e-4)
+    assert not np.allclose(got, member_mean(members, images, tta_views=4), atol=1e-4)
 
 
 def test_tta_views_is_checked() -> None:
     model = create_model("efficientnet_lite0", pretrained=False)
     images = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8)
     with pytest.raises(ValueError, match="tta_views must be 1 to 4"):
-        predict_probabilities(model, images, Preprocess(TrainConfig()), torch.device("cpu"), tta_flips=True,
-                              tta_views=5)
+        predict_probabilities(model, images, Preprocess(TrainConfig()), torch.device("cpu"), tta_views=5)
     assert len(FLIP_DIMS) == 4
 
 
@@ -117,7 +109,7 @@ def test_predictor_and_predict_frame_on_real_images(ensemble_run: Path, members:
     parts = []
     for run in members:
         member_cfg, member_model = load_run(run)
-        member_cfg.tta_flips, member_cfg.tta_views = True, 2
+        member_cfg.tta_views = 2
         parts.append(predict_frame(member_cfg, member_model, frame, torch.device("cpu"))["probability"].to_numpy())
     np.testing.assert_allclose(ens, np.mean(parts, axis=0), atol=2e-3)
     predictor = Predictor.load(ensemble_run)
@@ -177,7 +169,7 @@ def test_cli_builds_and_refuses(tmp_path: Path, members: list[Path], ensemble_ru
                                 capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     assert train.main(["ensemble", "--members", *map(str, members), "--out", str(out)]) == 0
-    assert TrainConfig.from_yaml(out / "config.yaml").tta_flips is False  # the first member's setting
+    assert TrainConfig.from_yaml(out / "config.yaml").tta_views == 1  # the first member's setting
     assert "next: python train.py evaluate" in capsys.readouterr().out
     assert train.main(["ensemble", "--members", *map(str, members), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import torch
 from torchvision import tv_tensors
 
 from core import explain
-from core.data import open_mask, open_rgb
+from core.images import open_mask, open_rgb
 from core.model import create_model
 from core.transforms import resize_transform
 

@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import core.io
-from core import audit, checkpoint, engine, split
+from core import checkpoint, runs, split
+from core.fit import restore_state
+from core.inference import load_run
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
@@ -104,9 +106,9 @@ WRITERS: dict[str, Callable[[Path], object]] = {
     "training state": lambda p: checkpoint.save_training_state(p, {"w": torch.ones(2)}, {"epoch": 3}),
     "split file": lambda p: split.write_csv(_frame()[split.SPLIT_COLUMNS], p),
     "split plot": lambda p: split.plot_class_distribution(_frame(), p),
-    "predictions": lambda p: engine.write_predictions(_frame(), p),
-    "history": lambda p: engine.write_history([{"epoch": 1, "train_loss": 0.5}], p),
-    "CAM store": lambda p: audit.write_cam_store(p, np.array(["I1"]), np.zeros((1, 4, 4), np.uint8)),
+    "predictions": lambda p: runs.write_predictions(_frame(), p),
+    "history": lambda p: runs.write_history([{"epoch": 1, "train_loss": 0.5}], p),
+    "CAM store": lambda p: runs.write_cam_store(p, np.array(["I1"]), np.zeros((1, 4, 4), np.uint8)),
     "config": lambda p: TrainConfig().to_yaml(p),
 }
 
@@ -124,7 +126,7 @@ def test_every_writer_is_atomic(writer: str, tmp_path: Path, monkeypatch: pytest
 
 def test_cam_store_round_trips(tmp_path: Path) -> None:
     cams = np.arange(32, dtype=np.uint8).reshape(2, 4, 4)
-    audit.write_cam_store(tmp_path / "cams.npz", np.array(["I1", "I2"]), cams)
+    runs.write_cam_store(tmp_path / "cams.npz", np.array(["I1", "I2"]), cams)
     with np.load(tmp_path / "cams.npz") as store:
         assert list(store["image_id"]) == ["I1", "I2"] and np.array_equal(store["cam"], cams)
 
@@ -137,7 +139,7 @@ def _state(epoch: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 def test_a_stop_between_the_state_and_its_readable_copy_resumes_the_new_epoch(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / checkpoint.STATE_FILE
+    path = tmp_path / runs.STATE_FILE
     checkpoint.save_training_state(path, *_state(0))
     monkeypatch.setattr(checkpoint, "atomic_write_text", lambda *a: _failing_replace(None, None))
     with pytest.raises(OSError):
@@ -147,7 +149,7 @@ def test_a_stop_between_the_state_and_its_readable_copy_resumes_the_new_epoch(tm
 
 
 def test_a_stop_before_the_state_commits_resumes_the_old_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / checkpoint.STATE_FILE
+    path = tmp_path / runs.STATE_FILE
     checkpoint.save_training_state(path, *_state(0))
     monkeypatch.setattr(core.io.os, "replace", _failing_replace)
     with pytest.raises(OSError):
@@ -158,18 +160,18 @@ def test_a_stop_before_the_state_commits_resumes_the_old_epoch(tmp_path: Path, m
 
 def test_older_runs_resume_only_when_their_two_files_agree(tmp_path: Path) -> None:
     """Before the meta moved into the header, last.json held it: used only if it names the tensors' epoch."""
-    path = tmp_path / checkpoint.STATE_FILE
+    path = tmp_path / runs.STATE_FILE
     save_file({"model.w": torch.zeros(3)}, str(path), metadata={"epoch": "4"})
-    (tmp_path / checkpoint.STATE_META).write_text(json.dumps({"epoch": 4, "best_auroc": 0.7}))
+    (tmp_path / runs.STATE_META).write_text(json.dumps({"epoch": 4, "best_auroc": 0.7}))
     assert checkpoint.load_training_state(path)[1]["best_auroc"] == 0.7
-    (tmp_path / checkpoint.STATE_META).write_text(json.dumps({"epoch": 3, "best_auroc": 0.7}))
+    (tmp_path / runs.STATE_META).write_text(json.dumps({"epoch": 3, "best_auroc": 0.7}))
     with pytest.raises(checkpoint.CheckpointError, match=r"epoch index 3\).*epoch index 4\) disagree"):
         checkpoint.load_training_state(path)
 
 
 def test_missing_state_says_no_epoch_finished(tmp_path: Path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="last.safetensors missing: no epoch has finished"):
-        checkpoint.load_training_state(tmp_path / checkpoint.STATE_FILE)
+        checkpoint.load_training_state(tmp_path / runs.STATE_FILE)
 
 
 def test_state_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
@@ -178,18 +180,18 @@ def test_state_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
     other = nn.Linear(4, 3)
     tensors, meta = checkpoint.optimizer_to_tensors(torch.optim.AdamW(other.parameters()))
-    checkpoint.save_training_state(tmp_path / checkpoint.STATE_FILE,
+    checkpoint.save_training_state(tmp_path / runs.STATE_FILE,
                                    {f"model.{k}": v for k, v in other.state_dict().items()} | tensors,
                                    meta | {"epoch": 0, "scheduler": scheduler.state_dict()})
     with pytest.raises(checkpoint.CheckpointError, match=r"does not fit the model and optimiser that .*config\.yaml"):
-        engine._restore(tmp_path, model, None, optimizer, scheduler)
+        restore_state(tmp_path, model, None, optimizer, scheduler)
 
 
 def test_history_shorter_than_the_checkpoint_is_refused(tmp_path: Path) -> None:
-    engine.write_history([{"epoch": 1, "train_loss": 0.5}], tmp_path / engine.HISTORY_FILE)
-    assert len(engine._committed_history(tmp_path, 1)) == 1
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds 1 epoch\(s\) but last.safetensors has 2"):
-        engine._committed_history(tmp_path, 2)
+    runs.write_history([{"epoch": 1, "train_loss": 0.5}], tmp_path / runs.HISTORY_FILE)
+    assert len(runs.committed_history(tmp_path, 1)) == 1
+    with pytest.raises(runs.RunError, match=r"holds 1 epoch\(s\) but last.safetensors has 2"):
+        runs.committed_history(tmp_path, 2)
 
 
 # --- checkpoints: safetensors only, checked against the config ------------------------------------------------------
@@ -200,7 +202,7 @@ def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from core.model import create_model
     run = tmp_path_factory.mktemp("run")
     TrainConfig(model="efficientnet_lite0").to_yaml(run / "config.yaml")
-    checkpoint.save_weights(create_model("efficientnet_lite0", pretrained=False), run / checkpoint.MODEL_FILE)
+    checkpoint.save_weights(create_model("efficientnet_lite0", pretrained=False), run / runs.MODEL_FILE)
     return run
 
 
@@ -208,13 +210,13 @@ def _copy_run(run: Path, to: Path, weights: bytes | None = None, **config) -> Pa
     to.mkdir()
     cfg = TrainConfig.from_yaml(run / "config.yaml")
     TrainConfig.from_dict({**cfg.__dict__, **config}).to_yaml(to / "config.yaml")
-    (to / checkpoint.MODEL_FILE).write_bytes(weights if weights is not None
-                                             else (run / checkpoint.MODEL_FILE).read_bytes())
+    (to / runs.MODEL_FILE).write_bytes(weights if weights is not None
+                                             else (run / runs.MODEL_FILE).read_bytes())
     return to
 
 
 def test_run_loads(lite0_run: Path) -> None:
-    cfg, model = engine.load_run(lite0_run)
+    cfg, model = load_run(lite0_run)
     assert cfg.model == "efficientnet_lite0" and model(torch.zeros(1, 3, 64, 64)).shape == (1, 1)
 
 
@@ -222,13 +224,13 @@ def test_weights_of_another_architecture_than_the_config_says(lite0_run: Path, t
     run = _copy_run(lite0_run, tmp_path / "run", model="efficientnet_lite1")
     with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors does not fit the model in its config "
                                                          r"\(missing \['blocks"):
-        engine.load_run(run)
+        load_run(run)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed header", "pickle"])
 def test_damaged_or_pickled_weights_are_refused(damage: str, lite0_run: Path, tmp_path: Path) -> None:
     """A cut-off or garbled file is named; a pickle (``torch.save``) is refused, never unpickled."""
-    good = (lite0_run / checkpoint.MODEL_FILE).read_bytes()
+    good = (lite0_run / runs.MODEL_FILE).read_bytes()
     if damage == "pickle":
         torch.save({"weight": torch.zeros(2)}, tmp_path / "pickled.pt")
         data = (tmp_path / "pickled.pt").read_bytes()
@@ -236,4 +238,4 @@ def test_damaged_or_pickled_weights_are_refused(damage: str, lite0_run: Path, tm
         data = good[:len(good) // 2] if damage == "truncated" else bytes(64) + good[64:]
     run = _copy_run(lite0_run, tmp_path / "run", weights=data)
     with pytest.raises(checkpoint.CheckpointError, match=r"run/model.safetensors is not a readable safetensors file"):
-        engine.load_run(run)
+        load_run(run)

@@ -13,8 +13,10 @@ from streamlit.testing.v1 import AppTest
 import train
 from core import audit
 from core.config import TrainConfig
-from core.data import PROJECT_ROOT, open_rgb
-from core.engine import fit, load_splits, preload_images
+from core.data import PROJECT_ROOT
+from core.images import open_rgb
+from core.fit import fit
+from core.inference import load_splits, preload_images
 from core.predictor import Predictor
 from core.transforms import view_shape
 from dashboard import loaders

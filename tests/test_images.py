@@ -1,4 +1,4 @@
-"""The one image loader (``core.data.open_rgb``): every format and colour mode to upright RGB, every hostile input
+"""The one image loader (``core.images.open_rgb``): every format and colour mode to upright RGB, every hostile input
 rejected as ``InvalidImage`` with its reason, and a fuzz test over mutated JPEG/PNG bytes."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, PngImagePlugin
 
-from core.data import MAX_IMAGE_PIXELS, PROJECT_ROOT, InvalidImage, open_mask, open_rgb
+from core.data import PROJECT_ROOT
+from core.images import MAX_IMAGE_PIXELS, InvalidImage, open_mask, open_rgb
 
 W, H = 64, 48
 LEFT, RIGHT = (200, 30, 40), (20, 120, 220)
@@ -210,9 +211,9 @@ def test_every_photo_reader_goes_through_open_rgb() -> None:
     """One loader for CLI, training, Predictor and dashboard: nothing else may call ``Image.open`` on a photo."""
     sources = [PROJECT_ROOT / "train.py", *PROJECT_ROOT.glob("core/*.py"), *PROJECT_ROOT.glob("dashboard/*.py"),
                *PROJECT_ROOT.glob("pages/*.py")]
-    offenders = [f"{path.relative_to(PROJECT_ROOT)}:{n}" for path in sources if path.name != "data.py"
+    offenders = [f"{path.relative_to(PROJECT_ROOT)}:{n}" for path in sources if path.name != "images.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"Image\.open\(", line)]
-    assert not offenders, f"use core.data.open_rgb instead of Image.open in {offenders}"
+    assert not offenders, f"use core.images.open_rgb instead of Image.open in {offenders}"
 
 
 # --- fuzzing --------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from core.audit import model_view_masks
 from core.data import PROJECT_ROOT
-from core.engine import preload_images
+from core.inference import preload_images
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,

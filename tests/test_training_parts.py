@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,10 @@ from torch import nn
 from core import checkpoint
 from core.augment import BatchAugment
 from core.config import TrainConfig, add_config_arguments
-from core.engine import FLIP_DIMS, Preprocess, create_training_parts, predict_probabilities, training_loss
+from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
 from core.losses import BinaryFocalLoss, create_loss
 from core.sampler import BalancedSampler
+from core.training import create_training_parts, training_loss
 from core.transforms import ellipse_radius
 from tests.test_transforms import l_shaped_mask
 
@@ -143,7 +146,7 @@ def test_ring_only_artifacts_reach_inside_the_circle_from_their_start_radius() -
 
 
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
-    from core.engine import load_run
+    from core.inference import load_run
     from core.ensemble import init_weights
     from core.model import create_model
 
@@ -196,15 +199,43 @@ def test_config_yaml_round_trip_and_flag_override(tmp_path: Path) -> None:
     assert loaded == cfg
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--lr", "0.001", "--tta-flips", "true", "--train-limit", "64"])
+    args = parser.parse_args(["--lr", "0.001", "--tta-views", "2", "--train-limit", "64"])
     merged = loaded.override(args)
-    assert (merged.lr, merged.tta_flips, merged.train_limit, merged.epochs) == (0.001, True, 64, 7)
+    assert (merged.lr, merged.tta_views, merged.train_limit, merged.epochs) == (0.001, 2, 64, 7)
 
 
 def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown config key\\(s\\) learning_rate"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_every_fit_flag_has_a_sentence_and_bad_choices_are_refused(capsys: pytest.CaptureFixture) -> None:
+    """`train.py fit --help` explains each flag (its help text lives with the config field), and a choice outside
+    a field's ``Literal`` is refused by argparse for a flag and by the config itself for a YAML file."""
+    import train
+
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("ensemble", "calibration"):
+            flag = "--" + f.name.replace("_", "-")
+            entry = re.search(rf"^  {flag}( \S+)*\s+(.*?)(?=^  --|\Z)", help_text, flags=re.M | re.S)
+            sentence = entry.group(2).split("(default")[0] if entry else ""
+            assert len(re.findall(r"[A-Za-z]{2,}", sentence)) >= 3, f"{flag}: {sentence!r}"
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--out", "x", "--crop", "circle"])
+    assert "invalid choice: 'circle'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="head must be one of binary, dx, got 'softmax'"):
+        TrainConfig.from_dict({"head": "softmax"})
+
+
+def test_configs_from_before_one_tta_setting_still_load() -> None:
+    """Runs written with ``tta_flips`` (+ ``tta_views``, default 4) read as the one ``tta_views`` setting."""
+    assert TrainConfig.from_dict({"tta_flips": True, "tta_views": 2}).tta_views == 2
+    assert TrainConfig.from_dict({"tta_flips": True}).tta_views == 4
+    assert TrainConfig.from_dict({"tta_flips": False, "tta_views": 4}).tta_views == 1
 
 
 @pytest.mark.parametrize("name", ["reference.yaml", "default.yaml"])
@@ -271,8 +302,7 @@ def test_tta_views_go_through_the_network_as_one_batch(views: int) -> None:
     torch.manual_seed(0)
     net, images = _CountingNet().eval(), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     preprocess = Preprocess(TrainConfig(normalization="imagenet"))
-    probs = predict_probabilities(net, images, preprocess, torch.device("cpu"), batch_size=8, tta_flips=True,
-                                  tta_views=views)
+    probs = predict_probabilities(net, images, preprocess, torch.device("cpu"), batch_size=8, tta_views=views)
     assert net.calls == math.ceil(10 / max(1, 8 // views))  # one pass per chunk of images, all its views at once
     with torch.no_grad():
         x = preprocess(images)

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.data import open_mask, open_rgb
+from core.images import open_mask, open_rgb
 from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.transforms import (

@@ -1,0 +1,92 @@
+"""Evaluation of a trained run: val and test predicted with the best weights, thresholds chosen on val and applied
+to test (never chosen on test), Platt calibration fitted on val, and labelled sets from outside the split."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import metrics, runs
+from core.calibration import IDENTITY, apply_platt, fit_platt
+from core.data import read_dataset
+from core.inference import device_description, load_run, load_splits, predict_frame, resolve_device
+
+
+def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto") -> dict:
+    """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
+    are applied, never new ones chosen. Writes predictions_external_<name>.csv and metrics_external_<name>.json:
+    the prefix keeps a set named e.g. ``val.csv`` from overwriting the run's own split outputs."""
+    from core import ood  # the OOD guard is needed only here, not by the evaluation of the run's own splits
+
+    run_dir = Path(run_dir)
+    device = resolve_device(device_name)
+    cfg, model = load_run(run_dir, device)
+    guard = ood.OODGuard.load_if_built(run_dir, cfg)
+    features: list[np.ndarray] | None = [] if guard is not None else None
+    frame = predict_frame(cfg, model, read_dataset(data, images), device, features)
+    thresholds = runs.read_metrics(run_dir)["thresholds"]
+    labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
+    name = Path(data).stem
+    report = {"name": name, "n": len(frame), "auroc": metrics.auroc(labels, probs),
+              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
+              "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+    if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
+        frame["ood_score"] = guard.score(features[0])
+        frame["out_of_distribution"] = frame["ood_score"] > guard.threshold
+        report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
+    runs.write_predictions(frame, run_dir / runs.predictions_file(f"external_{name}"))
+    runs.write_json(run_dir / f"metrics_external_{name}.json", report)
+    return report
+
+
+def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool = False) -> dict:
+    """Predict val and test with the best checkpoint; thresholds chosen on val, applied to test.
+    Writes predictions_{val,test}.csv and metrics.json. With ``calibrate``, Platt scaling is first fitted on the raw
+    val probabilities and written into config.yaml as well; everything is computed before anything is written, so
+    a failure (no data here, Ctrl-C) leaves the run as it was."""
+    run_dir = Path(run_dir)
+    device = resolve_device(device_name)
+    cfg, model = load_run(run_dir, device)
+    frames = load_splits(cfg)
+    raw = {name: predict_frame(dataclasses.replace(cfg, calibration=list(IDENTITY)), model, frames[name], device)
+           for name in ("val", "test")}
+    if calibrate:
+        cfg = dataclasses.replace(cfg, calibration=list(fit_platt(raw["val"]["label"], raw["val"]["probability"])))
+    predictions = {name: frame.assign(probability=apply_platt(torch.tensor(frame["probability"].to_numpy()),
+                                                                tuple(cfg.calibration)).numpy())
+                   for name, frame in raw.items()}
+    val, test = predictions["val"], predictions["test"]
+    report = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
+                                      test["label"].to_numpy(), test["probability"].to_numpy())
+    test_bands = test.assign(age_band=metrics.age_band(test["age"])) if "age" in test.columns else test
+    report |= {
+        "calibration_test": metrics.calibration(test["label"].to_numpy(), test["probability"].to_numpy()),
+        "subgroups_test": json.loads(metrics.subgroup_auroc(test_bands).to_json(orient="records")),  # NaN → null
+        "run": {"model": cfg.model, "ensemble": cfg.ensemble, "input_size": cfg.input_size,
+                "tta_views": cfg.tta_views,
+                "calibration": list(cfg.calibration),
+                "n_val": len(val), "n_test": len(test), "evaluated_on": device_description(device),
+                "date": time.strftime("%Y-%m-%d")},
+    }
+    for name, frame in predictions.items():
+        runs.write_predictions(frame, run_dir / runs.predictions_file(name))
+    runs.write_json(run_dir / runs.METRICS_FILE, report)
+    if calibrate:
+        runs.write_config(cfg, run_dir)
+    t = report["test"]
+    print(f"test AUROC {t['auroc']:.4f} (95% CI {t['auroc_ci'][0]:.3f}–{t['auroc_ci'][1]:.3f}); "
+          f"val AUROC {report['val']['auroc']:.4f}; wrote {run_dir}/metrics.json")
+    return report
+
+
+def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[dict | None, dict]:
+    """Fit Platt scaling on the run's raw val probabilities, write it into ``config.yaml`` and evaluate with it, so
+    thresholds are re-chosen on the calibrated val probabilities. Returns the metrics before (None if the run had
+    none) and after. Fitted on raw probabilities, so calibrating again gives the same result."""
+    run_dir = Path(run_dir)
+    before = runs.read_metrics(run_dir) if (run_dir / runs.METRICS_FILE).is_file() else None
+    return before, evaluate_run(run_dir, device_name, calibrate=True)

@@ -1,1 +1,0 @@
-"""One module per dashboard page; run by st.navigation from dashboard/app.py."""
