@@ -11,7 +11,7 @@ runs 20+): the highest val AUROC within both limits replaces the shipped ensembl
 under a paired bootstrap that resamples whole lesions: the 5th percentile of the gain must be above 0. Without that
 margin, noise-level val gains (runs 12, 19) swapped the shipped model back and forth.
 
-    python -m benchmarks.ensemble_search --runs runs/A runs/B runs/C [--out table.csv] [--cache runs/.search]
+    python benchmarks/ensemble_search.py --runs runs/A runs/B runs/C [--out table.csv] [--cache runs/.search]
         [--max-forwards 4 --max-mb 25 --incumbent A B --incumbent-views 2]
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics
-from dashboard import charts, labels, loaders, state
+from dashboard import charts, loaders, state
+from dashboard.labels import readable
 
 st.title("Threshold explorer")
 run = state.current_run()
@@ -45,13 +46,13 @@ left.dataframe(pd.DataFrame([[at["tp"], at["fn"]], [at["fp"], at["tn"]]], index=
                             columns=["predicted malignant", "predicted benign"]), key="confusion")
 rates = {name: at[name] for name in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1",
                                       "macro_f1", "accuracy")}
-right.dataframe(labels.readable(pd.DataFrame([rates])).style.format("{:.3f}"), hide_index=True, key="rates")
+right.dataframe(readable(pd.DataFrame([rates])).style.format("{:.3f}"), hide_index=True, key="rates")
 
 comparison = pd.DataFrame(
     [{"operating point": state.PRESET_LABELS.get(name, name), **metrics.binary_metrics(labels, probs, value)}
      for name, value in [*presets.items(), ("current", threshold)]])
 st.markdown(f"**Operating points on {split}** — AUROC {metrics.auroc(labels, probs):.3f}")
-st.dataframe(labels.readable(comparison[["operating point", "threshold", "sensitivity", "specificity", "ppv", "npv",
+st.dataframe(readable(comparison[["operating point", "threshold", "sensitivity", "specificity", "ppv", "npv",
                                          "balanced_accuracy", "f1", "tp", "fp", "fn", "tn"]]).style.format(precision=3),
              hide_index=True)
 st.altair_chart(charts.calibration_chart(metrics.calibration(labels, probs)))

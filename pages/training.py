@@ -7,7 +7,8 @@ import streamlit as st
 from core.config import TrainConfig
 from core.runs import CONFIG_FILE, RunError
 from core.transforms import CROP_DESCRIPTIONS, view_shape
-from dashboard import charts, labels, loaders, state
+from dashboard import charts, loaders, state
+from dashboard.labels import readable
 
 
 def recipe(cfg: TrainConfig) -> str:
@@ -56,7 +57,7 @@ else:
                          "threshold": f"{state.PRESET_LABELS.get(name, name)} = {at['threshold']:.3f}",
                          **{k: at[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "macro_f1",
                                                "ppv", "npv", "tp", "fp", "fn", "tn")}})
-    st.dataframe(labels.readable(pd.DataFrame(rows)).style.format(precision=3), hide_index=True, key="metrics_table")
+    st.dataframe(readable(pd.DataFrame(rows)).style.format(precision=3), hide_index=True, key="metrics_table")
     st.caption("Thresholds are chosen on val and applied unchanged to test. CIs: 2,000 bootstrap resamples.")
     if "calibration_test" in report:
         st.altair_chart(charts.calibration_chart(report["calibration_test"]))
@@ -67,7 +68,7 @@ with st.expander("Resolved config (config.yaml)"):
 st.header("All runs")
 table = loaders.runs_table(state.available_runs())
 if len(table):
-    st.dataframe(labels.readable(table.drop(columns="path")).style.format(precision=4, na_rep="—"), hide_index=True,
+    st.dataframe(readable(table.drop(columns="path")).style.format(precision=4, na_rep="—"), hide_index=True,
                  key="runs_table")
 st.caption("Runs are the directories under models/ and runs/ that hold config.yaml and model.safetensors. "
            "Compare them on val AUROC: the test split is for reporting, not choosing.")

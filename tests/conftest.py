@@ -3,21 +3,14 @@ where a missing folder is a failure: data-dependent tests must run there."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from core.data import PROJECT_ROOT, DataError, read_ham10000, resolve_data_dir
+from core.config import TrainConfig
+from core.data import DEFAULT_SPLIT_FILE, PROJECT_ROOT, DataError, read_ham10000, resolve_data_dir
+from tests.helpers import SMALL_SPLIT, TINY
 
 
 @pytest.fixture(scope="session")
@@ -35,35 +28,32 @@ def ham(ham_dir: Path) -> pd.DataFrame:
     return read_ham10000(ham_dir)
 
 
-def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
-    """A small random RGB image the test owns (never a copy of the licensed data)."""
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+@pytest.fixture(scope="session")
+def small_split(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    split = pd.read_csv(PROJECT_ROOT / DEFAULT_SPLIT_FILE, dtype={"image_id": str, "lesion_id": str})
+    parts = []
+    for name, n in SMALL_SPLIT.items():
+        rows = split[split["split"] == name]
+        if name == "train":
+            parts.append(rows.sample(n, random_state=0))
+        else:
+            parts += [rows[rows["label"] == label].sample(n // 2, random_state=0) for label in (0, 1)]
+    path = tmp_path_factory.mktemp("split") / "small_split.csv"
+    pd.concat(parts).to_csv(path, index=False)
     return path
 
 
-@contextmanager
-def streamlit_server(log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on a free localhost port, until it answers its
-    health check; yields the base URL and stops the server afterwards. Its output goes to ``log``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
-                                   str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"streamlit did not come up: {log.read_text()}")
-                    time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+@pytest.fixture(scope="session")
+def tiny_config(ham_dir: Path, small_split: Path):
+    """The run factory's config: ``tiny_config(**overrides)`` is :data:`TINY` on the small split, overridden."""
+    def make(**overrides) -> TrainConfig:
+        return TrainConfig(data_dir=str(ham_dir), split_file=str(small_split), **{**TINY, **overrides})
+    return make
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that fits a model (all do through the small split) carries the ``train`` marker."""
+    for item in items:
+        if "small_split" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.train)
+

@@ -2,6 +2,7 @@
 on an idle machine, never in a test)."""
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -44,8 +45,12 @@ def test_bench_train_reports_throughput_and_its_parts() -> None:
 @pytest.mark.parametrize("script", ["bench_predict.py", "bench_train.py", "bench_dashboard.py", "bench_stress.py",
                                     "cam_vs_stress.py", "ensemble_search.py", "load_dashboard.py"])
 def test_benchmark_scripts_document_their_command(script: str) -> None:
-    done = run_script(f"benchmarks/{script}", "--help")
-    assert done.returncode == 0 and f"benchmarks/{script}" in done.stdout, done.stderr
+    """Each script's docstring holds the command that runs it, and is its ``--help`` text (``description=__doc__``;
+    one real ``--help`` run is in the OOD benchmark's test): read from the source, without starting Python and
+    torch seven times."""
+    source = (PROJECT_ROOT / "benchmarks" / script).read_text()
+    assert f"benchmarks/{script}" in ast.get_docstring(ast.parse(source))
+    assert "ArgumentParser(description=__doc__" in source
 
 
 def test_ood_scores_compares_the_scores_and_dimensions(ham_dir: Path) -> None:

@@ -8,17 +8,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from PIL import Image
 
 from core import metrics
 from core.data import PROJECT_ROOT
-from core.interventions import CORNER_CHECK, corner_dependent
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, read_metrics, read_predictions, read_stress
-from core.stress import wide
-from tests.conftest import streamlit_server
+from core.interventions import CORNER_CHECK
+from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from tests.helpers import corner_dependence, streamlit_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -181,16 +179,9 @@ def test_filtering_the_browser(page, app_url: str) -> None:
     shot(page, "browse_filtered")
 
 
-def _corner_dependent(threshold: float) -> pd.DataFrame:
-    """The test split with each decision's corner dependence at ``threshold``, from the committed stress test."""
-    frame = read_predictions(DEFAULT_RUN, "test").merge(wide(read_stress(DEFAULT_RUN, "test")), on="image_id")
-    checked = {name: frame[f"p_{name}"] for name in CORNER_CHECK}
-    return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
-
-
 def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url: str) -> None:
     youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
-    frame = _corner_dependent(youden)
+    frame = corner_dependence(youden)
     open_page(page, app_url, "browse")
     page.locator("[data-testid=stMain] button", has_text=re.compile(r"^depends on corners$")).click()
     page.get_by_text(f"{frame['dependent'].sum():,} of {len(frame):,} test images match").wait_for()
@@ -201,7 +192,7 @@ def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url:
 
 def test_the_audit_shows_the_stress_test(page, app_url: str) -> None:
     youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
-    frame = _corner_dependent(youden)
+    frame = corner_dependence(youden)
     open_page(page, app_url, "audit")
     heading = page.get_by_role("heading", name="Artifact stress test")
     heading.scroll_into_view_if_needed()

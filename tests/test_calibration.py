@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss
 
 import train
 from core.calibration import IDENTITY, apply_platt, fit_platt
-from core.checkpoint import CheckpointError
+from core.runs import RunError
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
 from core.evaluation import calibrate_run, evaluate_run
@@ -110,8 +110,8 @@ def test_a_failed_calibration_writes_nothing(small_default_run: Path) -> None:
 
 def test_cli_explains_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train.main(["calibrate", "--run", str(tmp_path)]) == 2
-    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
-    with pytest.raises(CheckpointError):
+    assert "is not a run directory: it needs config.yaml" in capsys.readouterr().err
+    with pytest.raises(RunError, match="is not a run directory"):
         calibrate_run(tmp_path)
 
 
@@ -126,11 +126,11 @@ def test_training_goes_on_uncalibrated(tmp_path: Path, monkeypatch: pytest.Monke
                                        capsys: pytest.CaptureFixture, resume: bool) -> None:
     """A calibration is fitted to one run's weights: neither `fit --config <a calibrated run's config>` nor
     `fit --resume <a calibrated run>` (a later epoch may replace the best weights) may keep it."""
-    from core import engine
+    from core import fit
 
     started = []
-    monkeypatch.setattr(engine, "_fit", lambda cfg, run_dir, resume: started.append(cfg))
-    engine.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run", resume=resume)
+    monkeypatch.setattr(fit, "_fit", lambda cfg, run_dir, resume: started.append(cfg))
+    fit.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run", resume=resume)
     assert started[0].calibration == list(IDENTITY)
     assert "belongs to other weights" in capsys.readouterr().err
 

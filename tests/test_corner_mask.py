@@ -19,7 +19,7 @@ from core.interventions import CORNER_INTERVENTIONS, create_intervention
 from core.model import create_model, head_outputs
 from core.predictor import Predictor
 from core.transforms import CORNER_FILL, CornerMask, ellipse_radius, view_shape
-from tests.conftest import write_image
+from tests.helpers import write_image
 
 SIZE = 48
 

@@ -55,6 +55,7 @@ def test_fold_split_holds_out_one_fold_and_keeps_the_test_split() -> None:
         cv.fold_split(folds, folds.assign(split="test"), 0)
 
 
+@pytest.mark.train
 def test_three_fold_cv_end_to_end(ham_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folds_file = tmp_path / "folds.csv"
     _small_folds().to_csv(folds_file, index=False)

@@ -15,19 +15,17 @@ from streamlit.testing.v1 import AppTest
 
 from core import metrics
 from core.data import PROJECT_ROOT
-from core.interventions import CORNER_CHECK, corner_dependent
+from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
 from core.runs import (
     DEFAULT_RUN,
     read_metrics,
     read_ood_scores,
     read_predictions,
-    read_stress,
     read_stress_summary,
 )
-from core.stress import wide
 from dashboard import loaders
-from tests.conftest import streamlit_server
+from tests.helpers import corner_dependence, streamlit_server
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
 PAGES = ["predict", "threshold", "browse", "audit", "training", "data"]
@@ -265,16 +263,10 @@ def test_audit_ranks_mistakes_and_exports(ham_dir: Path) -> None:
     assert len(flagged) == pd.read_csv(DEFAULT_RUN / "attention_test.csv")["flag"].sum()
 
 
-def _stressed_cases(threshold: float) -> pd.DataFrame:
-    frame = read_predictions(DEFAULT_RUN, "test").merge(wide(read_stress(DEFAULT_RUN, "test")), on="image_id")
-    checked = {name: frame[f"p_{name}"] for name in CORNER_CHECK}
-    return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
-
-
 def test_audit_shows_the_stress_test_and_paints_what_it_measured(ham_dir: Path) -> None:
     at = open_page("audit", threshold=0.3, chart_threshold=0.3)
     assert not at.exception and not at.error
-    frame = _stressed_cases(0.3)
+    frame = corner_dependence(0.3)
     summary = read_stress_summary(DEFAULT_RUN, "test")
     assert any(f"{frame['dependent'].sum():,} of 1,500 decisions" in m.value for m in at.markdown)
     table = _table_with(at, "AUROC change (95 % CI)")
@@ -296,7 +288,7 @@ def test_audit_shows_the_stress_test_and_paints_what_it_measured(ham_dir: Path) 
 def test_browser_filters_decisions_that_depend_on_the_corners(ham_dir: Path) -> None:
     at = open_page("browse", threshold=0.4, chart_threshold=0.4)
     at.pills(key="f_corners").set_value("depends on corners").run()
-    frame = _stressed_cases(0.4)
+    frame = corner_dependence(0.4)
     assert _match_line(at).startswith(f"**{frame['dependent'].sum():,} of 1,500")
     at.pills(key="f_corners").set_value("does not").run()
     assert _match_line(at).startswith(f"**{(~frame['dependent']).sum():,} of 1,500")

@@ -10,21 +10,9 @@ import pytest
 from core.data import (HAM10000_COLUMNS, DataError, read_dataset, read_ham10000, read_isic_groundtruth,
                        read_labelled_csv, resolve_data_dir)
 from core.images import open_mask, open_rgb
-from tests.conftest import write_image
+from tests.helpers import ROWS, make_ham, write_image
 
 
-def make_ham(root: Path, rows: list[tuple[str, str, str]], images: list[str] | None = None) -> Path:
-    """A tiny HAM10000-shaped folder: rows of (lesion_id, image_id, dx)."""
-    (root / "images").mkdir(parents=True)
-    frame = pd.DataFrame([{"lesion_id": l, "image_id": i, "dx": dx, "dx_type": "histo", "age": 50.0, "sex": "male",
-                           "localization": "back"} for l, i, dx in rows])
-    frame.to_csv(root / "HAM10000_metadata.csv", index=False)
-    for k, image_id in enumerate(images if images is not None else frame["image_id"]):
-        write_image(root / "images" / f"{image_id}.jpg", seed=k)
-    return root
-
-
-ROWS = [("HAM_1", "ISIC_1", "mel"), ("HAM_1", "ISIC_2", "mel"), ("HAM_2", "ISIC_3", "nv"), ("HAM_3", "ISIC_4", "bcc")]
 
 
 # --- the real data ------------------------------------------------------------------------------------------------

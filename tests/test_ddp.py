@@ -10,11 +10,11 @@ import pandas as pd
 from core.data import PROJECT_ROOT
 
 
-def test_two_cpu_processes_train_identical_weights(ham_dir: Path, tmp_path: Path) -> None:
+def test_two_cpu_processes_train_identical_weights(ham_dir: Path, small_split: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(PROJECT_ROOT / "train.py"), "fit", "--out", str(run), "--data-dir", str(ham_dir),
-               "--input-size", "64", "--train-limit", "64", "--epochs", "2", "--batch-size", "8",
+               "--split-file", str(small_split), "--input-size", "64", "--epochs", "2", "--batch-size", "8",
                "--amp", "false", "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

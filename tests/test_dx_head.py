@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-from core.config import TrainConfig
 from core.fit import fit
 from core.training import TrainingError, training_targets
 from core.explain import MalignantTarget
 from core.losses import SoftmaxFocalLoss, create_loss
 from core.model import DX_CLASSES, MALIGNANT_OUTPUTS, malignant_log_odds, malignant_probability
 from core.predictor import Predictor
+from tests.helpers import SMALL_SPLIT
 
 
 def test_dx_classes_and_malignant_outputs() -> None:
@@ -76,12 +76,10 @@ def test_training_targets() -> None:
         training_targets(frame, "three-way")
 
 
-def test_tiny_dx_head_fit_predicts_and_explains(ham_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data_dir=str(ham_dir), head="dx", input_size=64, train_limit=64, epochs=1, batch_size=16,
-                      eval_batch_size=256, head_warmup_epochs=0, ema_decay=0.0, amp=False, device="cpu")
-    run = fit(cfg, tmp_path / "dx")
+def test_tiny_dx_head_fit_predicts_and_explains(tiny_config, ham_dir: Path, tmp_path: Path) -> None:
+    run = fit(tiny_config(head="dx", epochs=1, head_warmup_epochs=0), tmp_path / "dx")
     report = json.loads((run / "metrics.json").read_text())
-    assert 0 <= report["test"]["auroc"] <= 1 and report["test"]["n"] == 1500
+    assert 0 <= report["test"]["auroc"] <= 1 and report["test"]["n"] == SMALL_SPLIT["test"]
     history = pd.read_csv(run / "history.csv")
     assert history["val_loss"].notna().all()
     predictor = Predictor.load(run)

@@ -23,15 +23,12 @@ from core.inference import Preprocess, load_run, load_splits, predict_probabilit
 from core.training import TrainingError, out_of_memory_advice, train_one_epoch
 from core.losses import create_loss
 from core.predictor import Predictor
-
-TINY = dict(input_size=64, train_limit=64, epochs=2, batch_size=16, eval_batch_size=256, head_warmup_epochs=1,
-            ema_decay=0.0, amp=False, device="cpu")
+from tests.helpers import SMALL_SPLIT
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = TrainConfig(data_dir=str(ham_dir), **TINY)
-    return fit(cfg, tmp_path_factory.mktemp("runs") / "tiny")
+def tiny_run(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit(tiny_config(), tmp_path_factory.mktemp("runs") / "tiny")
 
 
 def test_run_directory_holds_everything(tiny_run: Path) -> None:
@@ -48,7 +45,7 @@ def test_predictions_and_metrics_are_consistent(tiny_run: Path) -> None:
     report = json.loads((tiny_run / "metrics.json").read_text())
     test = pd.read_csv(tiny_run / "predictions_test.csv")
     assert list(test.columns[:5]) == ["image_id", "lesion_id", "dx", "label", "probability"]
-    assert len(test) == 1500 and test["probability"].between(0, 1).all()
+    assert len(test) == SMALL_SPLIT["test"] and test["probability"].between(0, 1).all()
     from sklearn.metrics import roc_auc_score
     # The CSV rounds probabilities to 6 decimals, which can tie a few near-equal scores of a barely trained model.
     assert report["test"]["auroc"] == pytest.approx(roc_auc_score(test["label"], test["probability"]), abs=1e-5)
@@ -70,9 +67,8 @@ def test_checkpoint_round_trips_to_identical_predictions(tiny_run: Path, ham_dir
     assert predictor.predict(Path(frame["path"][1]).read_bytes()).probability == pytest.approx(first[1], abs=1e-5)
 
 
-def test_loss_falls_when_overfitting_a_few_images(ham_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data_dir=str(ham_dir), **{**TINY, "epochs": 6, "head_warmup_epochs": 0, "lr": 3e-3,
-                                                "rotation": 0.0, "jitter": 0.0})
+def test_loss_falls_when_overfitting_a_few_images(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(epochs=6, head_warmup_epochs=0, lr=3e-3, rotation=0.0, jitter=0.0)
     fit(cfg, tmp_path / "overfit")
     losses = pd.read_csv(tmp_path / "overfit" / "history.csv")["train_loss"].to_numpy()
     assert losses[-1] < 0.6 * losses[0]
@@ -123,7 +119,7 @@ def test_corrupt_weights_are_reported(tiny_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_stop_while_saving_an_epoch_then_resume_matches_an_uninterrupted_run(when: str, ham_dir: Path, tmp_path: Path,
+def test_stop_while_saving_an_epoch_then_resume_matches_an_uninterrupted_run(when: str, tiny_config, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch,
                                                                             tiny_run: Path) -> None:
     """Ctrl-C while epoch 2 is being saved, just before or just after its training state commits it: epoch 2's
@@ -141,7 +137,7 @@ def test_stop_while_saving_an_epoch_then_resume_matches_an_uninterrupted_run(whe
     run = tmp_path / "run"
     monkeypatch.setattr(checkpoint, "save_training_state", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(TrainConfig(data_dir=str(ham_dir), **TINY), run)
+        fit(tiny_config(), run)
     monkeypatch.undo()
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1, 2]
     assert checkpoint.load_training_meta(run / runs.STATE_FILE)["epoch"] == {"before": 0, "after": 1}[when]
@@ -178,11 +174,11 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
-def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Signals, ham_dir: Path, tmp_path: Path,
+def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Signals, tiny_config, tmp_path: Path,
                                                                  tiny_run: Path) -> None:
     """A real ``train.py fit`` process stopped during epoch 2: epoch 1 is whole on disk, SIGTERM/SIGINT say how to
     go on, and ``--resume`` ends with the same history and weights as the run that was never stopped."""
-    TrainConfig(data_dir=str(ham_dir), **TINY).to_yaml(tmp_path / "tiny.yaml")
+    tiny_config().to_yaml(tmp_path / "tiny.yaml")
     run = tmp_path / "run"
     with (tmp_path / "stderr.txt").open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", HELD_AFTER_EPOCH_1, "fit", "--config", str(tmp_path / "tiny.yaml"),
@@ -208,7 +204,7 @@ def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Si
 
 
 @pytest.mark.parametrize("poison", ["loss", "weights"])
-def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: str, ham_dir: Path, tmp_path: Path,
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: str, tiny_config, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN loss in epoch 2, or weights gone NaN at its last step: a clear TrainingError, and epoch 1's files stay."""
     import core.fit
@@ -231,7 +227,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: st
     message = {"loss": r"loss became nan at epoch 2, step 1; stopping\. The last good checkpoint is kept: lower --lr",
                "weights": r"val predictions are not finite after epoch 2; stopping\. The last good checkpoint is kept"}
     with pytest.raises(TrainingError, match=message[poison]):
-        fit(TrainConfig(data_dir=str(ham_dir), **TINY), run)
+        fit(tiny_config(), run)
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [1]
     tensors, meta = checkpoint.load_training_state(run / runs.STATE_FILE)
     assert meta["epoch"] == 0 and all(torch.isfinite(t).all() for t in tensors.values())

@@ -20,6 +20,7 @@ from core.inference import load_splits, preload_images
 from core.predictor import Predictor
 from core.transforms import view_shape
 from dashboard import loaders
+from tests.helpers import SMALL_SPLIT
 
 SIZE = 64
 SHAPE = view_shape(SIZE, "frame")  # (64, 88)
@@ -27,9 +28,8 @@ APP = str(PROJECT_ROOT / "dashboard" / "app.py")
 
 
 @pytest.fixture(scope="module")
-def frame_run(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = TrainConfig(data_dir=str(ham_dir), input_size=SIZE, crop="frame", train_limit=32, epochs=1,
-                      batch_size=16, eval_batch_size=256, head_warmup_epochs=0, amp=False, device="cpu")
+def frame_run(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = tiny_config(input_size=SIZE, crop="frame", train_limit=32, epochs=1, head_warmup_epochs=0)
     run = fit(cfg, tmp_path_factory.mktemp("runs") / "frame")
     assert train.main(["explain", "--run", str(run), "--split", "test", "--limit", "12"]) == 0
     return run
@@ -41,7 +41,7 @@ def test_fit_trains_and_evaluates_on_the_whole_frame(frame_run: Path) -> None:
     images = preload_images(load_splits(cfg)["test"]["path"].head(3).tolist(), cfg.input_size, cfg.crop)
     assert images.shape == (3, 3, *SHAPE)
     report = json.loads((frame_run / "metrics.json").read_text())
-    assert 0 <= report["test"]["auroc"] <= 1 and len(pd.read_csv(frame_run / "predictions_test.csv")) == 1500
+    assert 0 <= report["test"]["auroc"] <= 1 and len(pd.read_csv(frame_run / "predictions_test.csv")) == SMALL_SPLIT["test"]
 
 
 def test_predictor_sees_and_explains_the_frame(frame_run: Path, ham: pd.DataFrame) -> None:

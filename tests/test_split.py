@@ -10,7 +10,7 @@ import pytest
 import train
 from core import split as sp
 from core.data import PROJECT_ROOT, DataError
-from tests.test_data import ROWS, make_ham
+from tests.helpers import ROWS, make_ham
 
 COMMITTED = PROJECT_ROOT / "splits" / "ham10000.csv"
 COMMITTED_FOLDS = PROJECT_ROOT / "splits" / "ham10000_folds5.csv"

@@ -174,10 +174,10 @@ def stressed_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the shipped run, stress-tested by the real CLI on 40 test and 24 val images."""
     run = tmp_path_factory.mktemp("stress") / "run"
     shutil.copytree(DEFAULT_RUN, run, ignore=shutil.ignore_patterns("cams_*", "stress_*"))
-    for split, limit in (("test", "40"), ("val", "24")):
+    for split, limit, corners in (("test", "40", []), ("val", "24", ["--no-train-corners"])):
         done = subprocess.run([sys.executable, "train.py", "stress", "--run", str(run), "--split", split, "--limit",
-                               limit, "--interventions", "corner_fill", "vignette", "ink", "--device", "cpu"],
-                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+                               limit, "--interventions", "corner_fill", "vignette", "ink", "--device", "cpu",
+                               *corners], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     assert "corner-dependent decisions" in done.stdout and "corner_fill" in done.stdout
     return run
@@ -205,15 +205,14 @@ def test_cli_writes_the_table_and_the_summary(stressed_run: Path) -> None:
     assert set(test["dark_corners_train"]["by_label"]) <= {"benign", "malignant"}
 
 
-def test_cli_refuses_what_it_cannot_do(tmp_path: Path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "train.py", "stress", *args], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, timeout=120)
+def test_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import train
 
-    done = run("--run", str(DEFAULT_RUN), "--interventions", "ink", "ruler")
-    assert done.returncode == 2 and "corner-dependence flag needs corner_fill, vignette" in done.stderr
-    done = run("--run", str(tmp_path))
-    assert done.returncode == 2 and "metrics.json" in done.stderr and "train.py evaluate" in done.stderr
+    assert train.main(["stress", "--run", str(DEFAULT_RUN), "--interventions", "ink", "ruler"]) == 2
+    assert "corner-dependence flag needs corner_fill, vignette" in capsys.readouterr().err
+    assert train.main(["stress", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "train.py evaluate" in err
     with pytest.raises(RunError, match="train.py stress --split val"):
         read_stress_summary(tmp_path, "val")
 

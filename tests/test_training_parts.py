@@ -20,7 +20,7 @@ from core.losses import BinaryFocalLoss, create_loss
 from core.sampler import BalancedSampler
 from core.training import create_training_parts, training_loss
 from core.transforms import ellipse_radius
-from tests.test_transforms import l_shaped_mask
+from tests.helpers import l_shaped_mask
 
 
 # --- focal loss ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.images import open_mask, open_rgb
+from tests.helpers import l_shaped_mask
 from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.transforms import (
@@ -21,14 +22,6 @@ from core.transforms import (
     resize_transform,
     view_shape,
 )
-
-
-def l_shaped_mask(height: int = 150, width: int = 200) -> np.ndarray:
-    """An asymmetric, off-centre shape: any flip, rotation or shift of one but not the other shows."""
-    mask = np.zeros((height, width), dtype=bool)
-    mask[30:110, 60:85] = True
-    mask[90:110, 60:140] = True
-    return mask
 
 
 def encode(mask: np.ndarray) -> tuple[Image.Image, tv_tensors.Mask]:

@@ -1,0 +1,93 @@
+"""Helpers the test modules share (fixtures live in ``conftest.py``): small synthetic data the tests own, the
+tiny-fit settings, a Streamlit server for the end-to-end tests, and the committed stress test read at a threshold."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from core.data import PROJECT_ROOT
+from core.interventions import CORNER_CHECK, corner_dependent
+from core.runs import DEFAULT_RUN, read_predictions, read_stress
+from core.stress import wide
+
+# What every tiny fit trains and evaluates on: a subset of the committed (lesion-wise) split, half of each class in
+# val and test so that AUROC and thresholds exist, instead of predicting the full 1,501 + 1,500 images.
+SMALL_SPLIT = {"train": 64, "val": 48, "test": 48}
+# A fit small enough for a CPU in seconds: 64 px, two epochs, the first head-only.
+TINY = dict(input_size=64, epochs=2, batch_size=16, eval_batch_size=256, head_warmup_epochs=1, ema_decay=0.0,
+            amp=False, device="cpu")
+
+ROWS = [("HAM_1", "ISIC_1", "mel"), ("HAM_1", "ISIC_2", "mel"), ("HAM_2", "ISIC_3", "nv"), ("HAM_3", "ISIC_4", "bcc")]
+
+
+def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    """A small random RGB image the test owns (never a copy of the licensed data)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_ham(root: Path, rows: list[tuple[str, str, str]], images: list[str] | None = None) -> Path:
+    """A tiny HAM10000-shaped folder: rows of (lesion_id, image_id, dx)."""
+    (root / "images").mkdir(parents=True)
+    frame = pd.DataFrame([{"lesion_id": l, "image_id": i, "dx": dx, "dx_type": "histo", "age": 50.0, "sex": "male",
+                           "localization": "back"} for l, i, dx in rows])
+    frame.to_csv(root / "HAM10000_metadata.csv", index=False)
+    for k, image_id in enumerate(images if images is not None else frame["image_id"]):
+        write_image(root / "images" / f"{image_id}.jpg", seed=k)
+    return root
+
+
+def l_shaped_mask(height: int = 150, width: int = 200) -> np.ndarray:
+    """An asymmetric, off-centre shape: any flip, rotation or shift of one but not the other shows."""
+    mask = np.zeros((height, width), dtype=bool)
+    mask[30:110, 60:85] = True
+    mask[90:110, 60:140] = True
+    return mask
+
+
+def corner_dependence(threshold: float) -> pd.DataFrame:
+    """The shipped model's test split with each decision's corner dependence at ``threshold``, from the committed
+    stress test."""
+    frame = read_predictions(DEFAULT_RUN, "test").merge(wide(read_stress(DEFAULT_RUN, "test")), on="image_id")
+    checked = {name: frame[f"p_{name}"] for name in CORNER_CHECK}
+    return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
+
+
+@contextmanager
+def streamlit_server(log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on a free localhost port, until it answers its
+    health check; yields the base URL and stops the server afterwards. Its output goes to ``log``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
+                                   str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"streamlit did not come up: {log.read_text()}")
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
