@@ -28,6 +28,7 @@ from core.runs import (
     MEMBERS_DIR,
     MODEL_FILE,
     RunError,
+    is_run_dir,
     member_configs,
     read_config,
     remove_derived_outputs,
@@ -106,7 +107,7 @@ def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: i
         raise ValueError(f"ensemble members need distinct directory names, got {names}")
     if (out / MODEL_FILE).exists() and not overwrite:
         raise ValueError(f"{out} already holds a run; use --overwrite or another --out")
-    not_runs = [str(r) for r in runs if not (r / CONFIG_FILE).is_file() or not (r / MODEL_FILE).is_file()]
+    not_runs = [str(r) for r in runs if not is_run_dir(r)]
     if not_runs:
         raise RunError(f"not run directories (no {CONFIG_FILE} and {MODEL_FILE}): {', '.join(not_runs)}")
     configs = [read_config(r) for r in runs]
