@@ -20,10 +20,9 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import get_type_hints
 
 from core import runs
-from core.config import TrainConfig, add_config_arguments, literal_choices
+from core.config import TrainConfig, add_config_arguments, field_choices
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
 from core.fit import Interrupted
 from core.inference import DeviceError
@@ -206,7 +205,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(f"wrote index.safetensors, ood_scores.csv and ood_summary.json in {args.run}")
 
 
-DEVICES = literal_choices(get_type_hints(TrainConfig)["device"])
+DEVICES = field_choices()["device"]
 
 
 def add_run_and_device(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import metrics, runs
+from core import metrics, ood, runs
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description, load_run, load_splits, predict_frame, resolve_device
@@ -20,8 +20,6 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
     are applied, never new ones chosen. Writes predictions_external_<name>.csv and metrics_external_<name>.json:
     the prefix keeps a set named e.g. ``val.csv`` from overwriting the run's own split outputs."""
-    from core import ood  # the OOD guard is needed only here, not by the evaluation of the run's own splits
-
     run_dir = Path(run_dir)
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)

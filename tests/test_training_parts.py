@@ -14,7 +14,7 @@ from torch import nn
 
 from core import checkpoint
 from core.augment import BatchAugment
-from core.config import TrainConfig, add_config_arguments
+from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
 from core.losses import BinaryFocalLoss, create_loss
 from core.sampler import BalancedSampler
@@ -219,7 +219,7 @@ def test_every_fit_flag_has_a_sentence_and_bad_choices_are_refused(capsys: pytes
         train.main(["fit", "--help"])
     help_text = capsys.readouterr().out
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("ensemble", "calibration"):
+        if f.name not in NOT_FLAGS:
             flag = "--" + f.name.replace("_", "-")
             entry = re.search(rf"^  {flag}( \S+)*\s+(.*?)(?=^  --|\Z)", help_text, flags=re.M | re.S)
             sentence = entry.group(2).split("(default")[0] if entry else ""
