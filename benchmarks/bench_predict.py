@@ -32,7 +32,7 @@ def original_size_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, default=Path("models/default"))
     parser.add_argument("--threads", type=int, default=2)
@@ -44,7 +44,7 @@ def main() -> None:
                                                                "cases)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (not with --explain: "
                                                                "Grad-CAM hooks need the eager modules)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.compile and args.explain:
         parser.error("--compile and --explain do not go together: Grad-CAM hooks need the eager modules")
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from core.stress import intervened_probabilities, run_scorer
 TEST_IMAGES = 1500
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, default=Path("models/default"))
     parser.add_argument("--images", type=int, default=150)
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--interventions", nargs="+", choices=list(INTERVENTIONS),
                         default=["vignette", "vignette_strong", "corner_fill", "ink", "ruler"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     score, cfg = run_scorer(args.run, torch.device("cpu"))
     frame = load_splits(cfg)["test"].head(args.images)

@@ -32,7 +32,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--input-size", type=int, default=224)
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit does
     cfg = TrainConfig(model=args.model, input_size=args.input_size, batch_size=args.batch_size)

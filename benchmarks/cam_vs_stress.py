@@ -20,14 +20,14 @@ from core.runs import read_metrics, read_stress
 from core.stress import image_flags
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, default=Path("models/default"))
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--maps", nargs="+", default=["gradcam@16", "gradcam@8", "layercam@8"],
                         help="METHOD@STRIDE, METHOD one of " + ", ".join(explain.CAM_METHODS))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     threshold = read_metrics(args.run)["thresholds"]["youden"]
     flags = image_flags(read_stress(args.run, "test"), threshold)

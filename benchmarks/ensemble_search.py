@@ -125,7 +125,7 @@ def apply_rule(table: pd.DataFrame, probabilities: dict[str, dict[str, np.ndarra
             "low": low, "high": high, "replace": not same and low > 0}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", required=True)
     parser.add_argument("--views", type=int, nargs="+", default=[1, 2, 4])
@@ -137,7 +137,7 @@ def main() -> None:
     rule.add_argument("--max-mb", type=float, help="fp16 weights of all members, MB")
     rule.add_argument("--incumbent", nargs="+", help="run names (folder names) of the shipped ensemble")
     rule.add_argument("--incumbent-views", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rule_args = (args.max_forwards, args.max_mb, args.incumbent)
     if any(a is not None for a in rule_args) and not all(a is not None for a in rule_args):
         parser.error("the selection rule needs --max-forwards, --max-mb and --incumbent together")

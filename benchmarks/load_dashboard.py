@@ -141,13 +141,13 @@ async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dic
                               "every_10_s": [round(m) for t, m in memory[::5]]}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--images", default=str(PROJECT_ROOT.parent / "shared" / "data" / "ham10000" / "images"))
     parser.add_argument("--url", help="an already running dashboard (memory is then not sampled)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     server = None
     if args.url:
         url = args.url.rstrip("/")

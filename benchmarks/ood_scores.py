@@ -94,14 +94,14 @@ def evaluate(features: dict[str, np.ndarray], train_frame, pca: tuple[np.ndarray
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("models/default"))
     parser.add_argument("--cache", type=Path, help="features file: read if it exists, else written")
     parser.add_argument("--limit", type=int, help="only the first N images of each split (a quick look)")
     parser.add_argument("--altered", type=int, default=100, help="HAM test images blurred and colour-shifted")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     features = all_features(args.run, args.cache, args.altered, args.limit)
     import pandas as pd

@@ -15,10 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
-                             recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import roc_auc_score, roc_curve
 
 AGE_BANDS = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
 SUBGROUP_COLUMNS = ["group", "value", "n", "n_malignant", "auroc"]
@@ -55,18 +53,30 @@ def auroc(labels: ArrayLike, probs: ArrayLike) -> float:
     return float(roc_auc_score(y, p)) if _both_classes(y) else float("nan")
 
 
-def _auroc_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """AUROC of every row of 2-D ``labels``/``probs`` at once, via the Mann–Whitney rank identity.
+def _counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """How often each of ``n`` items was drawn, per row of ``draws`` (B, k): a resample as weights."""
+    offsets = draws + n * np.arange(len(draws))[:, None]
+    return np.bincount(offsets.ravel(), minlength=n * len(draws)).reshape(len(draws), n)
 
-    Exists only because ``roc_auc_score`` takes one sample per call, too slow for thousands of bootstrap resamples.
-    Rows with one class give ``nan``.
+
+def _weighted_auroc_rows(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of one scored set under every row of ``weights`` (B, n) at once: what ``roc_auc_score(labels, probs,
+    sample_weight=row)`` gives for each row (a tie counts half). A bootstrap resample is its draw counts as weights;
+    ``roc_auc_score`` takes one sample per call, too slow for thousands of resamples.
+
+    The scores are sorted once; per row, each distinct score's positive weight meets the negative weight below it.
+    Rows without both classes give ``nan``.
     """
-    ranks = rankdata(probs, axis=1)  # average ranks for ties, which counts a tie as half a win, as roc_auc_score does
-    n_pos = labels.sum(axis=1)
-    n_neg = labels.shape[1] - n_pos
-    u = (ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    order = np.argsort(probs, kind="stable")
+    sorted_probs, positive = probs[order], labels[order] == 1
+    starts = np.flatnonzero(np.r_[True, np.diff(sorted_probs) != 0])  # one block per distinct score
+    w = weights[:, order].astype(np.float64)
+    pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)
+    neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    total = pos.sum(axis=1) * neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+        return np.where(total > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / total, np.nan)
 
 
 def bootstrap_auroc_ci(labels: ArrayLike, probs: ArrayLike, n_boot: int = 2000, alpha: float = 0.05,
@@ -84,7 +94,7 @@ def bootstrap_auroc_ci(labels: ArrayLike, probs: ArrayLike, n_boot: int = 2000, 
     aucs = []
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, len(y), size=(min(chunk, n_boot - start), len(y)))
-        aucs.append(_auroc_rows(y[idx], p[idx]))
+        aucs.append(_weighted_auroc_rows(y, p, _counts(idx, len(y))))
     aucs = np.concatenate(aucs)
     aucs = aucs[~np.isnan(aucs)]
     low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
@@ -109,11 +119,13 @@ def paired_auroc_gain(labels: ArrayLike, probs_new: ArrayLike, probs_old: ArrayL
     n_groups = group_index.max() + 1
     rng = np.random.default_rng(seed)
     gains = []
-    for _ in range(n_boot):
-        weights = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_index]
-        if weights[y == 1].sum() and weights[y == 0].sum():
-            gains.append(roc_auc_score(y, new, sample_weight=weights) - roc_auc_score(y, old, sample_weight=weights))
-    low, high = np.quantile(gains, [alpha / 2, 1 - alpha / 2])
+    chunk = max(1, 4_000_000 // len(y))
+    for start in range(0, n_boot, chunk):
+        draws = rng.integers(0, n_groups, (min(chunk, n_boot - start), n_groups))
+        weights = _counts(draws, n_groups)[:, group_index]
+        gains.append(_weighted_auroc_rows(y, new, weights) - _weighted_auroc_rows(y, old, weights))
+    gains = np.concatenate(gains)
+    low, high = np.quantile(gains[~np.isnan(gains)], [alpha / 2, 1 - alpha / 2])
     return auroc(y, new) - auroc(y, old), float(low), float(high)
 
 

@@ -2,25 +2,44 @@
 tiny-fit settings, a Streamlit server for the end-to-end tests, and the committed stress test read at a threshold."""
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK, corner_dependent
 from core.runs import DEFAULT_RUN, read_predictions, read_stress
 from core.stress import wide
+
+def run_main(main: Callable[[list[str]], int | None], *argv: str) -> tuple[int, str, str]:
+    """A command line (``train.main``, a benchmark's ``main``) run in this process: exit code, stdout, stderr.
+
+    What a subprocess would check, without a new interpreter importing torch for ~7 s per call. The thread count a
+    benchmark sets is put back, so it cannot slow the tests after it.
+    """
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(argv)) or 0
+        except SystemExit as exit_:  # argparse's refusals, a benchmark's sys.exit
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
 
 # What every tiny fit trains and evaluates on: a subset of the committed (lesion-wise) split, half of each class in
 # val and test so that AUROC and thresholds exist, instead of predicting the full 1,501 + 1,500 images.

@@ -3,42 +3,42 @@ on an idle machine, never in a test)."""
 from __future__ import annotations
 
 import ast
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import ensemble_search
+from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, ensemble_search,
+                        ood_scores)
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
+from tests.helpers import run_main
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+@pytest.fixture(autouse=True)
+def in_the_project_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scripts' defaults (``models/default``) are relative to the project root, as their documented commands."""
+    monkeypatch.chdir(PROJECT_ROOT)
 
 
 def test_bench_predict_reports_a_median(ham_dir: Path) -> None:
-    done = run_script("benchmarks/bench_predict.py", "--run", "models/default", "--repeats", "3")
-    assert done.returncode == 0, done.stderr
-    median = re.search(r"median ([\d.]+) ms, p90 ([\d.]+) ms over 3 calls", done.stdout)
+    code, out, err = run_main(bench_predict.main, "--run", "models/default", "--repeats", "3")
+    assert code == 0, err
+    median = re.search(r"median ([\d.]+) ms, p90 ([\d.]+) ms over 3 calls", out)
     assert median and 0 < float(median[1]) <= float(median[2])
 
 
 def test_bench_predict_refuses_compile_with_explain() -> None:
-    done = run_script("benchmarks/bench_predict.py", "--compile", "--explain")
-    assert done.returncode == 2 and "Grad-CAM hooks need the eager modules" in done.stderr
+    code, _, err = run_main(bench_predict.main, "--compile", "--explain")
+    assert code == 2 and "Grad-CAM hooks need the eager modules" in err
 
 
 def test_bench_train_reports_throughput_and_its_parts() -> None:
-    done = run_script("benchmarks/bench_train.py", "--input-size", "64", "--batch-size", "4", "--repeats", "2",
-                      "--device", "cpu")
-    assert done.returncode == 0, done.stderr
-    found = re.search(r"batch 4, CPU, \d+ threads: (\d+) img/s .* augment\+normalise ([\d.]+) ms", done.stdout)
+    code, out, err = run_main(bench_train.main, "--input-size", "64", "--batch-size", "4", "--repeats", "2",
+                              "--device", "cpu")
+    assert code == 0, err
+    found = re.search(r"batch 4, CPU, \d+ threads: (\d+) img/s .* augment\+normalise ([\d.]+) ms", out)
     assert found and int(found[1]) > 0 and float(found[2]) > 0
 
 
@@ -54,15 +54,13 @@ def test_benchmark_scripts_document_their_command(script: str) -> None:
 
 
 def test_ood_scores_compares_the_scores_and_dimensions(ham_dir: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.ood_scores", "--limit", "60", "--altered", "4"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "answered confidently" in done.stdout
+    code, out, err = run_main(ood_scores.main, "--limit", "60", "--altered", "4")
+    assert code == 0, err
+    assert "answered confidently" in out
     for method in ("knn k=10", "mahalanobis"):
-        assert re.search(rf"{method}\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", done.stdout), done.stdout
-    help_text = subprocess.run([sys.executable, "-m", "benchmarks.ood_scores", "--help"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=120).stdout
-    assert "python -m benchmarks.ood_scores" in help_text
+        assert re.search(rf"{method}\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
+    code, help_text, _ = run_main(ood_scores.main, "--help")
+    assert code == 0 and "python -m benchmarks.ood_scores" in help_text
 
 
 def _fake_runs(n: int = 600) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
@@ -104,21 +102,21 @@ def test_search_never_mixes_runs_one_ensemble_cannot_hold() -> None:
 
 
 def test_ensemble_search_wants_the_whole_rule() -> None:
-    done = run_script("benchmarks/ensemble_search.py", "--runs", "models/default", "--max-forwards", "4")
-    assert done.returncode == 2 and "needs --max-forwards, --max-mb and --incumbent together" in done.stderr
+    code, _, err = run_main(ensemble_search.main, "--runs", "models/default", "--max-forwards", "4")
+    assert code == 2 and "needs --max-forwards, --max-mb and --incumbent together" in err
 
 
 def test_bench_stress_reports_a_median_and_a_projection(ham_dir: Path) -> None:
-    done = run_script("benchmarks/bench_stress.py", "--images", "4", "--repeats", "2", "--interventions",
-                      "corner_fill", "ink")
-    assert done.returncode == 0, done.stderr
-    found = re.search(r"2 interventions .* 4 images: median ([\d.]+) s over 2 repeats", done.stdout)
+    code, out, err = run_main(bench_stress.main, "--images", "4", "--repeats", "2", "--interventions",
+                              "corner_fill", "ink")
+    assert code == 0, err
+    found = re.search(r"2 interventions .* 4 images: median ([\d.]+) s over 2 repeats", out)
     assert found and float(found[1]) > 0
-    assert re.search(r"projected for the 1,500 test images: [\d.]+ min", done.stdout)
+    assert re.search(r"projected for the 1,500 test images: [\d.]+ min", out)
 
 
 def test_cam_vs_stress_compares_maps_with_the_interventions(ham_dir: Path) -> None:
-    done = run_script("benchmarks/cam_vs_stress.py", "--images", "12", "--maps", "gradcam@16", "gradcam@8")
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"12 test images of models/default \(\d+ corner-dependent", done.stdout)
-    assert re.search(r"gradcam@16 +10²", done.stdout) and re.search(r"gradcam@8 +20²", done.stdout)
+    code, out, err = run_main(cam_vs_stress.main, "--images", "12", "--maps", "gradcam@16", "gradcam@8")
+    assert code == 0, err
+    assert re.search(r"12 test images of models/default \(\d+ corner-dependent", out)
+    assert re.search(r"gradcam@16 +10²", out) and re.search(r"gradcam@8 +20²", out)

@@ -79,9 +79,9 @@ def test_metrics_agree_with_scikit_learn(scores) -> None:
 def test_vectorised_auroc_agrees_with_scikit_learn(scores) -> None:
     labels, probs = scores
     idx = np.random.default_rng(3).integers(0, len(labels), size=(20, len(labels)))
-    expected = [roc_auc_score(labels[i], probs[i]) for i in idx]
-    np.testing.assert_allclose(metrics._auroc_rows(labels[idx], probs[idx]), expected, rtol=1e-12)
-    assert np.isnan(metrics._auroc_rows(np.array([[1, 1, 1]]), np.array([[0.1, 0.5, 0.9]]))[0])
+    expected = [roc_auc_score(labels[i], probs[i]) for i in idx]  # a resample's AUROC is its draw counts' weights'
+    np.testing.assert_allclose(metrics._weighted_auroc_rows(labels, probs, metrics._counts(idx, len(labels))),
+                               expected, rtol=1e-12)
 
 
 def test_bootstrap_ci(scores) -> None:
@@ -125,6 +125,16 @@ def test_paired_gain_resamples_whole_groups() -> None:
     _, low_g, high_g = metrics.paired_auroc_gain(copies(labels), copies(noise), copies(probs), groups=lesions,
                                                  n_boot=300)
     assert high_g - low_g > 1.8 * (high_i - low_i)  # ≈ √5 wider
+
+
+def test_weighted_auroc_rows_match_scikit_learn_with_sample_weights(scores) -> None:
+    """The grouped bootstrap's vectorised AUROC is scikit-learn's weighted one, ties included, row by row."""
+    labels, probs = scores
+    weights = np.random.default_rng(4).integers(0, 3, (25, len(labels)))
+    weights[0] = np.where(labels == 1, 0, 1)  # a resample without a malignant case: undefined
+    fast = metrics._weighted_auroc_rows(labels, probs, weights)
+    assert math.isnan(fast[0])
+    assert fast[1:] == pytest.approx([roc_auc_score(labels, probs, sample_weight=w) for w in weights[1:]], abs=1e-12)
 
 
 def test_paired_gain_rejects_mismatched_input(scores) -> None:

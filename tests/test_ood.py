@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+import train
 from benchmarks import ood_probes
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
@@ -26,6 +25,7 @@ from core.model import create_model
 from core.ood import KNNDistance, Mahalanobis
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, RunError, read_ood_scores, read_ood_summary, read_predictions
+from tests.helpers import run_main
 
 SIZE = 48
 
@@ -96,10 +96,9 @@ def small_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
     small.to_csv(root / "split.csv", index=False)
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump(config | {"split_file": str(root / "split.csv")}, sort_keys=False))
-    done = subprocess.run([sys.executable, "train.py", "index", "--run", str(run), "--dims", "24", "--device", "cpu"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "val 6.7 %" in done.stdout or "val 3.3 %" in done.stdout, done.stdout  # 1–2 of 30 above the 95th pct.
+    code, out, err = run_main(train.main, "index", "--run", str(run), "--dims", "24", "--device", "cpu")
+    assert code == 0, err
+    assert "val 6.7 %" in out or "val 3.3 %" in out, out  # 1–2 of 30 above the 95th pct.
     return run
 
 
@@ -151,9 +150,8 @@ def test_an_index_of_another_run_is_refused(small_run: Path, tmp_path: Path) -> 
     (other / INDEX_FILE).write_bytes((small_run / INDEX_FILE).read_bytes()[:500])
     with pytest.raises(RunError, match="not a readable index"):
         Predictor.load(other)
-    done = subprocess.run([sys.executable, "train.py", "index", "--run", str(other), "--method", "cosine"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "choose from 'knn', 'mahalanobis'" in done.stderr
+    code, _, err = run_main(train.main, "index", "--run", str(other), "--method", "cosine")
+    assert code == 2 and "choose from 'knn', 'mahalanobis'" in err
 
 
 def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path, tmp_path: Path) -> None:
@@ -164,9 +162,8 @@ def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path
         shutil.copy(ham_dir / "images" / f"{image_id}.jpg", folder)
     ood_probes.photos()["astronaut"].save(folder / "astronaut.png")
     out = tmp_path / "predictions.csv"
-    done = subprocess.run([sys.executable, "train.py", "predict", "--run", str(small_run), "--images", str(folder),
-                           "--out", str(out)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_main(train.main, "predict", "--run", str(small_run), "--images", str(folder), "--out", str(out))
+    assert code == 0, err
     table = pd.read_csv(out)
     assert list(table.columns) == ["image", "probability", "ood_score", "out_of_distribution"] and len(table) == 5
     scores = table.set_index("image")["ood_score"]
@@ -175,11 +172,10 @@ def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"image": [f"{i}.jpg" for i in test["image_id"]] + ["astronaut.png"],
                   "label": [0, 1, 0, 1, 0]}).to_csv(labels, index=False)
-    done = subprocess.run([sys.executable, "train.py", "evaluate", "--run", str(small_run), "--data", str(labels),
-                           "--images", str(folder), "--device", "cpu"], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "of the images flagged" in done.stdout
+    code, out, err = run_main(train.main, "evaluate", "--run", str(small_run), "--data", str(labels), "--images",
+                              str(folder), "--device", "cpu")
+    assert code == 0, err
+    assert "of the images flagged" in out
     report = json.loads((small_run / "metrics_external_labels.json").read_text())["ood"]
     parts = [report[part]["n"] for part in ("flagged", "unflagged") if report[part] is not None]
     flagged = report["flagged"]["n"] if report["flagged"] is not None else 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+import train
 from core.audit import model_view_masks
-from core.data import PROJECT_ROOT
 from core.inference import preload_images
 from core.interventions import (
     CORNER_CHECK,
@@ -31,6 +29,7 @@ from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, RunError, read_stress, read_stress_summary
 from core.stress import image_flags, intervened_probabilities, run_scorer, stress_table, summarize
 from core.transforms import view_shape
+from tests.helpers import run_main
 
 SKIN = np.array([205.0, 150.0, 135.0])
 
@@ -175,11 +174,10 @@ def stressed_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("stress") / "run"
     shutil.copytree(DEFAULT_RUN, run, ignore=shutil.ignore_patterns("cams_*", "stress_*"))
     for split, limit, corners in (("test", "40", []), ("val", "24", ["--no-train-corners"])):
-        done = subprocess.run([sys.executable, "train.py", "stress", "--run", str(run), "--split", split, "--limit",
-                               limit, "--interventions", "corner_fill", "vignette", "ink", "--device", "cpu",
-                               *corners], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-    assert "corner-dependent decisions" in done.stdout and "corner_fill" in done.stdout
+        code, out, err = run_main(train.main, "stress", "--run", str(run), "--split", split, "--limit", limit,
+                                  "--interventions", "corner_fill", "vignette", "ink", "--device", "cpu", *corners)
+        assert code == 0, err
+    assert "corner-dependent decisions" in out and "corner_fill" in out
     return run
 
 
@@ -206,8 +204,6 @@ def test_cli_writes_the_table_and_the_summary(stressed_run: Path) -> None:
 
 
 def test_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import train
-
     assert train.main(["stress", "--run", str(DEFAULT_RUN), "--interventions", "ink", "ruler"]) == 2
     assert "corner-dependence flag needs corner_fill, vignette" in capsys.readouterr().err
     assert train.main(["stress", "--run", str(tmp_path)]) == 2
