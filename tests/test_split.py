@@ -22,15 +22,33 @@ def committed() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def regenerated(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def regenerated_with_hashes(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """``train.py split`` run for real; the pHashes it computed are kept (a spy, not a stand-in), so the tests of
+    the near-duplicates need not hash the 10,015 images a second time."""
     out = tmp_path_factory.mktemp("split") / "ham10000.csv"
-    assert train.main(["split", "--data-dir", str(ham_dir), "--out", str(out), "--folds", "5"]) == 0
-    return out
+    seen: dict = {}
+
+    def spy(paths: list[str], *args, **kwargs) -> np.ndarray:
+        seen["paths"], seen["hashes"] = list(paths), hash_images(paths, *args, **kwargs)
+        return seen["hashes"]
+
+    hash_images = sp.perceptual_hashes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sp, "perceptual_hashes", spy)
+        assert train.main(["split", "--data-dir", str(ham_dir), "--out", str(out), "--folds", "5"]) == 0
+    return out, seen
 
 
 @pytest.fixture(scope="module")
-def hashes(ham: pd.DataFrame) -> np.ndarray:
-    return sp.perceptual_hashes(ham["path"].tolist())
+def regenerated(regenerated_with_hashes: tuple[Path, dict]) -> Path:
+    return regenerated_with_hashes[0]
+
+
+@pytest.fixture(scope="module")
+def hashes(ham: pd.DataFrame, regenerated_with_hashes: tuple[Path, dict]) -> np.ndarray:
+    seen = regenerated_with_hashes[1]
+    assert seen["paths"] == ham["path"].tolist()  # row k of the hashes is image k of the folder
+    return seen["hashes"]
 
 
 def test_committed_split_covers_every_image_once(committed: pd.DataFrame, ham: pd.DataFrame) -> None:
