@@ -10,7 +10,7 @@ Everything is scikit-learn underneath; this module fixes the conventions so ever
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,6 +59,14 @@ def _counts(draws: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(offsets.ravel(), minlength=n * len(draws)).reshape(len(draws), n)
 
 
+def _resample_counts(rng: np.random.Generator, n: int, n_boot: int, row_length: int) -> Iterator[np.ndarray]:
+    """``n_boot`` bootstrap resamples of ``n`` items (``n`` draws with replacement each) as draw counts, in chunks
+    of rows whose weights, ``row_length`` long, stay within ~4 M values: memory bounded for large splits."""
+    chunk = max(1, 4_000_000 // row_length)
+    for start in range(0, n_boot, chunk):
+        yield _counts(rng.integers(0, n, (min(chunk, n_boot - start), n)), n)
+
+
 def _weighted_auroc_rows(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC of one scored set under every row of ``weights`` (B, n) at once: what ``roc_auc_score(labels, probs,
     sample_weight=row)`` gives for each row (a tie counts half). A bootstrap resample is its draw counts as weights;
@@ -84,18 +92,13 @@ def bootstrap_auroc_ci(labels: ArrayLike, probs: ArrayLike, n_boot: int = 2000, 
     """Percentile bootstrap ``(1 - alpha)`` CI of the AUROC, resampling images with replacement.
 
     Resamples holding one class only are skipped (their AUROC is undefined); ``(nan, nan)`` when the data hold one
-    class only. Resamples are drawn in chunks to keep memory bounded for large splits.
+    class only.
     """
     y, p = _check(labels, probs)
     if not _both_classes(y):
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // len(y))
-    aucs = []
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, len(y), size=(min(chunk, n_boot - start), len(y)))
-        aucs.append(_weighted_auroc_rows(y, p, _counts(idx, len(y))))
-    aucs = np.concatenate(aucs)
+    resamples = _resample_counts(np.random.default_rng(seed), len(y), n_boot, len(y))
+    aucs = np.concatenate([_weighted_auroc_rows(y, p, counts) for counts in resamples])
     aucs = aucs[~np.isnan(aucs)]
     low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
@@ -117,12 +120,9 @@ def paired_auroc_gain(labels: ArrayLike, probs_new: ArrayLike, probs_old: ArrayL
     if len(group_index) != len(y):
         raise ValueError(f"{len(y)} labels but {len(group_index)} groups")
     n_groups = group_index.max() + 1
-    rng = np.random.default_rng(seed)
     gains = []
-    chunk = max(1, 4_000_000 // len(y))
-    for start in range(0, n_boot, chunk):
-        draws = rng.integers(0, n_groups, (min(chunk, n_boot - start), n_groups))
-        weights = _counts(draws, n_groups)[:, group_index]
+    for counts in _resample_counts(np.random.default_rng(seed), n_groups, n_boot, len(y)):
+        weights = counts[:, group_index]  # an image weighs what its lesion was drawn
         gains.append(_weighted_auroc_rows(y, new, weights) - _weighted_auroc_rows(y, old, weights))
     gains = np.concatenate(gains)
     low, high = np.quantile(gains[~np.isnan(gains)], [alpha / 2, 1 - alpha / 2])

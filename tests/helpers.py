@@ -24,6 +24,7 @@ from core.interventions import CORNER_CHECK, corner_dependent
 from core.runs import DEFAULT_RUN, read_predictions, read_stress
 from core.stress import wide
 
+
 def run_main(main: Callable[[list[str]], int | None], *argv: str) -> tuple[int, str, str]:
     """A command line (``train.main``, a benchmark's ``main``) run in this process: exit code, stdout, stderr.
 

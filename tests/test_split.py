@@ -27,12 +27,12 @@ def regenerated_with_hashes(ham_dir: Path, tmp_path_factory: pytest.TempPathFact
     the near-duplicates need not hash the 10,015 images a second time."""
     out = tmp_path_factory.mktemp("split") / "ham10000.csv"
     seen: dict = {}
+    hash_images = sp.perceptual_hashes
 
     def spy(paths: list[str], *args, **kwargs) -> np.ndarray:
         seen["paths"], seen["hashes"] = list(paths), hash_images(paths, *args, **kwargs)
         return seen["hashes"]
 
-    hash_images = sp.perceptual_hashes
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sp, "perceptual_hashes", spy)
         assert train.main(["split", "--data-dir", str(ham_dir), "--out", str(out), "--folds", "5"]) == 0
