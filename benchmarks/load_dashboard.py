@@ -1,6 +1,6 @@
 """Load test: N concurrent browser sessions upload photos and move the threshold against one `streamlit run`.
 
-    python benchmarks/load_dashboard.py [--sessions 20] [--seconds 60] [--images DIR] [--url URL]
+    python benchmarks/load_dashboard.py [--sessions 20] [--seconds 60] [--images DIR] [--url URL [--server-pid PID]]
 
 Each session (its own Chromium context, so its own Streamlit session) loops: on Predict, upload a photo and wait for
 its probability; on the Threshold explorer, click a preset and wait for the script run to end. A response time is
@@ -146,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--images", default=str(PROJECT_ROOT.parent / "shared" / "data" / "ham10000" / "images"))
-    parser.add_argument("--url", help="an already running dashboard (memory is then not sampled)")
+    parser.add_argument("--url", help="an already running dashboard (its memory is sampled only with --server-pid)")
+    parser.add_argument("--server-pid", type=int, help="with --url: the server's process id, for memory and CPU")
     args = parser.parse_args(argv)
+    if args.server_pid and not args.url:
+        parser.error("--server-pid needs --url (without it the script starts, and measures, its own server)")
     server = None
     if args.url:
         url = args.url.rstrip("/")
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         server = start_server(port)
         url = f"http://127.0.0.1:{port}"
     try:
-        result = asyncio.run(run(args, url, server.pid if server else None))
+        result = asyncio.run(run(args, url, server.pid if server else args.server_pid))
     finally:
         if server:
             server.terminate()

@@ -32,7 +32,10 @@ class BatchAugment(nn.Module):
     def _uniform(self, n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
         return torch.empty(n, device=device).uniform_(low, high, generator=generator)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                paired: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With ``paired``, also the same augmented images with a random corner artifact on every one (same crop,
+        flips, rotation and colour jitter): the pairs a consistency loss compares."""
         n, device = images.shape[0], images.device
         u = lambda low, high: self._uniform(n, low, high, generator, device)  # noqa: E731
         # Random resized crop (square): a window of side sqrt(scale) at a random place, then zoom-in on top.
@@ -52,7 +55,11 @@ class BatchAugment(nn.Module):
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.corner_artifacts > 0:  # drawn only when on, so runs without it keep their random stream
             out = corner_artifacts(out, self.corner_artifacts, u, self.ring_start, self.fill_share)
-        return self.color_jitter(out, u)
+        if not paired:
+            return self.color_jitter(out, u)
+        twin = corner_artifacts(out, 1.0, u, self.ring_start, self.fill_share)
+        both = self.color_jitter(torch.cat([out, twin]), lambda low, high: u(low, high).repeat(2))
+        return both[:n], both[n:]
 
     def color_jitter(self, images: torch.Tensor, u) -> torch.Tensor:
         """Brightness, contrast, saturation, each a factor in [1 − jitter, 1 + jitter] (torchvision's definitions)."""
@@ -89,8 +96,11 @@ def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: tuple[float,
     tint = torch.stack([u(0.0, 0.12) for _ in range(3)], 1).view(n, 3, 1, 1)
     ramp = ((radius - start) / softness).clamp(0, 1)
     ring = darkness * ramp * ramp * (3 - 2 * ramp)
-    band = (radius > 0.7) & (radius <= 1)
-    skin = images[:, :, band].median(dim=-1).values.view(n, 3, 1, 1)
+    # The band's pixels by index, found on the CPU: a boolean mask on the device has a data-dependent size, which a
+    # GPU must read back (a sync each step) and the meta device of the placement tests cannot compute at all
+    band = ellipse_radius(h, w).flatten()
+    band = torch.nonzero((band > 0.7) & (band <= 1)).flatten().to(images.device)
+    skin = images.flatten(2)[:, :, band].median(dim=-1).values.view(n, 3, 1, 1)
     outside = (radius > 1).to(images.dtype).expand(n, 1, h, w)
     alpha = torch.where(fill.view(shape), outside, ring) * apply.view(shape).to(images.dtype)
     colour = torch.where(fill.view(shape), skin, tint)

@@ -62,6 +62,9 @@ class TrainConfig:
     positive_fraction: float = option(0.4, "share of malignant images the balanced sampler draws; 0 = plain "
                                            "shuffling", "loss and sampling")
     mixup: float = option(0.0, "Beta(a, a) mixup strength; 0 = off", "loss and sampling")
+    corner_consistency: float = option(0.0, "weight of a Jensen–Shannon term between each training image's "
+                                            "prediction and its copy's with a random corner artifact; 0 = off",
+                                       "loss and sampling")
     rotation: float = option(15.0, "random rotation up to ± this many degrees", "augmentation")
     jitter: float = option(0.1, "brightness, contrast and saturation jitter (a factor in 1 ± this)",
                            "augmentation")
@@ -102,6 +105,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {getattr(self, name)!r}")
+        if self.corner_consistency < 0 or (self.corner_consistency > 0 and self.mixup > 0):
+            raise ValueError(f"corner_consistency must be ≥ 0 and cannot be combined with mixup (a blended image "
+                             f"has no artifact-free twin), got {self.corner_consistency} with mixup {self.mixup}")
         a_b = self.calibration
         if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
                 and float(a_b[0]) > 0):

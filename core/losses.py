@@ -57,6 +57,25 @@ class SoftmaxFocalLoss(nn.Module):
         return -(self.weight * targets.float() * focal * log_p).sum(-1).mean()
 
 
+def output_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """The head's predicted distribution: ``(N, 2)`` [benign, malignant] for one logit, the softmax for the dx
+    head."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=-1)
+    return F.softmax(logits, dim=-1)
+
+
+def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen–Shannon divergence between two batches of predictions (AugMix's consistency loss, Hendrycks et
+    al. 2020): symmetric and bounded by log 2, so a pair the model already tells apart cannot blow up the loss."""
+    p, q = output_distribution(logits_a), output_distribution(logits_b)
+    log_m = ((p + q) / 2).clamp_min(1e-7).log()
+    kl = lambda d: (d * (d.clamp_min(1e-7).log() - log_m)).sum(-1)  # noqa: E731
+    return ((kl(p) + kl(q)) / 2).mean()
+
+
 def create_loss(name: str = "focal", alpha: float = 0.6, gamma: float = 2.0, head: str = "binary") -> nn.Module:
     """The training loss for a head: focal (the recipe) or plain ("bce": binary cross-entropy on the single logit,
     cross-entropy on the dx head)."""

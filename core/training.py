@@ -17,7 +17,7 @@ from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.distributed import Distributed
 from core.inference import Preprocess, autocast
-from core.losses import create_loss
+from core.losses import create_loss, jensen_shannon
 from core.model import DX_CLASSES, create_model, head_outputs
 from core.sampler import BalancedSampler
 
@@ -65,8 +65,18 @@ def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
 
 def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, preprocess: Preprocess,
                   images: torch.Tensor, targets: torch.Tensor, amp: bool, generator: torch.Generator | None = None,
-                  mixup_lam: float | None = None) -> torch.Tensor:
-    """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss."""
+                  mixup_lam: float | None = None, corner_consistency: float = 0.0) -> torch.Tensor:
+    """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss.
+
+    With ``corner_consistency`` > 0 each image also goes through the model with a random corner artifact, in the same
+    batch, and the loss adds that weight × the Jensen–Shannon divergence between the two predictions: the corners
+    are then trained to change nothing, not only to say nothing about the label on average."""
+    if corner_consistency > 0:
+        clean, twin = augment(images.float().div_(255), generator, paired=True)
+        with autocast(clean.device, amp):
+            logits = model(preprocess(torch.cat([clean, twin])).contiguous(memory_format=torch.channels_last))
+        clean_logits, twin_logits = logits.chunk(2)
+        return loss_fn(clean_logits, targets) + corner_consistency * jensen_shannon(clean_logits, twin_logits)
     x = preprocess(augment(images.float().div_(255), generator))
     if mixup_lam is not None:
         perm = torch.randperm(len(x), generator=generator, device=x.device)
@@ -105,7 +115,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             if cfg.mixup > 0 else None
         try:
             loss = training_loss(model, loss_fn, augment, preprocess, images[index].to(device, non_blocking=True),
-                                 labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam)
+                                 labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam,
+                                 cfg.corner_consistency)
             loss_sum += loss.detach() * len(index)
             seen += len(index)
             if (step + 1) % check_every == 0 or step + 1 == steps:

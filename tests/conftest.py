@@ -3,6 +3,7 @@ where a missing folder is a failure: data-dependent tests must run there."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 
 from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, PROJECT_ROOT, DataError, read_ham10000, resolve_data_dir
-from tests.helpers import SMALL_SPLIT, TINY
+from tests.helpers import ARTIFACTS, SMALL_SPLIT, TINY, DashboardServer, streamlit_server
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,16 @@ def tiny_config(ham_dir: Path, small_split: Path):
     def make(**overrides) -> TrainConfig:
         return TrainConfig(data_dir=str(ham_dir), split_file=str(small_split), **{**TINY, **overrides})
     return make
+
+
+@pytest.fixture(scope="session")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashboardServer]:
+    """One `streamlit run` for every end-to-end test (browser, load, serving): each start costs seconds of imports
+    and a model load, and what these tests check (sessions kept apart, no files written, bounded memory) must hold
+    on a server that has already been used."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with streamlit_server(ARTIFACTS / "streamlit.log", tmp_path_factory.mktemp("server_tmp")) as server:
+        yield server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,8 @@ from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK, corner_dependent
 from core.runs import DEFAULT_RUN, read_predictions, read_stress
 from core.stress import wide
+
+ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", PROJECT_ROOT / "tests" / "artifacts"))  # screenshots, server log
 
 
 def run_main(main: Callable[[list[str]], int | None], *argv: str) -> tuple[int, str, str]:
@@ -86,17 +89,23 @@ def corner_dependence(threshold: float) -> pd.DataFrame:
     return frame.assign(dependent=corner_dependent(frame["probability"], checked, threshold))
 
 
+class DashboardServer(NamedTuple):
+    url: str  # the base URL, no trailing slash
+    pid: int  # for the load test's memory samples
+    tmp: Path  # the server's TMPDIR: uploads must not land there (or anywhere else on disk)
+
+
 @contextmanager
-def streamlit_server(log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on a free localhost port, until it answers its
-    health check; yields the base URL and stops the server afterwards. Its output goes to ``log``."""
+def streamlit_server(log: Path, tmp: Path) -> Iterator[DashboardServer]:
+    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on a free localhost port with ``tmp`` as its
+    TMPDIR, until it answers its health check; yields it and stops the server afterwards. Output goes to ``log``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
                                    str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                  stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp)})
         try:
             deadline = time.monotonic() + 90
             while True:
@@ -107,7 +116,7 @@ def streamlit_server(log: Path, env: dict[str, str] | None = None) -> Iterator[s
                     if server.poll() is not None or time.monotonic() > deadline:
                         pytest.fail(f"streamlit did not come up: {log.read_text()}")
                     time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}"
+            yield DashboardServer(f"http://127.0.0.1:{port}", server.pid, tmp)
         finally:
             server.terminate()
             server.wait(timeout=30)

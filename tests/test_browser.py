@@ -16,12 +16,11 @@ from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 from core.interventions import CORNER_CHECK
 from core.runs import DEFAULT_RUN, read_metrics, read_predictions
-from tests.helpers import corner_dependence, streamlit_server
+from tests.helpers import ARTIFACTS, DashboardServer, corner_dependence
 
 playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", PROJECT_ROOT / "tests" / "artifacts"))
 PAGES = {"": "Predict", "threshold": "Threshold explorer", "browse": "Test-split browser", "audit": "Error audit",
          "training": "Training report", "data": "Data & split"}
 CHROME_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -30,16 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The server's TMPDIR: uploads must not land there (or anywhere else on disk)."""
-    return tmp_path_factory.mktemp("server_tmp")
-
-
-@pytest.fixture(scope="module")
-def app_url(ham_dir: Path, server_tmp: Path) -> Iterator[str]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with streamlit_server(ARTIFACTS / "streamlit.log", {"TMPDIR": str(server_tmp)}) as url:
-        yield url
+def app_url(dashboard: DashboardServer) -> str:
+    return dashboard.url
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +210,8 @@ def _files_changed_since(root: Path, since: float, skip: tuple[str, ...]) -> lis
     return changed
 
 
-def test_uploads_stay_in_memory_and_in_their_session(browser, app_url: str, server_tmp: Path, ham_dir: Path,
-                                                     tmp_path: Path) -> None:
+def test_uploads_stay_in_memory_and_in_their_session(browser, app_url: str, dashboard: DashboardServer,
+                                                     ham_dir: Path, tmp_path: Path) -> None:
     """An upload is never written to disk and never shown to another session."""
     image = tmp_path / "private_photo.jpg"
     image.write_bytes((ham_dir / "images" / "ISIC_0024306.jpg").read_bytes())
@@ -243,7 +234,7 @@ def test_uploads_stay_in_memory_and_in_their_session(browser, app_url: str, serv
         alice.close()
         bob.close()
     skip = (".git", ".venv", "artifacts", "__pycache__", ".pytest_cache", ".hypothesis")
-    assert not _files_changed_since(server_tmp, started, ())
+    assert not _files_changed_since(dashboard.tmp, started, ())
     assert not _files_changed_since(PROJECT_ROOT, started, skip)
 
 

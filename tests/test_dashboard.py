@@ -25,7 +25,7 @@ from core.runs import (
     read_stress_summary,
 )
 from dashboard import loaders
-from tests.helpers import corner_dependence, streamlit_server
+from tests.helpers import DashboardServer, corner_dependence
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
 PAGES = ["predict", "threshold", "browse", "audit", "training", "data"]
@@ -329,12 +329,11 @@ def test_a_broken_run_is_explained_on_every_page(tmp_path: Path) -> None:
         assert "predictions_" in at.error[0].value and "train.py evaluate" in at.error[0].value
 
 
-def test_streamlit_server_serves_the_app(tmp_path: Path) -> None:
-    with streamlit_server(tmp_path / "streamlit.log") as url:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-            assert response.read() == b"ok"
-        with urllib.request.urlopen(f"{url}/", timeout=5) as response:
-            assert response.status == 200 and b"<html" in response.read().lower()
+def test_streamlit_server_serves_the_app(dashboard: DashboardServer) -> None:
+    with urllib.request.urlopen(f"{dashboard.url}/_stcore/health", timeout=5) as response:
+        assert response.read() == b"ok"
+    with urllib.request.urlopen(f"{dashboard.url}/", timeout=5) as response:
+        assert response.status == 200 and b"<html" in response.read().lower()
 
 
 def _live_tensors() -> int:

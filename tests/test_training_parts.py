@@ -16,7 +16,7 @@ from core import checkpoint
 from core.augment import BatchAugment
 from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
-from core.losses import BinaryFocalLoss, create_loss
+from core.losses import BinaryFocalLoss, create_loss, jensen_shannon
 from core.sampler import BalancedSampler
 from core.training import create_training_parts, training_loss
 from core.transforms import ellipse_radius
@@ -145,6 +145,51 @@ def test_ring_only_artifacts_reach_inside_the_circle_from_their_start_radius() -
     # a fill (the skin colour outside the circle) would leave the band untouched: none at fill_share 0
 
 
+def test_paired_augmentation_differs_only_by_the_corner_artifact() -> None:
+    """The consistency loss's pairs: the same crop, flips, rotation and colour jitter, with a ring or fill on every
+    twin and nothing else changed; the unpaired stream is untouched and a seed repeats."""
+    x = torch.rand(1, 3, 32, 48).repeat(300, 1, 1, 1) * 0.5 + 0.5
+    augment = BatchAugment(jitter=0.1)
+    clean, twin = augment(x, torch.Generator().manual_seed(4), paired=True)
+    again = augment(x, torch.Generator().manual_seed(4), paired=True)
+    assert torch.equal(clean, again[0]) and torch.equal(twin, again[1])
+    inner = ellipse_radius(32, 48) < 0.74
+    # jitter's contrast step centres on the whole image's mean, which the artifact moves: a small shift only
+    assert (clean[:, :, inner] - twin[:, :, inner]).abs().max() < 0.05
+    assert ((clean - twin).abs() > 0.05).flatten(1).any(1).all()  # every twin carries an artifact
+    plain = augment(x, torch.Generator().manual_seed(4))
+    assert not torch.equal(plain, clean)  # the twin's draws come before the jitter's...
+    assert torch.equal(plain, BatchAugment(jitter=0.1)(x, torch.Generator().manual_seed(4)))  # ...unpaired as ever
+
+
+@pytest.mark.parametrize("outputs", [1, 7])
+def test_jensen_shannon_is_zero_for_equal_predictions_symmetric_and_bounded(outputs: int) -> None:
+    a, b = torch.randn(16, outputs) * 3, torch.randn(16, outputs) * 3
+    assert jensen_shannon(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert jensen_shannon(a, b).item() == pytest.approx(jensen_shannon(b, a).item(), rel=1e-5)
+    assert 0 < jensen_shannon(a, b).item() < math.log(2)
+    far = torch.full((4, outputs), 30.0), torch.full((4, outputs), -30.0)
+    if outputs == 1:  # certain and opposite: the bound, not an overflow
+        assert jensen_shannon(*far).item() == pytest.approx(math.log(2), rel=1e-3)
+
+
+def test_corner_consistency_adds_its_weight_times_a_positive_divergence() -> None:
+    """loss(λ) = task loss on the clean images + λ·JS(clean, twin): linear in λ, with a positive slope when the
+    artifacts move the prediction. Refused beside mixup, whose blends have no artifact-free twin."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(pretrained=False, input_size=32, corner_consistency=1.0)
+    model, loss_fn, augment, preprocess = create_training_parts(cfg, torch.device("cpu"))
+    model.eval()  # BatchNorm on running statistics and no dropout: the same pass for every λ
+    images = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
+    loss = {lam: training_loss(model, loss_fn, augment, preprocess, images.clone(), torch.tensor([0., 1., 0., 1.]),
+                               False, torch.Generator().manual_seed(1), corner_consistency=lam).item()
+            for lam in (0.5, 1.0, 2.0)}
+    slope = loss[2.0] - loss[1.0]
+    assert slope > 0 and slope == pytest.approx(2 * (loss[1.0] - loss[0.5]), rel=1e-4)
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(corner_consistency=1.0, mixup=0.2)
+
+
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
     from core.inference import load_run
     from core.ensemble import init_weights
@@ -166,7 +211,8 @@ META = torch.device("meta")  # a device other than the CPU, on any machine: stan
 @pytest.mark.parametrize("settings", [
     {"head": "binary"}, {"head": "dx"}, {"head": "dx", "loss": "bce", "mixup": 0.2},
     {"head": "binary", "loss": "bce", "normalization": "per_image", "shades_of_gray": True, "mixup": 0.2},
-    {"head": "binary", "normalization": "imagenet", "channels_last": False}])
+    {"head": "binary", "normalization": "imagenet", "channels_last": False},
+    {"head": "dx", "corner_consistency": 1.0, "corner_artifacts": 0.5}])
 def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     """Every tensor a step uses follows the model to the training device: one left on the CPU fails here, not on
     the first GPU run."""
@@ -176,7 +222,7 @@ def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     targets = torch.empty(4, outputs, device=META) if outputs > 1 else torch.empty(4, device=META)
     images = torch.empty(4, 3, 32, 32, dtype=torch.uint8, device=META)
     loss = training_loss(model, loss_fn, augment, preprocess, images, targets, cfg.amp,
-                         mixup_lam=0.7 if cfg.mixup else None)
+                         mixup_lam=0.7 if cfg.mixup else None, corner_consistency=cfg.corner_consistency)
     loss.backward()
     assert loss.device == META and all(p.grad is None or p.grad.device == META for p in model.parameters())
 
