@@ -18,8 +18,11 @@ install: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/streamlit run dashboard/app.py $(if $(RUN),-- --run $(RUN))
 
+# Two workers (pytest-xdist) on whole modules; TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 split: $(STAMP)
 	$(BIN)/python train.py split --folds 5

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from playwright.async_api import async_playwright
 
@@ -44,19 +45,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int) -> subprocess.Popen:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, log: IO | int = subprocess.DEVNULL, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on localhost:``port``, returned once it answers
+    its health check; the test suite starts its server here too. Output goes to ``log``."""
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
-                               str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    while server.poll() is None and time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
             return server
         except OSError:
             time.sleep(0.5)
+    why = f"exited with code {server.returncode}" if server.poll() is not None else "did not answer within 90 s"
     server.terminate()
-    raise RuntimeError("streamlit did not start within 90 s")
+    server.wait(timeout=30)
+    raise RuntimeError(f"streamlit {why} (port {port})")
 
 
 async def settle(page) -> None:
@@ -155,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         url = args.url.rstrip("/")
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = start_server(port)
         url = f"http://127.0.0.1:{port}"
     try:

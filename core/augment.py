@@ -7,6 +7,7 @@ crop (scale 0.9–1.0), zoom up to 1.1×, flips, rotation ±15°, colour jitter 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,12 +97,18 @@ def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: tuple[float,
     tint = torch.stack([u(0.0, 0.12) for _ in range(3)], 1).view(n, 3, 1, 1)
     ramp = ((radius - start) / softness).clamp(0, 1)
     ring = darkness * ramp * ramp * (3 - 2 * ramp)
-    # The band's pixels by index, found on the CPU: a boolean mask on the device has a data-dependent size, which a
-    # GPU must read back (a sync each step) and the meta device of the placement tests cannot compute at all
-    band = ellipse_radius(h, w).flatten()
-    band = torch.nonzero((band > 0.7) & (band <= 1)).flatten().to(images.device)
-    skin = images.flatten(2)[:, :, band].median(dim=-1).values.view(n, 3, 1, 1)
+    skin = images.flatten(2)[:, :, skin_band(h, w, images.device)].median(dim=-1).values.view(n, 3, 1, 1)
     outside = (radius > 1).to(images.dtype).expand(n, 1, h, w)
     alpha = torch.where(fill.view(shape), outside, ring) * apply.view(shape).to(images.dtype)
     colour = torch.where(fill.view(shape), skin, tint)
     return images * (1 - alpha) + colour * alpha
+
+
+@functools.lru_cache(maxsize=8)
+def skin_band(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat indices of the pixels between 0.7 and 1 of the inscribed radius, where a fill takes its skin colour.
+    Found on the CPU once per size and device: a boolean mask on the device has a data-dependent size, which a GPU
+    must read back (a sync each step) and the meta device of the placement tests cannot compute at all."""
+    radius = ellipse_radius(height, width).flatten()
+    return torch.nonzero((radius > 0.7) & (radius <= 1)).flatten().to(device)
+

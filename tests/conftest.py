@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+
+# Under pytest-xdist (`make test` runs two workers) each worker and every process it starts gets its share of the
+# cores: two workers each running torch on every core spin against each other. Set before torch is first imported.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 from pathlib import Path
 
 import pandas as pd
@@ -68,3 +74,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "small_split" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.train)
 
+
+# The modules that use the one dashboard server: under xdist they go to one worker, so there is one server.
+SERVER_MODULES = {"test_browser", "test_dashboard", "test_load"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two xdist workers; each gets whole modules, so a module's fixtures (a real split
+    regeneration, tiny fits) are built once, and the modules of `SERVER_MODULES` go together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "dashboard server" if Path(module).stem in SERVER_MODULES else module
+
+    return ModuleScheduling(config, log)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -20,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.load_dashboard import free_port, start_server
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK, corner_dependent
 from core.runs import DEFAULT_RUN, read_predictions, read_stress
@@ -97,25 +93,15 @@ class DashboardServer(NamedTuple):
 
 @contextmanager
 def streamlit_server(log: Path, tmp: Path) -> Iterator[DashboardServer]:
-    """`streamlit run dashboard/app.py` (what `make dashboard` runs) on a free localhost port with ``tmp`` as its
-    TMPDIR, until it answers its health check; yields it and stops the server afterwards. Output goes to ``log``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The load benchmark's `streamlit run` (what `make dashboard` runs) on a free localhost port with ``tmp`` as
+    its TMPDIR; yields it once it answers and stops it afterwards. Output goes to ``log``."""
+    port = free_port()
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port",
-                                   str(port), "--server.address", "127.0.0.1"], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp)})
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"streamlit did not come up: {log.read_text()}")
-                    time.sleep(0.5)
+            server = start_server(port, out, env={**os.environ, "TMPDIR": str(tmp)})
+        except RuntimeError as err:
+            pytest.fail(f"{err}: {log.read_text()}")
+        try:
             yield DashboardServer(f"http://127.0.0.1:{port}", server.pid, tmp)
         finally:
             server.terminate()
