@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors import safe_open
 
 from core import metrics
 from core.config import TrainConfig
@@ -36,7 +35,7 @@ from core.inference import (
     resolve_device,
 )
 from core.ensemble import check_compatible
-from core.runs import read_config
+from core.runs import fp16_megabytes, read_config
 
 
 def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -62,12 +61,6 @@ def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu"
         stored.parent.mkdir(parents=True, exist_ok=True)
         np.savez(stored, stamp=stamp, **out)
     return out
-
-
-def fp16_megabytes(run: Path) -> float:
-    """Size of the run's weights once stored in fp16 (what ``train.py ensemble`` ships), in MB."""
-    with safe_open(run / "model.safetensors", "pt") as f:
-        return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys()) * 2 / 1e6
 
 
 def ensemble_probabilities(probabilities: dict[str, dict[str, np.ndarray]], members: tuple[str, ...], views: int,

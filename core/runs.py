@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
@@ -205,6 +206,12 @@ def read_members(run: str | Path) -> dict[str, TrainConfig]:
     """An ensemble run's members (``members/<name>`` → its training config); empty for a single model."""
     cfg = read_config(run)
     return dict(zip(cfg.ensemble, member_configs(run, cfg)))
+
+
+def fp16_megabytes(run: str | Path) -> float:
+    """The run's weights once stored in fp16 (what ``train.py ensemble`` ships), in MB: the shipping size limit."""
+    with safe_open(Path(run) / MODEL_FILE, "pt") as f:
+        return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys()) * 2 / 1e6
 
 
 def read_history(run: str | Path) -> pd.DataFrame:

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, ensemble_search,
+import pandas as pd
+
+from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, corner_rule, ensemble_search,
                         ood_scores)
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
@@ -43,7 +45,8 @@ def test_bench_train_reports_throughput_and_its_parts() -> None:
 
 
 @pytest.mark.parametrize("script", ["bench_predict.py", "bench_train.py", "bench_dashboard.py", "bench_stress.py",
-                                    "cam_vs_stress.py", "ensemble_search.py", "load_dashboard.py"])
+                                    "cam_vs_stress.py", "corner_rule.py", "ensemble_search.py",
+                                    "load_dashboard.py"])
 def test_benchmark_scripts_document_their_command(script: str) -> None:
     """Each script's docstring holds the command that runs it, and is its ``--help`` text (``description=__doc__``;
     one real ``--help`` run is in the OOD benchmark's test): read from the source, without starting Python and
@@ -104,6 +107,53 @@ def test_search_never_mixes_runs_one_ensemble_cannot_hold() -> None:
 def test_ensemble_search_wants_the_whole_rule() -> None:
     code, _, err = run_main(ensemble_search.main, "--runs", "models/default", "--max-forwards", "4")
     assert code == 2 and "needs --max-forwards, --max-mb and --incumbent together" in err
+
+
+def _candidate(name: str, val: pd.DataFrame, flips: float | dict[str, float] = 0.01, forwards: int = 4,
+               megabytes: float = 16.6) -> corner_rule.Candidate:
+    shares = flips if isinstance(flips, dict) else dict.fromkeys(("vignette_light", "vignette", "vignette_strong",
+                                                                  "corner_fill"), flips)
+    return corner_rule.Candidate(Path(name), shares, forwards, megabytes, val, test_auroc=float("nan"))
+
+
+def _val_predictions(signal: float, seed: int, n: int = 600) -> pd.DataFrame:
+    """Val predictions of one model: ``signal`` separates the classes, lesions hold two images each."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(n) < 0.2).astype(int)
+    noise = np.random.default_rng(seed).random(n)
+    return pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(n)], "lesion_id": [f"HAM_{i // 2}" for i in range(n)],
+                         "label": labels, "probability": np.clip(signal * labels + noise, 0, 1)})
+
+
+def test_corner_rule_wants_every_corner_flip_under_3_percent_then_no_loss_on_val() -> None:
+    incumbent = _val_predictions(0.5, seed=1)
+    leaning = _candidate("leaning", _val_predictions(0.9, seed=2), flips={"vignette_light": 0.0, "vignette": 0.01,
+                                                                          "vignette_strong": 0.031, "corner_fill": 0.0})
+    too_slow = _candidate("too_slow", _val_predictions(0.9, seed=3), forwards=8)
+    robust_same = _candidate("robust_same", incumbent)
+    robust_worse = _candidate("robust_worse", _val_predictions(0.1, seed=4))
+    assert leaning.failures() == ["vignette_strong flips 3.1% > 3%"] and too_slow.failures() == ["8 network passes > 4"]
+    # the best val AUROC among those that qualify; no loss against the incumbent → it replaces it
+    decision = corner_rule.apply_corner_rule([leaning, too_slow, robust_worse, robust_same], incumbent)
+    assert decision["best"] is robust_same and decision["gain"] == 0 and decision["replace"]
+    # the only qualifying one is clearly worse on val: the incumbent stays
+    decision = corner_rule.apply_corner_rule([leaning, robust_worse], incumbent)
+    assert decision["best"] is robust_worse and decision["high"] < 0 and not decision["replace"]
+    assert corner_rule.apply_corner_rule([leaning, too_slow], incumbent) == {"best": None, "replace": False}
+    with pytest.raises(ValueError, match="different images"):
+        corner_rule.paired_gain(incumbent.iloc[:-2], incumbent)
+
+
+def test_corner_rule_reads_the_committed_stress_summary() -> None:
+    code, out, err = run_main(corner_rule.main, "--candidates", "models/default")
+    summary = corner_rule.runs.read_stress_summary("models/default", "val")["interventions"]
+    shares = [summary[name]["flipped"] for name in ("vignette_light", "vignette", "vignette_strong", "corner_fill")]
+    assert code == 0, err
+    for share in shares:
+        assert f"{share:.4f}" in out
+    assert ("no candidate qualifies" in out) == (max(shares) > 0.03)
+    code, _, err = run_main(corner_rule.main, "--candidates", "splits")
+    assert code == 2 and "not a run directory" in err
 
 
 def test_bench_stress_reports_a_median_and_a_projection(ham_dir: Path) -> None:
