@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         incumbent_val = runs.read_predictions(args.incumbent, "val")
     except runs.RunError as err:
         parser.exit(2, f"corner_rule: {err}\n")
-    rows = [{"run": str(c.run), "val_auroc": c.val_auroc, "test_auroc": c.test_auroc, "forwards": c.forwards,
-             "mb": c.megabytes, **{f"flip_{name}": share for name, share in c.flips.items()},
-             "verdict": "; ".join(c.failures()) or "qualifies"} for c in candidates]
+    rows = []
+    for c in candidates:  # the gain of every candidate, for the log; the decision reads only the qualifying ones'
+        gain, low, _ = paired_gain(c.val, incumbent_val)
+        rows.append({"run": str(c.run), "val_auroc": c.val_auroc, "val_gain": gain, "gain_p5": low,
+                     "test_auroc": c.test_auroc, "forwards": c.forwards, "mb": c.megabytes,
+                     **{f"flip_{name}": share for name, share in c.flips.items()},
+                     "verdict": "; ".join(c.failures()) or "qualifies"})
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     incumbent_auroc = metrics.auroc(incumbent_val["label"], incumbent_val["probability"])
     decision = apply_corner_rule(candidates, incumbent_val)
