@@ -47,6 +47,8 @@ class TrainConfig:
                                               "model")
     mask_corners: bool = option(False, "a constant colour outside the inscribed circle/ellipse, in training and "
                                        "at every prediction", "model")
+    mask_radius: float = option(1.0, "with mask_corners, the mask's radius (1 = the inscribed circle/ellipse); below "
+                                     "1 it also hides the outer ring, where a strong vignette reaches inside", "model")
     normalization: Literal["pretrained", "imagenet", "per_image"] = option(
         "pretrained", "pretrained: the weights' own mean/std; imagenet: ImageNet's; per_image: zero mean and unit "
                       "variance per image", "model")
@@ -108,11 +110,19 @@ class TrainConfig:
         if self.corner_consistency < 0 or (self.corner_consistency > 0 and self.mixup > 0):
             raise ValueError(f"corner_consistency must be ≥ 0 and cannot be combined with mixup (a blended image "
                              f"has no artifact-free twin), got {self.corner_consistency} with mixup {self.mixup}")
+        if not 0 < self.mask_radius <= math.sqrt(2):
+            raise ValueError(f"mask_radius must be in (0, √2] (1 = the inscribed circle/ellipse, √2 = the view's "
+                             f"corners), got {self.mask_radius}")
         a_b = self.calibration
         if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
                 and float(a_b[0]) > 0):
             raise ValueError(f"calibration must be two finite numbers [a, b] with a > 0 (p = σ(a·logit p + b)), "
                              f"got {a_b!r}")
+
+    @property
+    def corner_mask(self) -> float | None:
+        """The corner mask's radius, or None without one: what the model's view depends on."""
+        return self.mask_radius if self.mask_corners else None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:

@@ -70,7 +70,8 @@ def sha256(path: str | Path) -> str:
 def run_fingerprint(run_dir: str | Path, cfg: TrainConfig) -> dict:
     """What an index depends on: the weights, the split file (which images are "training") and the view."""
     return {"weights": sha256(Path(run_dir) / MODEL_FILE), "split": sha256(project_path(cfg.split_file)),
-            "view": [cfg.input_size, cfg.crop, cfg.mask_corners, cfg.tta_views]}
+            # the mask: False without one (as in indexes built before its radius was a setting), else its radius
+            "view": [cfg.input_size, cfg.crop, cfg.corner_mask or False, cfg.tta_views]}
 
 
 @dataclass

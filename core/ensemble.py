@@ -85,7 +85,8 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
         for what, mine, theirs in (("input_size", cfg.input_size, first.input_size), ("crop", cfg.crop, first.crop),
                                    ("normalization", resolve_normalization(cfg), resolve_normalization(first)),
                                    ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray),
-                                   ("mask_corners", cfg.mask_corners, first.mask_corners)):
+                                   ("mask_corners", cfg.mask_corners, first.mask_corners),
+                                   ("mask_radius", cfg.corner_mask, first.corner_mask)):
             if mine != theirs:
                 raise ValueError(f"ensemble members must share {what}: {names[0]} has {theirs}, {name} has {mine}")
         # Thresholds are chosen on val and the metrics read on test: a member trained on another split may have

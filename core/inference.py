@@ -76,7 +76,7 @@ class Preprocess(nn.Module):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
-        self.corner_mask = CornerMask() if cfg.mask_corners else None
+        self.corner_mask = None if cfg.corner_mask is None else CornerMask(cfg.corner_mask)
         self.normalize = normalize_transform(resolve_normalization(cfg), cfg.shades_of_gray)
 
     def view(self, images: torch.Tensor) -> torch.Tensor:

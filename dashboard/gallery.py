@@ -29,7 +29,7 @@ SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "corner_
 class TestCases(NamedTuple):
     run: Path
     cases: pd.DataFrame       # one row per test image, with its ``outcome`` at ``threshold``
-    view: tuple[int, str, bool]  # the run's model view: (input_size, crop, mask_corners), as loaders.model_view takes
+    view: tuple[int, str, float | None]  # the model view (input_size, crop, corner mask), as loaders.model_view takes
     threshold: float
     images_problem: str       # why the images were not found ("" when they were)
 
@@ -132,7 +132,8 @@ def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
     return prediction.cam, "Grad-CAM of the decision at the current threshold (computed now)"
 
 
-def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, bool], opacity: float) -> None:
+def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, float | None],
+                opacity: float) -> None:
     """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
     st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
     if bool(row.get("corner_dependent", False)):
@@ -162,8 +163,8 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, bool],
     st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")
 
 
-def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str, bool], name: str, seed: int,
-                      opacity: float) -> None:
+def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str, float | None], name: str,
+                      seed: int, opacity: float) -> None:
     """One stress-test case: the image and its CAM, then the same image with the artifact painted in (as
     ``train.py stress`` painted it) and the CAM of the decision made on that copy."""
     p_after = row[f"p_{name}"]

@@ -87,7 +87,7 @@ def predictor(run: Path) -> Predictor:
     return _predictor(str(run), _model_stamp(run))
 
 
-def intervened(run: Path, row: pd.Series, view: tuple[int, str, bool], name: str, seed: int,
+def intervened(run: Path, row: pd.Series, view: tuple[int, str, float | None], name: str, seed: int,
                threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
     """:func:`intervened_case` for one case row (with its ``path`` and ``mask_path``)."""
     mask_path = row.get("mask_path")
@@ -194,11 +194,11 @@ def stress_summary(run: Path, split: str = "test") -> dict | None:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def intervened_case(run: str, stamp: float, path: str, mask_path: str | None, size: int, crop: str,
-                    mask_corners: bool, name: str, seed: int, image_id: str,
+                    corner_mask: float | None, name: str, seed: int, image_id: str,
                     threshold: float) -> tuple[np.ndarray, float, np.ndarray]:
     """A test image with one intervention painted in exactly as ``train.py stress`` painted it (same seed, key
     and mask), with its P(malignant) and the Grad-CAM of the decision at ``threshold``, computed now."""
-    view = model_view(path, size, crop, mask_corners)
+    view = model_view(path, size, crop, corner_mask)
     mask = model_view_mask(mask_path, size, crop) if mask_path else None
     pixels = torch.from_numpy(view).permute(2, 0, 1).unsqueeze(0)
     painted = create_intervention(name, seed)(pixels, [mask], [image_key(image_id)])[0]
@@ -215,11 +215,12 @@ def thumbnail(path: str, size: int = 160) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def model_view(path: str, size: int, crop: str = "square", mask_corners: bool = False) -> np.ndarray:
+def model_view(path: str, size: int, crop: str = "square", corner_mask: float | None = None) -> np.ndarray:
     """uint8 (H, W, 3): the photo cropped and resized as the model sees it (and as stored CAMs are aligned), with
-    the run's corner mask painted by the same transform the model's preprocessing uses."""
+    the run's corner mask (``TrainConfig.corner_mask``: its radius, None without one) painted by the same transform
+    the model's preprocessing uses."""
     view = resize_transform(size, crop)(open_rgb(path))
-    return (CornerMask()(view) if mask_corners else view).permute(1, 2, 0).numpy().copy()
+    return (view if corner_mask is None else CornerMask(corner_mask)(view)).permute(1, 2, 0).numpy().copy()
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

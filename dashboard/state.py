@@ -108,11 +108,11 @@ def images_hint() -> str:
             f"`../shared/data/ham10000` beside `{PROJECT_ROOT.name}/`.")
 
 
-def run_view(run: Path) -> tuple[int, str, bool]:
-    """The run's model view, (input_size, crop, mask_corners); (224, "square", False) if its config is unreadable
-    (pages then show the error)."""
+def run_view(run: Path) -> tuple[int, str, float | None]:
+    """The run's model view, (input_size, crop, corner mask radius or None); (224, "square", None) if its config is
+    unreadable (pages then show the error)."""
     try:
         cfg = loaders.run_config(run)
     except RunError:
-        return 224, "square", False
-    return cfg.input_size, cfg.crop, cfg.mask_corners
+        return 224, "square", None
+    return cfg.input_size, cfg.crop, cfg.corner_mask

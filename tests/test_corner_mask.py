@@ -1,6 +1,7 @@
-"""The fixed corner mask (``mask_corners``): outside the inscribed circle/ellipse the model always sees one constant
-colour, and it is applied by one code path, so training (after augmentation), evaluation, the stress test, the
-Predictor, Grad-CAM and the dashboard's model view all see the same masked pixels."""
+"""The fixed corner mask (``mask_corners``, ``mask_radius``): outside the inscribed circle/ellipse (or a smaller
+one) the model always sees one constant colour, and it is applied by one code path, so training (after
+augmentation), evaluation, the stress test, the Predictor, Grad-CAM and the dashboard's model view all see the same
+masked pixels."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,13 +25,13 @@ from tests.helpers import write_image
 SIZE = 48
 
 
-def masked_config(crop: str = "square") -> TrainConfig:
-    return TrainConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, normalization="imagenet",
-                       tta_views=2)
+def masked_config(crop: str = "square", radius: float = 1.0) -> TrainConfig:
+    return TrainConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, mask_radius=radius,
+                       normalization="imagenet", tta_views=2)
 
 
-def outside(crop: str) -> torch.Tensor:
-    return ellipse_radius(*view_shape(SIZE, crop)) > 1
+def outside(crop: str, radius: float = 1.0) -> torch.Tensor:
+    return ellipse_radius(*view_shape(SIZE, crop)) > radius
 
 
 def saved_run(path: Path, cfg: TrainConfig) -> Path:
@@ -43,17 +44,25 @@ def saved_run(path: Path, cfg: TrainConfig) -> Path:
     return path
 
 
+@pytest.mark.parametrize("radius", [1.0, 0.85])
 @pytest.mark.parametrize("crop", ["square", "frame"])
-def test_the_mask_paints_the_corners_one_colour_and_keeps_the_rest(crop: str) -> None:
+def test_the_mask_paints_the_corners_one_colour_and_keeps_the_rest(crop: str, radius: float) -> None:
     shape = view_shape(SIZE, crop)
     images = torch.randint(0, 256, (3, 3, *shape), dtype=torch.uint8)
-    masked = CornerMask()(images)
-    out = outside(crop)
+    mask = CornerMask(radius)
+    masked = mask(images)
+    out = outside(crop, radius)
     assert torch.equal(masked[:, :, ~out], images[:, :, ~out])
     assert (masked[:, :, out] == torch.tensor(CORNER_FILL, dtype=torch.uint8).view(1, 3, 1)).all()
     # A float image in [0, 1] (the augmented training batch) gets the same fill as its uint8 original.
-    assert torch.equal((CornerMask()(images.float() / 255) * 255).round().to(torch.uint8), masked)
-    assert torch.equal(CornerMask()(masked), masked)  # idempotent: masking a masked view changes nothing
+    assert torch.equal((mask(images.float() / 255) * 255).round().to(torch.uint8), masked)
+    assert torch.equal(mask(masked), masked)  # idempotent: masking a masked view changes nothing
+
+
+@pytest.mark.parametrize("radius", [0.0, -1.0, 1.5])
+def test_a_mask_radius_outside_the_view_is_refused(radius: float) -> None:
+    with pytest.raises(ValueError, match="mask_radius must be in"):
+        masked_config(radius=radius)
 
 
 def test_without_the_flag_nothing_is_masked() -> None:
@@ -79,11 +88,12 @@ def test_training_sees_constant_corners_after_augmentation() -> None:
     assert not torch.allclose(seen[0][:, :, ~outside("square")], evaluated[:, :, ~outside("square")])  # augmented
 
 
-@pytest.mark.parametrize("crop", ["square", "frame"])
-def test_one_code_path_for_evaluation_predictor_gradcam_and_the_dashboard(tmp_path: Path, crop: str) -> None:
-    from dashboard import loaders
+@pytest.mark.parametrize(("crop", "radius"), [("square", 1.0), ("frame", 1.0), ("square", 0.85)])
+def test_one_code_path_for_evaluation_predictor_gradcam_and_the_dashboard(tmp_path: Path, crop: str,
+                                                                          radius: float) -> None:
+    from dashboard import loaders, state
 
-    cfg = masked_config(crop)
+    cfg = masked_config(crop, radius)
     run = saved_run(tmp_path / "run", cfg)
     photo = write_image(tmp_path / "photo.png", (80, 60), seed=4)
     predictor = Predictor.load(run)
@@ -100,10 +110,12 @@ def test_one_code_path_for_evaluation_predictor_gradcam_and_the_dashboard(tmp_pa
     assert torch.allclose(seen[0][:1], inputs)     # the prediction's forward (identity view of the TTA pair)
     assert torch.allclose(seen[-1], inputs)        # Grad-CAM's forward
     # The dashboard shows exactly what the network got: the same masked pixels.
-    view = loaders.model_view(str(photo), SIZE, crop, True)
+    assert state.run_view(run) == (SIZE, crop, radius)
+    view = loaders.model_view(str(photo), *state.run_view(run))
     assert np.array_equal(view, result.model_input)
     assert np.array_equal(view, Preprocess(cfg).view(preloaded)[0].permute(1, 2, 0).numpy())
-    assert (view[outside(crop).numpy()] == CORNER_FILL).all()
+    assert (view[outside(crop, radius).numpy()] == CORNER_FILL).all()
+    assert not (view[~outside(crop, radius).numpy()] == CORNER_FILL).all(axis=-1).all()
 
 
 def test_corner_interventions_outside_the_circle_cannot_move_a_masked_model(tmp_path: Path) -> None:
@@ -126,6 +138,31 @@ def test_corner_interventions_outside_the_circle_cannot_move_a_masked_model(tmp_
                               predict_probabilities(predictor.model, images, unmasked, torch.device("cpu")))
 
 
+def test_a_mask_inside_the_strong_vignette_leaves_no_corner_intervention_anything_to_change(tmp_path: Path) -> None:
+    """At 0.85 of the radius the mask covers every pixel any corner intervention paints (the strong vignette starts
+    at 0.85): the stress test's four corner interventions cannot move such a model at all, in the Predictor's path."""
+    predictor = Predictor.load(saved_run(tmp_path / "run", masked_config(radius=0.85)))
+    images = torch.randint(0, 256, (6, 3, SIZE, SIZE), dtype=torch.uint8)
+    clean = predict_probabilities(predictor.model, images, predictor.preprocess, torch.device("cpu"))
+    for name in CORNER_INTERVENTIONS:
+        painted = create_intervention(name)(images)
+        assert not torch.equal(painted, images), name
+        assert np.array_equal(predict_probabilities(predictor.model, painted, predictor.preprocess,
+                                                    torch.device("cpu")), clean), name
+
+
+def test_an_index_keeps_its_fingerprint_unless_the_mask_changes(tmp_path: Path) -> None:
+    """Indexes built before the radius was a setting stay valid: unmasked runs keep ``False`` in the view, masked
+    ones at radius 1 compare equal to the ``True`` they stored; another radius is another view."""
+    from core.embedding import run_fingerprint
+
+    run = saved_run(tmp_path / "run", masked_config())
+    plain = run_fingerprint(run, dataclasses.replace(masked_config(), mask_corners=False))["view"]
+    assert plain == [SIZE, "square", False, 2]
+    assert run_fingerprint(run, masked_config())["view"] == [SIZE, "square", True, 2]
+    assert run_fingerprint(run, masked_config(radius=0.85))["view"] != [SIZE, "square", True, 2]
+
+
 def test_augmentation_keeps_a_fixed_seed_reproducible_with_the_mask() -> None:
     cfg = masked_config()
     augment = BatchAugment(corner_artifacts=0.5)
@@ -140,6 +177,9 @@ def test_an_ensemble_refuses_members_that_disagree_on_the_mask(tmp_path: Path) -
 
     masked = saved_run(tmp_path / "masked", masked_config())
     plain = saved_run(tmp_path / "plain", dataclasses.replace(masked_config(), mask_corners=False))
+    tighter = saved_run(tmp_path / "tighter", masked_config(radius=0.85))
     with pytest.raises(ValueError, match="must share mask_corners"):
         create_ensemble([masked, plain], tmp_path / "ensemble")
+    with pytest.raises(ValueError, match="must share mask_radius"):
+        create_ensemble([masked, tighter], tmp_path / "ensemble")
     assert not (tmp_path / "ensemble").exists()
