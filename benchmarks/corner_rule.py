@@ -64,10 +64,10 @@ def read_candidate(run: str | Path) -> Candidate:
     if missing:
         raise runs.RunError(f"{run}'s val stress test lacks {', '.join(missing)}; run `python train.py stress "
                             f"--run {run} --split val` with every corner intervention")
+    flips = {name: section["interventions"][name]["flipped"] for name in CORNER_INTERVENTIONS}
     test = runs.read_predictions(run, "test")
-    return Candidate(run, {name: section["interventions"][name]["flipped"] for name in CORNER_INTERVENTIONS},
-                     max(len(cfg.ensemble), 1) * cfg.tta_views, runs.fp16_megabytes(run), runs.read_predictions(run, "val"),
-                     metrics.auroc(test["label"], test["probability"]))
+    return Candidate(run, flips, max(len(cfg.ensemble), 1) * cfg.tta_views, runs.fp16_megabytes(run),
+                     runs.read_predictions(run, "val"), metrics.auroc(test["label"], test["probability"]))
 
 
 def paired_gain(new: pd.DataFrame, old: pd.DataFrame, seed: int = 0) -> tuple[float, float, float]:
