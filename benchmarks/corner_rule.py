@@ -80,13 +80,15 @@ def paired_gain(new: pd.DataFrame, old: pd.DataFrame, seed: int = 0) -> tuple[fl
                                      n_boot=2000, alpha=0.10, seed=seed)
 
 
-def apply_corner_rule(candidates: list[Candidate], incumbent_val: pd.DataFrame) -> dict:
-    """Steps 1–3: the chosen candidate (or None), its gain and interval, and whether it replaces the incumbent."""
+def apply_corner_rule(candidates: list[Candidate], incumbent_val: pd.DataFrame,
+                      gains: dict[Path, tuple[float, float, float]] | None = None) -> dict:
+    """Steps 1–3: the chosen candidate (or None), its gain and interval, and whether it replaces the incumbent.
+    ``gains`` (run → :func:`paired_gain`) reuses bootstraps already drawn for the same incumbent."""
     eligible = sorted((c for c in candidates if not c.failures()), key=lambda c: c.val_auroc, reverse=True)
     if not eligible:
         return {"best": None, "replace": False}
     best = eligible[0]
-    gain, low, high = paired_gain(best.val, incumbent_val)
+    gain, low, high = (gains or {}).get(best.run) or paired_gain(best.val, incumbent_val)
     return {"best": best, "gain": gain, "low": low, "high": high, "replace": low >= MIN_GAIN_LOW}
 
 
@@ -100,16 +102,18 @@ def main(argv: list[str] | None = None) -> None:
         incumbent_val = runs.read_predictions(args.incumbent, "val")
     except runs.RunError as err:
         parser.exit(2, f"corner_rule: {err}\n")
+    # the gain of every candidate, for the log; the decision reads only the qualifying ones'
+    gains = {c.run: paired_gain(c.val, incumbent_val) for c in candidates}
     rows = []
-    for c in candidates:  # the gain of every candidate, for the log; the decision reads only the qualifying ones'
-        gain, low, _ = paired_gain(c.val, incumbent_val)
-        rows.append({"run": str(c.run), "val_auroc": c.val_auroc, "val_gain": gain, "gain_p5": low,
+    for c in candidates:
+        gain, low, high = gains[c.run]
+        rows.append({"run": str(c.run), "val_auroc": c.val_auroc, "val_gain": gain, "gain_p5": low, "gain_p95": high,
                      "test_auroc": c.test_auroc, "forwards": c.forwards, "mb": c.megabytes,
                      **{f"flip_{name}": share for name, share in c.flips.items()},
                      "verdict": "; ".join(c.failures()) or "qualifies"})
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     incumbent_auroc = metrics.auroc(incumbent_val["label"], incumbent_val["probability"])
-    decision = apply_corner_rule(candidates, incumbent_val)
+    decision = apply_corner_rule(candidates, incumbent_val, gains)
     if decision["best"] is None:
         print(f"\nno candidate qualifies (every corner flip ≤ {MAX_FLIP:.0%}, ≤ {MAX_FORWARDS} passes, "
               f"≤ {MAX_MB:g} MB) → keep the incumbent {args.incumbent}")
