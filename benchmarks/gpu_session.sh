@@ -16,6 +16,11 @@
 #
 #   bash benchmarks/gpu_session.sh candidates  # there: only the lite2 candidates of step 3 (then 4 and 5), for a
 #                                              # short second session (how runs 9-11 were made)
+#   bash benchmarks/gpu_session.sh corner      # there: issue 15's sweep. Corner-masked members with corner
+#                                              # consistency from the ImageNet weights (lite0 and lite2 dx at 160 px,
+#                                              # 3 seeds each, until DEADLINE=330 s), every lite0 + lite2 pair ensembled,
+#                                              # stress-tested on val and judged by benchmarks/corner_rule.py; back
+#                                              # come the members of the best pairs on val (never chosen on test)
 # QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
 set -u
 cd "$(dirname "$0")/.."
@@ -50,15 +55,17 @@ EOF
     exit 0
 fi
 
-case "$MODE" in run|candidates) ;; *) echo "usage: $0 prepare|run|candidates" >&2; exit 2 ;; esac
+case "$MODE" in run|candidates|corner) ;; *) echo "usage: $0 prepare|run|candidates|corner" >&2; exit 2 ;; esac
 T0=$SECONDS
 OUT=${OUT:?set OUT to the folder to write results to}
 R=${RUNS_DIR:-/tmp/gpu_runs}
-DEADLINE=${DEADLINE:-455}       # seconds after start when parallel training is stopped
+DEADLINE=${DEADLINE:-$([ "$MODE" = corner ] && echo 330 || echo 455)}  # s after start: parallel training stopped
 PY=${PY:-python3}
 EXTRA=()
 DEVICE=cuda
+QUICK_LIMIT=()
 if [ "${QUICK:-0}" = 1 ]; then
+    QUICK_LIMIT=(--limit 64)
     EXTRA=(--epochs 1 --train-limit 48 --input-size 64 --batch-size 16 --device cpu)
     DEVICE=cpu
 fi
@@ -90,6 +97,86 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"  # benchm
 $PY -c "import torch, timm, platform; print('torch', torch.__version__, 'timm', timm.__version__, platform.python_version(), 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$OUT/session.log"
 log "data and weights ready"
 
+launch() {  # launch NAME ARGS…: one train.py process in the background, its log in $R/logs
+    local name=$1; shift
+    # shellcheck disable=SC2068
+    $PY train.py $@ "${EXTRA[@]}" > "$R/logs/$name.log" 2>&1 &
+    pids+=($!)
+}
+train_until_deadline() {  # wait for the launched processes; SIGTERM at $DEADLINE keeps each one's last whole epoch
+    log "launched ${#pids[@]} processes"
+    while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do
+        local alive=0
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+        [ "$alive" = 0 ] && break
+        sleep 5
+    done
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null && log "stopped pid $p at the deadline"; done
+    wait
+    log "training done"
+    for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^epoch|early stop|test AUROC|error|Error|interrupted" "$f" | tail -4; done \
+        >> "$OUT/session.log"
+}
+evaluate_stopped() {  # evaluate_stopped DIR…: metrics and predictions of runs the deadline stopped
+    for run in "$@"; do
+        [ -f "$run/model.safetensors" ] && [ ! -f "$run/metrics.json" ] && \
+            { log "evaluating stopped run $run"; $PY train.py evaluate --run "$run" --device $DEVICE >> "$R/logs/evaluate.log" 2>&1 & }
+    done
+    wait
+}
+
+if [ "$MODE" = corner ]; then
+# Issue 15 on a GPU: the recipe of runs 55-60 (the corner mask at 0.9 of the radius, consistency on the rings it
+# leaves visible), but every member from the ImageNet weights for a whole schedule, with seeds; the rule in
+# benchmarks/experiments.md decides, on val.
+CORNER="--config configs/default.yaml --mask-corners true --mask-radius 0.9 --corner-artifacts 0 --corner-consistency 5
+        --corner-ring-start 0.75 0.9 --corner-fill-share 0"
+pids=()
+for seed in 0 1 2; do
+    launch "c_l0_160_s$seed" fit $CORNER --epochs 8 --seed $seed --out "$R/c_l0_160_s$seed"
+    launch "c_l2_160_s$seed" fit $CORNER --model efficientnet_lite2 --head dx --epochs 8 --seed $seed --out "$R/c_l2_160_s$seed"
+done
+train_until_deadline
+evaluate_stopped "$R"/c_*/
+# Every lite0 + lite2 pair: an ensemble with 2 flip views (4 passes, 16.6 MB, as shipped), evaluated and
+# stress-tested on val with the four corner interventions the rule reads.
+for l0 in "$R"/c_l0_*; do
+    for l2 in "$R"/c_l2_*; do
+        [ -f "$l0/metrics.json" ] && [ -f "$l2/metrics.json" ] || continue
+        pair="$R/pair_$(basename "$l0")+$(basename "$l2")"
+        { $PY train.py ensemble --members "$l0" "$l2" --out "$pair" --tta-views 2 \
+            && $PY train.py evaluate --run "$pair" --device $DEVICE \
+            && $PY train.py stress --run "$pair" --split val --device $DEVICE --no-train-corners \
+                --interventions vignette_light vignette vignette_strong corner_fill ${QUICK_LIMIT[@]+"${QUICK_LIMIT[@]}"}; } > "$R/logs/$(basename "$pair").log" 2>&1 &
+    done
+done
+wait
+log "pairs evaluated and stress-tested"
+INCUMBENT=models/default
+[ "${QUICK:-0}" = 1 ] && INCUMBENT=$(ls -d "$R"/pair_* | head -1)  # a tiny QUICK split is not the shipped one's
+$PY benchmarks/corner_rule.py --candidates "$R"/pair_* --incumbent "$INCUMBENT" 2>&1 | tee -a "$OUT/session.log"
+# Back: the members of the best pairs (qualifying ones first, then by val AUROC), at most 6 weight files.
+$PY - "$R" "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/session.log"
+import shutil, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from benchmarks.corner_rule import read_candidate
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+pairs = sorted((read_candidate(p) for p in runs.glob("pair_*") if (p / "stress_summary.json").exists()),
+               key=lambda c: (bool(c.failures()), -c.val_auroc))
+sent = []
+for pair in pairs:
+    for member in pair.run.name.removeprefix("pair_").split("+"):
+        if member not in sent and len(sent) < 6:
+            shutil.copy(runs / member / "model.safetensors", out / f"{member}.safetensors")
+            sent.append(member)
+print("returning the weights of", ", ".join(sent) or "nothing")
+EOF
+tar czf "$OUT/runs.tgz" -C "$R" --exclude='*.safetensors' .
+log "done"
+exit 0
+fi
+
 if [ "$MODE" = run ]; then
 # 1. Throughput of the training step, the GPU to itself.
 BENCH=("--input-size 224 --batch-size 32" "--input-size 224 --batch-size 256" "--input-size 224 --batch-size 512"
@@ -111,12 +198,6 @@ fi
 # 3. Everything else at once (12 processes share the GPU).
 CANDIDATES="--config configs/default.yaml --head dx --early-stopping 4"
 pids=()  # (mode "candidates": only the lite2 @ 160/192 candidates, for a short second session)
-launch() {
-    local name=$1; shift
-    # shellcheck disable=SC2068
-    $PY train.py $@ "${EXTRA[@]}" > "$R/logs/$name.log" 2>&1 &
-    pids+=($!)
-}
 [ "$MODE" = run ] && launch ref fit --config configs/reference.yaml --out "$R/ref"
 [ "$MODE" = run ] && launch l2_224_dx fit $CANDIDATES --model efficientnet_lite2 --input-size 224 --epochs 12 --out "$R/l2_224_dx"
 launch l2_192_dx fit $CANDIDATES --model efficientnet_lite2 --input-size 192 --epochs 12 --out "$R/l2_192_dx"
@@ -127,25 +208,10 @@ launch l2_160_dx_s2 fit $CANDIDATES --model efficientnet_lite2 --input-size 160 
 [ "$MODE" = run ] && for k in 0 1 2 3 4; do
     launch "cv_fold$k" cv --config configs/default.yaml --out "$R/cv_default" --only-folds $k
 done
-log "launched ${#pids[@]} processes"
-while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do
-    alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
-    [ "$alive" = 0 ] && break
-    sleep 5
-done
-for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null && log "stopped pid $p at the deadline"; done
-wait
-log "training done"
-for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^epoch|early stop|test AUROC|error|Error|interrupted" "$f" | tail -4; done \
-    >> "$OUT/session.log"
+train_until_deadline
 
 # 4. Evaluate what the deadline stopped; the cross-validation summary when every fold finished.
-for run in "$R"/*/ "$R"/cv_default/fold*/; do
-    [ -f "$run/model.safetensors" ] && [ ! -f "$run/metrics.json" ] && \
-        { log "evaluating stopped run $run"; $PY train.py evaluate --run "$run" --device $DEVICE >> "$R/logs/evaluate.log" 2>&1 & }
-done
-wait
+evaluate_stopped "$R"/*/ "$R"/cv_default/fold*/
 if [ "$(ls "$R"/cv_default/fold*/metrics.json 2>/dev/null | wc -l)" = 5 ]; then
     $PY train.py cv --config configs/default.yaml --out "$R/cv_default" "${EXTRA[@]}" > "$R/logs/cv_summary.log" 2>&1
     tail -8 "$R/logs/cv_summary.log" >> "$OUT/session.log"
