@@ -18,9 +18,10 @@
 #                                              # short second session (how runs 9-11 were made)
 #   bash benchmarks/gpu_session.sh corner      # there: issue 15's sweep. Corner-masked members from the ImageNet
 #                                              # weights, then a corner-consistency fine-tune (lite0 and lite2 dx at
-#                                              # 160 px, 3 seeds each, until DEADLINE=330 s), every lite0 + lite2 pair ensembled,
-#                                              # stress-tested on val and judged by benchmarks/corner_rule.py; back
-#                                              # come the members of the best pairs on val (never chosen on test)
+#                                              # 160 px, 3 seeds each, until DEADLINE=330 s), every lite0 + lite2
+#                                              # pair ensembled, stress-tested on val and judged by
+#                                              # benchmarks/corner_rule.py; back come the members of the best pairs
+#                                              # on val (never chosen on test)
 # QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
 set -u
 cd "$(dirname "$0")/.."
@@ -117,13 +118,15 @@ train_until_deadline() {  # wait for the launched processes; SIGTERM at $DEADLIN
     done
     wait
     log "training done"
-    for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^epoch|early stop|test AUROC|error|Error|interrupted" "$f" | tail -4; done \
-        >> "$OUT/session.log"
+    for f in "$R"/logs/*.log; do
+        echo "== $f"; grep -E "^epoch|early stop|test AUROC|error|Error|interrupted" "$f" | tail -4
+    done >> "$OUT/session.log"
 }
 evaluate_stopped() {  # evaluate_stopped DIR…: metrics and predictions of runs the deadline stopped
     for run in "$@"; do
         [ -f "$run/model.safetensors" ] && [ ! -f "$run/metrics.json" ] && \
-            { log "evaluating stopped run $run"; $PY train.py evaluate --run "$run" --device $DEVICE >> "$R/logs/evaluate.log" 2>&1 & }
+            { log "evaluating stopped run $run"
+              $PY train.py evaluate --run "$run" --device $DEVICE >> "$R/logs/evaluate.log" 2>&1 & }
     done
     wait
 }
@@ -160,7 +163,9 @@ for l0 in "$R"/c_l0_*; do
         { $PY train.py ensemble --members "$l0" "$l2" --out "$pair" --tta-views 2 \
             && $PY train.py evaluate --run "$pair" --device $DEVICE \
             && $PY train.py stress --run "$pair" --split val --device $DEVICE --no-train-corners \
-                --interventions vignette_light vignette vignette_strong corner_fill ${QUICK_LIMIT[@]+"${QUICK_LIMIT[@]}"}; } > "$R/logs/$(basename "$pair").log" 2>&1 &
+                --interventions vignette_light vignette vignette_strong corner_fill \
+                ${QUICK_LIMIT[@]+"${QUICK_LIMIT[@]}"}
+        } > "$R/logs/$(basename "$pair").log" 2>&1 &
     done
 done
 wait

@@ -58,12 +58,13 @@ def test_benchmark_scripts_document_their_command(script: str) -> None:
 
 
 def test_gpu_session_parses_and_names_its_modes() -> None:
-    """The GPU script runs only on a lent machine (its CPU smoke test, ``QUICK=1``, takes half an hour): here, that
+    """The GPU script runs only on a lent machine (its CPU smoke test, ``QUICK=1``, takes 12 minutes): here, that
     bash parses it and that a wrong mode is refused with the list of modes, issue 15's ``corner`` among them."""
     script = PROJECT_ROOT / "benchmarks" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     done = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage:" in done.stderr and "|corner" in done.stderr
+
 
 def test_ood_scores_compares_the_scores_and_dimensions(ham_dir: Path) -> None:
     code, out, err = run_main(ood_scores.main, "--limit", "60", "--altered", "4")
