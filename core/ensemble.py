@@ -1,7 +1,10 @@
 """A small ensemble shipped as one run directory: the members' P(malignant) averaged.
 
 Members are trained runs that see the same input (size and normalisation); their heads may differ (a single logit
-and a dx head mix freely, because each is read through ``malignant_probability``). The ensemble answers with one
+and a dx head mix freely, because each is read through ``malignant_probability``). Their corner masks may differ
+too: the ensemble's shared view then has none (its config says ``mask_corners: false``), and a masked member paints
+its own mask onto its copy of the normalised input, so each member sees exactly what it was trained on. A member
+that never sees the corners then halves what a painted corner can move. The ensemble answers with one
 logit, the log-odds of the mean probability, so thresholds, metrics, the predictor and Grad-CAM treat it like any
 single-logit model. Layout of the run directory::
 
@@ -17,11 +20,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision import tv_tensors
 
 from core import checkpoint
 from core.config import TrainConfig
 from core.data import project_path
 from core.model import malignant_probability, model_from_config, resolve_normalization
+from core.transforms import CORNER_FILL, CornerMask, normalize_transform
 from core.runs import (
     CONFIG_FILE,
     HISTORY_FILE,
@@ -39,23 +44,53 @@ LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 f
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], input_masks: list[CornerMask | None] | None = None) -> None:
+        """``input_masks``: per member, the corner mask it applies to its own copy of the normalised input (None:
+        it takes the shared input as it is); see :func:`member_input_masks`."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
+        self.input_masks = list(input_masks) if input_masks is not None else [None] * len(members)
+        if len(self.input_masks) != len(members):
+            raise ValueError(f"{len(members)} members but {len(self.input_masks)} input masks")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 1)``: log-odds of the members' mean P(malignant) (averaging probabilities, not logits, so a dx
         head and a single logit weigh alike)."""
-        p = torch.stack([malignant_probability(member(x)) for member in self.members]).mean(0)
+        p = torch.stack([malignant_probability(member(x if mask is None else mask(x)))
+                         for member, mask in zip(self.members, self.input_masks)]).mean(0)
         return torch.logit(p, eps=LOGIT_EPS).unsqueeze(1)
+
+
+def shared_corner_mask(configs: list[TrainConfig]) -> float | None:
+    """The corner mask the ensemble's shared view carries: the members' own when they all have the same one, none
+    when they differ (an unmasked member must see the corners)."""
+    masks = {cfg.corner_mask for cfg in configs}
+    return masks.pop() if len(masks) == 1 else None
+
+
+def member_input_masks(configs: list[TrainConfig], shared: float | None) -> list[CornerMask | None]:
+    """Per member, the mask it must add to the shared view (``shared``: that view's radius, or None): its own, in
+    normalised units (:data:`CORNER_FILL` through the normalisation, exact because check_compatible allows
+    differing masks only with a fixed per-channel normalisation), or None where the shared view already is its own."""
+    out: list[CornerMask | None] = []
+    for cfg in configs:
+        if cfg.corner_mask == shared:
+            out.append(None)
+            continue
+        fill = torch.tensor(CORNER_FILL, dtype=torch.uint8).view(3, 1, 1)
+        normalised = normalize_transform(resolve_normalization(cfg))(tv_tensors.Image(fill))
+        out.append(CornerMask(cfg.corner_mask, normalised.as_subclass(torch.Tensor).view(3)))
+    return out
 
 
 def model_for_run(run_dir: str | Path, cfg: TrainConfig) -> nn.Module:
     """The network a run's weights file fits: one model, or an :class:`Ensemble` of its members' networks."""
     if cfg.ensemble:
-        return Ensemble([model_from_config(member) for member in member_configs(run_dir, cfg)])
+        configs = member_configs(run_dir, cfg)
+        return Ensemble([model_from_config(member) for member in configs],
+                        member_input_masks(configs, cfg.corner_mask))
     return model_from_config(cfg)
 
 
@@ -77,18 +112,24 @@ def init_weights(model: nn.Module, source: str | Path) -> nn.Module:
 
 
 def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
-    """Members must take the very same input tensor: one preprocessing serves them all."""
+    """Members must take the very same input tensor: one preprocessing serves them all (up to each member's own
+    corner mask, which it can add to the normalised tensor when the normalisation does not look at the pixels)."""
     first = configs[0]
     for cfg, name in zip(configs[1:], names[1:]):
         if cfg.ensemble:
             raise ValueError(f"{name} is itself an ensemble; list its members instead")
         for what, mine, theirs in (("input_size", cfg.input_size, first.input_size), ("crop", cfg.crop, first.crop),
                                    ("normalization", resolve_normalization(cfg), resolve_normalization(first)),
-                                   ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray),
-                                   ("mask_corners", cfg.mask_corners, first.mask_corners),
-                                   ("mask_radius", cfg.corner_mask, first.corner_mask)):
+                                   ("shades_of_gray", cfg.shades_of_gray, first.shades_of_gray)):
             if mine != theirs:
                 raise ValueError(f"ensemble members must share {what}: {names[0]} has {theirs}, {name} has {mine}")
+        if cfg.corner_mask != first.corner_mask and (first.shades_of_gray or first.normalization == "per_image"):
+            # Both statistics are taken over the whole view, corners included: masking after them is not masking
+            # before them, so a member could not rebuild its own input from an unmasked shared one.
+            raise ValueError(f"ensemble members with different corner masks ({names[0]}: {first.corner_mask}, "
+                             f"{name}: {cfg.corner_mask}) need a fixed per-channel normalisation without "
+                             f"Shades-of-Gray; these use normalization {first.normalization!r}, shades_of_gray "
+                             f"{first.shades_of_gray}")
         # Thresholds are chosen on val and the metrics read on test: a member trained on another split may have
         # trained on those very images.
         if project_path(cfg.split_file).resolve() != project_path(first.split_file).resolve():
@@ -128,7 +169,9 @@ def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: i
             shutil.copyfile(run / HISTORY_FILE, member_dir / HISTORY_FILE)
     checkpoint.save_weights(Ensemble(models), out / MODEL_FILE, dtype=torch.float16)
     # A member's own calibration does not carry over: the ensemble's mean is calibrated (or not) by itself.
+    shared = shared_corner_mask(configs)
     top = dataclasses.replace(configs[0], head="binary", ensemble=[f"{MEMBERS_DIR}/{n}" for n in names],
+                              mask_corners=shared is not None, mask_radius=shared or 1.0,
                               calibration=[1.0, 0.0],
                               tta_views=configs[0].tta_views if tta_views is None else tta_views)
     write_config(top, out)

@@ -103,16 +103,23 @@ class ShadesOfGray(_ImageOnly):
 class CornerMask(_ImageOnly):
     """Everything outside ``radius`` of the inscribed circle/ellipse becomes one constant colour (:data:`CORNER_FILL`),
     so the corners carry nothing by construction: no vignette, ruler or dark skin there can move p. uint8 or float in
-    [0, 1] alike (the fill is the same uint8 value either way, so a preloaded and an augmented image agree)."""
+    [0, 1] alike (the fill is the same uint8 value either way, so a preloaded and an augmented image agree).
 
-    def __init__(self, radius: float = 1.0) -> None:
+    ``fill`` gives the colour in the units of an already normalised tensor instead (``(3,)``: :data:`CORNER_FILL`
+    through the run's normalisation), for a member of a mixed ensemble that masks its own copy of the shared input."""
+
+    def __init__(self, radius: float = 1.0, fill: torch.Tensor | None = None) -> None:
         super().__init__()
         self.radius = radius
+        self.fill = fill
 
     def apply(self, image: torch.Tensor) -> torch.Tensor:
         outside = ellipse_radius(*image.shape[-2:], device=image.device) > self.radius
-        fill = torch.tensor(CORNER_FILL, device=image.device).view(3, 1, 1)
-        fill = fill.to(image.dtype) if not image.is_floating_point() else fill.to(image.dtype) / 255
+        if self.fill is not None:
+            fill = self.fill.to(image.device, image.dtype).view(3, 1, 1)
+        else:
+            fill = torch.tensor(CORNER_FILL, device=image.device).view(3, 1, 1)
+            fill = fill.to(image.dtype) if not image.is_floating_point() else fill.to(image.dtype) / 255
         return torch.where(outside, fill, image)
 
 

@@ -172,14 +172,62 @@ def test_augmentation_keeps_a_fixed_seed_reproducible_with_the_mask() -> None:
     assert torch.equal(first, again)
 
 
-def test_an_ensemble_refuses_members_that_disagree_on_the_mask(tmp_path: Path) -> None:
+def test_an_ensemble_of_members_with_different_masks_gives_each_its_own_view(tmp_path: Path) -> None:
+    """A mixed ensemble's shared view is unmasked and each masked member masks its own copy: the ensemble answers
+    the mean of what each member says on its own view, and a corner fill moves it by exactly the unmasked member's
+    share (the masked members cannot see it)."""
+    from core.ensemble import create_ensemble
+    from core.inference import load_run
+    from dashboard import state
+
+    configs = {"masked": masked_config(), "plain": dataclasses.replace(masked_config(), mask_corners=False),
+               "tighter": masked_config(radius=0.85)}
+    ensemble = create_ensemble([saved_run(tmp_path / name, cfg) for name, cfg in configs.items()],
+                               tmp_path / "ensemble")
+    top, model = load_run(ensemble)
+    assert top.corner_mask is None and state.run_view(ensemble)[2] is None
+    images = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
+    filled = create_intervention("corner_fill")(images)
+    cpu = torch.device("cpu")
+
+    def each_member(batch: torch.Tensor) -> list[np.ndarray]:
+        return [predict_probabilities(member, batch, Preprocess(cfg), cpu, tta_views=2)
+                for member, cfg in zip(model.members, configs.values())]
+
+    members = each_member(images)
+    assert not np.allclose(members[0], members[1], atol=1e-4)  # same weights, different views
+    together = predict_probabilities(model, images, Preprocess(top), cpu, tta_views=2)
+    np.testing.assert_allclose(together, np.mean(members, axis=0), atol=1e-6)
+    members_filled = each_member(filled)
+    for k in (0, 2):
+        np.testing.assert_array_equal(members_filled[k], members[k])
+    moved = predict_probabilities(model, filled, Preprocess(top), cpu, tta_views=2) - together
+    np.testing.assert_allclose(moved, (members_filled[1] - members[1]) / 3, atol=1e-6)
+    assert np.abs(moved).max() > 0
+    # The Predictor and Grad-CAM take the same path.
+    result = Predictor.load(ensemble).predict(write_image(tmp_path / "photo.png", (80, 60), seed=4), explain=True,
+                                              threshold=0.5)
+    assert result.cam is not None and not (result.model_input == CORNER_FILL).all(axis=-1).any()
+
+
+def test_an_ensemble_whose_members_share_a_mask_keeps_it_in_its_view(tmp_path: Path) -> None:
+    from core.ensemble import create_ensemble
+    from core.inference import load_run
+
+    ensemble = create_ensemble([saved_run(tmp_path / "a", masked_config(radius=0.9)),
+                                saved_run(tmp_path / "b", masked_config(radius=0.9))], tmp_path / "ensemble")
+    top, model = load_run(ensemble)
+    assert top.corner_mask == 0.9 and model.input_masks == [None, None]
+
+
+@pytest.mark.parametrize("setting", [{"normalization": "per_image"}, {"shades_of_gray": True}])
+def test_differing_masks_need_a_normalisation_that_ignores_the_corners(tmp_path: Path, setting: dict) -> None:
+    """Per-image statistics and Shades-of-Gray read the corners: a member could not rebuild its masked input from
+    an unmasked shared one, so such an ensemble is refused and nothing is written."""
     from core.ensemble import create_ensemble
 
-    masked = saved_run(tmp_path / "masked", masked_config())
-    plain = saved_run(tmp_path / "plain", dataclasses.replace(masked_config(), mask_corners=False))
-    tighter = saved_run(tmp_path / "tighter", masked_config(radius=0.85))
-    with pytest.raises(ValueError, match="must share mask_corners"):
+    masked = saved_run(tmp_path / "masked", dataclasses.replace(masked_config(), **setting))
+    plain = saved_run(tmp_path / "plain", dataclasses.replace(masked_config(), mask_corners=False, **setting))
+    with pytest.raises(ValueError, match="different corner masks .* fixed per-channel normalisation"):
         create_ensemble([masked, plain], tmp_path / "ensemble")
-    with pytest.raises(ValueError, match="must share mask_radius"):
-        create_ensemble([masked, tighter], tmp_path / "ensemble")
     assert not (tmp_path / "ensemble").exists()
