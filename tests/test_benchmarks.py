@@ -12,7 +12,8 @@ import pytest
 
 import pandas as pd
 
-from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, corner_rule, ensemble_search,
+from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, corner_rule, corner_screen,
+                        ensemble_search,
                         ood_scores)
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
@@ -152,6 +153,33 @@ def test_corner_rule_wants_every_corner_flip_under_3_percent_then_no_loss_on_val
     assert corner_rule.apply_corner_rule([leaning, too_slow], incumbent) == {"best": None, "replace": False}
     with pytest.raises(ValueError, match="different images"):
         corner_rule.paired_gain(incumbent.iloc[:-2], incumbent)
+
+
+def test_corner_screen_averages_members_then_reads_flips_at_each_combination_s_own_threshold() -> None:
+    """``blind`` never moves under a corner intervention (a masked member), ``leaning`` moves every decision near
+    its threshold: alone it fails step 1, averaged with ``blind`` its moves halve; limits and incompatible pairs are
+    left out, and the flags follow the rule's constants."""
+    val = _val_predictions(0.5, seed=1)
+    labels = val["label"].to_numpy()
+    rng = np.random.default_rng(5)
+    clean = np.clip(0.6 * labels + rng.random(len(val)), 0, 1)
+    probabilities = {"blind": {v: np.stack([clean] * 2) for v in corner_screen.VERSIONS},
+                     "leaning": {v: np.stack([clean + (0.0 if v == "clean" else 0.05)] * 2)
+                                 for v in corner_screen.VERSIONS},
+                     "huge": {v: np.stack([clean] * 2) for v in corner_screen.VERSIONS}}
+    compatible = {(a, b) for a in probabilities for b in probabilities} - {("leaning", "huge"), ("huge", "leaning")}
+    table = corner_screen.screen(probabilities, {"blind": 7.0, "leaning": 7.0, "huge": 20.0}, val, val, [1, 2],
+                                 compatible).set_index(["members", "views"])
+    assert "leaning + huge" not in table.index.get_level_values(0)      # incompatible
+    assert ("blind + huge", 2) not in table.index and ("blind + huge", 1) not in table.index  # 27 MB > 25
+    assert table.loc[("blind", 2), "flip_vignette"] == 0 and table.loc[("blind", 2), "qualifies"]
+    assert table.loc[("blind", 2), "passes_margin"]                     # the incumbent's own predictions
+    alone, pair = table.loc[("leaning", 1)], table.loc[("blind + leaning", 2)]
+    threshold = corner_rule.metrics.youden_threshold(labels, clean)
+    near = np.mean((clean < threshold) & (clean + 0.05 >= threshold))
+    assert alone["flip_corner_fill"] == pytest.approx(np.mean((clean + 0.05 >= threshold) != (clean >= threshold)))
+    assert near > corner_rule.MAX_FLIP and not alone["qualifies"]
+    assert 0 < pair["flip_corner_fill"] < alone["flip_corner_fill"]
 
 
 def test_corner_rule_reads_the_committed_stress_summary() -> None:
