@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from benchmarks.corner_rule import MAX_FLIP, MAX_FORWARDS, MAX_MB, MIN_GAIN_LOW, paired_gain
+from benchmarks.ensemble_search import compatible_pairs
 from core import metrics, runs
 from core.audit import model_view_masks
-from core.ensemble import check_compatible
 from core.inference import FLIP_DIMS, Preprocess, load_run, load_splits, predict_probabilities, preload_images
 from core.interventions import CORNER_INTERVENTIONS, image_key
 from core.stress import STRESS_BATCH, intervened_probabilities
@@ -101,16 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         incumbent_val = runs.read_predictions(args.incumbent, "val")
     except runs.RunError as err:
         parser.exit(2, f"corner_screen: {err}\n")
-    compatible = set()
-    for a, b in itertools.product(names, repeat=2):
-        try:
-            check_compatible([configs[a], configs[b]], [a, b])
-            compatible.add((a, b))
-        except ValueError:
-            pass
     probabilities = {run.name: corner_view_probabilities(run, max(args.views), args.cache) for run in args.runs}
     table = screen(probabilities, {run.name: runs.fp16_megabytes(run) for run in args.runs},
-                   load_splits(configs[names[0]])["val"], incumbent_val, sorted(args.views), compatible)
+                   load_splits(configs[names[0]])["val"], incumbent_val, sorted(args.views),
+                   compatible_pairs(configs))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         table.to_csv(args.out, index=False, float_format="%.4f")
