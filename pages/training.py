@@ -13,8 +13,18 @@ from dashboard.labels import readable
 
 def recipe(cfg: TrainConfig) -> str:
     height, width = view_shape(cfg.input_size, cfg.crop)
-    return (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
+    text = (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
             f"{cfg.epochs} epochs, normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
+    # What makes a member corner-robust, and where its weights came from: the charts show only this last stage.
+    if cfg.corner_mask is not None:
+        text += f"; **blind outside {cfg.corner_mask:g} of the radius** (corner mask)"
+    if cfg.corner_artifacts:
+        text += f"; painted corners on {cfg.corner_artifacts:.0%} of training images"
+    if cfg.corner_consistency:
+        text += f"; corner consistency λ {cfg.corner_consistency:g}"
+    if cfg.init_from:
+        text += f"; fine-tuned from `{cfg.init_from}` (the charts show this stage only)"
+    return text
 
 
 def tta(cfg: TrainConfig) -> str:

@@ -14,6 +14,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import metrics
+from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
@@ -314,6 +315,13 @@ def test_training_report_shows_metrics_and_runs() -> None:
     assert len(table) == 6 and set(table["split"]) == {"val", "test"}
     runs = _table_with(at, "val AUROC")
     assert "default" in set(runs["run"])
+    recipes = " ".join(m.value for m in at.markdown)  # what each shipped member's config says it was trained with
+    for name in TrainConfig.from_yaml(DEFAULT_RUN / "config.yaml").ensemble:
+        member = TrainConfig.from_yaml(DEFAULT_RUN / name / "config.yaml")
+        assert f"**{member.model}**" in recipes
+        assert ("corner mask" in recipes) >= (member.corner_mask is not None)
+        assert (f"corner consistency λ {member.corner_consistency:g}" in recipes) == bool(member.corner_consistency)
+        assert (f"fine-tuned from `{member.init_from}`" in recipes) == bool(member.init_from)
 
 
 def test_a_broken_run_is_explained_on_every_page(tmp_path: Path) -> None:

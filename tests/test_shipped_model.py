@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from benchmarks import corner_rule
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
@@ -58,3 +59,14 @@ def test_attention_outputs_cover_the_test_split() -> None:
     assert store["cam"].shape == (len(table), 56, 56)
     summary = json.loads((RUN / "attention_summary.json").read_text())
     assert summary["n"] == len(table) and summary["flagged"]["flagged"] == int(table["flag"].sum())
+
+
+def test_the_shipped_model_meets_the_corner_rule_that_chose_it() -> None:
+    """Issue 15's rule, steps 1–2, on the committed val stress test: every corner intervention flips ≤ 3 % of the
+    val decisions, within 4 network passes and 25 MB (step 3, the gain over the model it replaced, is in
+    benchmarks/experiments.md, run 83: that model's predictions left the repository with it)."""
+    candidate = corner_rule.read_candidate(RUN)
+    assert candidate.failures() == []
+    table = pd.read_csv(RUN / "stress_val.csv")
+    for name, share in candidate.flips.items():  # the summary is what the per-image table says
+        assert table.loc[table["intervention"] == name, "flipped"].mean() == pytest.approx(share)

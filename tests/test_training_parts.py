@@ -195,10 +195,11 @@ def test_corner_consistency_adds_its_weight_times_a_positive_divergence() -> Non
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
     from core.inference import load_run
     from core.ensemble import init_weights
-    from core.model import create_model
+    from core.model import model_from_config
 
-    _, ensemble = load_run("models/default")
-    model = init_weights(create_model("efficientnet_lite0", pretrained=False), "models/default/members/lite0_160_wd05")
+    cfg, ensemble = load_run("models/default")
+    first = Path("models/default") / cfg.ensemble[0]
+    model = init_weights(model_from_config(TrainConfig.from_yaml(first / "config.yaml")), first)
     expected = ensemble.members[0].state_dict()
     assert all(torch.equal(v.float(), expected[k].float()) for k, v in model.state_dict().items())
     with pytest.raises(checkpoint.CheckpointError, match="neither a trained run"):
