@@ -70,3 +70,22 @@ def test_the_shipped_model_meets_the_corner_rule_that_chose_it() -> None:
     table = pd.read_csv(RUN / "stress_val.csv")
     for name, share in candidate.flips.items():  # the summary is what the per-image table says
         assert table.loc[table["intervention"] == name, "flipped"].mean() == pytest.approx(share)
+
+
+def test_the_readme_reports_the_committed_test_stress_figures() -> None:
+    """The README's test-split stress table is the committed stress summary (AUROC, flip share, each direction)."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("### Does it use the corners? The artifact stress test of the test split")[1]
+    section = section.split("\n### ")[0]
+    summary = json.loads((RUN / "stress_summary.json").read_text())["test"]
+    rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(summary["interventions"])
+    for name, figures in summary["interventions"].items():
+        auroc, _, flipped, to_malignant, to_benign = rows[name][:5]
+        assert auroc == f"{figures['auroc']:.3f}", name
+        assert flipped.split(" [")[0].strip("*") == f"{100 * figures['flipped']:.1f} %", name
+        assert to_malignant == f"{100 * figures['to_malignant']:.1f} %", name
+        assert to_benign == f"{100 * figures['to_benign']:.1f} %", name
+    dependent = summary["corner_dependent"]
+    assert f"{dependent['n']} of {summary['n']:,} test decisions ({100 * dependent['rate']:.1f} %)" in section
