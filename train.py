@@ -7,8 +7,10 @@
     python train.py cv --config configs/default.yaml --out runs/cv_NAME   # 5 lesion-wise folds: mean ± sd
     python train.py ensemble --members runs/A runs/B --out runs/ENS   # mean P(malignant) of trained runs
     python train.py calibrate --run runs/NAME             # Platt scaling fitted on val, then evaluate again
-    python train.py evaluate --run runs/NAME [--data GT.csv --images DIR]
-    python train.py predict --run runs/NAME --images FOLDER --out predictions.csv
+    python train.py evaluate --run runs/NAME [--data GT.csv --images DIR [--name SET]]
+    python train.py site --run runs/NAME --name SITE --data LABELS.csv --images DIR   # a site's own threshold
+    python train.py shift --run runs/NAME --images FOLDER [--out shift.json]   # is the folder unlike val?
+    python train.py predict --run runs/NAME --images FOLDER --out predictions.csv [--site SITE]
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
     python train.py stress --run runs/NAME --split test     # artifact stress test: stress_test.csv, summary
     python train.py index --run runs/NAME                   # embedding index + OOD threshold (val percentile)
@@ -20,6 +22,8 @@ import logging
 import signal
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from core import runs
 from core.config import TrainConfig, add_config_arguments, field_choices
@@ -112,11 +116,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from core.evaluation import evaluate_external, evaluate_run
 
     if args.data is None:
+        if args.name is not None:
+            raise ValueError("--name names an external set: give it with --data LABELS.csv --images DIR")
         evaluate_run(args.run, args.device)
         return
-    report = evaluate_external(args.run, args.data, args.images, args.device)
+    report = evaluate_external(args.run, args.data, args.images, args.device, args.name)
     print(f"{report['name']}: {report['n']} images, AUROC {report['auroc']:.4f} "
           f"(95% CI {report['auroc_ci'][0]:.3f}–{report['auroc_ci'][1]:.3f})")
+    youden = report["at_threshold"].get("youden")
+    if youden is not None:
+        print(f"at the run's val Youden threshold {youden['threshold']:.3f}: sensitivity {youden['sensitivity']:.3f}, "
+              f"specificity {youden['specificity']:.3f}")
+    if "shift" in report:
+        print_shift(report["shift"])
+    print(f"wrote {runs.external_metrics_file(report['name'])} and "
+          f"{runs.predictions_file(runs.external_split(report['name']))} in {args.run}; the dashboard offers the set "
+          "as a data set")
     if "ood" not in report:
         print(f"no embedding index in {args.run}: `python train.py index --run {args.run}` adds the OOD flag")
         return
@@ -130,35 +145,100 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                   f"sensitivity {at['sensitivity']:.3f}  specificity {at['specificity']:.3f}")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    import pandas as pd
+def print_shift(report: dict) -> None:
+    verdict = "SHIFTED" if report["shifted"] else "not shifted"
+    print(f"shift check against val: {verdict} (p = {report['p_value']:.3g}, {report['adjustment']}; "
+          f"false-alarm rate {report['alpha']:g})")
+    for name, test in report["tests"].items():
+        print(f"  {name:<12} p {test['p_value']:.3g}, flagged {100 * test['share_flagged']:.1f} % "
+              f"(val {100 * test['share_flagged_reference']:.1f} %)  {test['test']}")
+    for name, test in report["case_mix"].items():
+        print(f"  case mix, {name}: p {test['p_value']:.3g} ({test['test']}; moved by the malignant share too, "
+              "not part of the verdict)")
+    print(report["advice"])
 
-    from core.io import atomic_write
-    from core.predictor import Predictor
 
-    folder = Path(args.images)
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--images {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files
+
+
+def cmd_site(args: argparse.Namespace) -> None:
+    from core import sites
+    from core.evaluation import predict_labelled
+
+    runs.check_name(args.name, "site")
+    if (args.run / runs.site_file(args.name)).exists() and not args.overwrite:
+        raise ValueError(f"{args.run / runs.site_file(args.name)} already holds the site profile '{args.name}'; "
+                         "choose another --name or pass --overwrite")
+    frame, _ = predict_labelled(args.run, args.data, args.images, args.device)
+    source = {"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve())}
+    profile = sites.make_profile(args.run, args.name, frame, source, args.target_sensitivity, args.rule,
+                                 args.confidence, args.sample_date)
+    path = runs.write_site_profile(args.run, profile, args.overwrite)
+    low, high = profile["sensitivity_ci"]
+    s_low, s_high = profile["specificity_ci"]
+    print(f"site '{args.name}': threshold {profile['threshold']:.4f} from {profile['n']} images "
+          f"({profile['n_malignant']} malignant), rule {profile['rule']}: {profile['guarantee']}")
+    print(f"expected sensitivity {profile['expected_sensitivity']:.3f} (95 % interval {low:.3f}–{high:.3f}); "
+          f"specificity {profile['expected_specificity']:.3f} ({s_low:.3f}–{s_high:.3f}, on the sample's benign cases)")
+    print(f"wrote {path}; use it with `python train.py predict --run {args.run} --site {args.name} …` or pick it on the "
+          "dashboard's Predict page")
+
+
+def cmd_shift(args: argparse.Namespace) -> None:
+    from core import shift
+    from core.predictor import Predictor
+
+    files = image_files(args.images)
     predictor = Predictor.load(args.run, args.device)
     if predictor.ood is None:
-        print(f"note: {args.run} has no embedding index, so ood_score and out_of_distribution stay empty; "
-              f"`python train.py index --run {args.run}` builds it", file=sys.stderr)
-    rows, failed = [], []
-    for path in files:
-        try:
-            result = predictor.predict(path)
-        except DataError as err:
-            failed.append(str(err))
-            continue
-        rows.append({"image": path.name, "probability": result.probability, "ood_score": result.ood_score,
-                     "out_of_distribution": result.out_of_distribution})
-    frame = pd.DataFrame(rows, columns=["image", "probability", "ood_score", "out_of_distribution"])
-    atomic_write(args.out, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
-    print(f"wrote {len(frame)} predictions to {args.out}")
-    for message in failed:
+        raise runs.RunError(f"the shift check compares distances to the training images, and {args.run} has no "
+                            f"embedding index: build it with `python train.py index --run {args.run}`")
+    batch = predictor.predict_files(files)
+    for message in batch.failed:
+        print(f"skipped: {message}", file=sys.stderr)
+    if batch.features is None:
+        raise DataError(f"none of the {len(files)} image files in {args.images} could be read")
+    report = shift.against_val(args.run, batch.frame["probability"].to_numpy(), batch.features, predictor.ood,
+                               args.alpha)
+    report["images"] = str(Path(args.images).resolve())
+    print_shift(report)
+    if args.out is not None:
+        runs.write_json(args.out, report)
+        print(f"wrote {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from core import sites
+    from core.predictor import Predictor
+
+    files = image_files(args.images)
+    predictor = Predictor.load(args.run, args.device)
+    if args.site is not None:
+        threshold, source = sites.load_profile(args.run, args.site)["threshold"], f"site '{args.site}'"
+    elif "youden" in predictor.thresholds:
+        threshold, source = predictor.thresholds["youden"], "the run's val Youden threshold"
+    else:
+        raise ValueError(f"{args.run} has no val thresholds (`python train.py evaluate --run {args.run}`) and no "
+                         "--site was given: no decision can be made")
+    if predictor.ood is None:
+        print(f"note: {args.run} has no embedding index, so ood_score and out_of_distribution stay empty and no "
+              f"decision is withheld; `python train.py index --run {args.run}` builds it", file=sys.stderr)
+    batch = predictor.predict_files(files)
+    frame = batch.frame.assign(threshold=threshold)
+    frame["decision"] = np.where(frame["probability"] >= threshold, "malignant", "benign")
+    frame.loc[frame["out_of_distribution"].fillna(False).astype(bool), "decision"] = "withheld"
+    runs.write_csv(args.out, frame, float_format="%.6f")
+    counts = frame["decision"].value_counts()
+    print(f"wrote {len(frame)} predictions to {args.out} at threshold {threshold:.4f} ({source}): "
+          + ", ".join(f"{counts.get(d, 0)} {d}" for d in ("malignant", "benign", "withheld")))
+    for message in batch.failed:
         print(f"skipped: {message}", file=sys.stderr)
 
 
@@ -197,8 +277,13 @@ def cmd_index(args: argparse.Namespace) -> None:
 
     summary = build_index(args.run, args.device, args.method, args.dims, args.k, args.percentile)
     rates, mistakes = summary["flag_rate"], summary["mistakes_test"]
+    q = summary.get("union_percentile", summary["percentile"])
     print(f"index of the training split: {summary['raw_dims']} → {summary['dims']} dims (PCA); OOD score "
-          f"{summary['method']}, threshold {summary['threshold']:.4f} = val {summary['percentile']:g}th percentile")
+          f"{summary['method']}, threshold {summary['threshold']:.4f} = val {q:.2f}th percentile")
+    if "style_threshold" in summary:
+        print(f"style statistics: {summary['style_raw_dims']} → {summary['style_dims']} dims, threshold "
+              f"{summary['style_threshold']:.4f} = val {q:.2f}th percentile; an image is flagged when either "
+              f"distance is above its threshold ({100 - summary['percentile']:g} % of val)")
     print(f"flagged: val {100 * rates['val']:.1f} % (by construction), test {100 * rates['test']:.1f} %; test mistakes "
           f"{100 * mistakes['flag_rate_mistakes']:.1f} % vs correct {100 * mistakes['flag_rate_correct']:.1f} % "
           f"(AUROC of the score for a mistake: {mistakes['auroc_score_for_mistake']})")
@@ -266,12 +351,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_and_device(p)
     p.add_argument("--data", help="a label CSV (ISIC 2018/2019 ground truth or image,label) instead of the split")
     p.add_argument("--images", help="image folder for --data")
+    p.add_argument("--name", help="the set's name in the run and the dashboard (default: the label file's stem)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="P(malignant) for every image in a folder")
+    from core import shift, sites
+    p = sub.add_parser("site", help="a site's own operating point: the threshold for a target sensitivity, chosen "
+                       "on a labelled sample of that site's images (sites/NAME.json in the run)")
+    add_run_and_device(p)
+    p.add_argument("--name", required=True, help="the site's name (letters, digits, _ - .)")
+    p.add_argument("--data", required=True, help="the sample's label CSV (image,label; or ISIC ground truth)")
+    p.add_argument("--images", required=True, help="the sample's image folder")
+    p.add_argument("--target-sensitivity", type=float, default=sites.DEFAULT_TARGET,
+                   help="sensitivity to reach on the site (default: %(default)s)")
+    p.add_argument("--rule", choices=sites.RULES, default=sites.DEFAULT_RULE,
+                   help="sample: sensitivity ≥ target on the sample only; conformal: expected sensitivity on new "
+                   "cases ≥ target; pac: ≥ target with probability --confidence (default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=sites.DEFAULT_CONFIDENCE,
+                   help="for --rule pac (default: %(default)s)")
+    p.add_argument("--sample-date", help="when the sample was taken, YYYY-MM-DD (default: today)")
+    p.add_argument("--overwrite", action="store_true", help="replace a site profile of the same name")
+    p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("shift", help="is a folder of images, as a whole, unlike the val split the thresholds were "
+                       "chosen on? (two-sample tests with a p-value)")
     add_run_and_device(p)
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--out", type=Path, required=True, help="CSV to write: image,probability")
+    p.add_argument("--alpha", type=float, default=shift.DEFAULT_ALPHA,
+                   help="false-alarm rate of the verdict (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    p.set_defaults(func=cmd_shift)
+
+    p = sub.add_parser("predict", help="P(malignant) and a decision for every image in a folder")
+    add_run_and_device(p)
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV to write: image, probability, ood_score, out_of_distribution, threshold, decision")
+    p.add_argument("--site", help="decide at this site profile's threshold (train.py site) instead of the run's "
+                   "val Youden threshold")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM + attention scores for every image of a split")
@@ -319,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, runs.RunError, TrainingError, DeviceError, ValueError) as err:
+    except (DataError, runs.RunError, TrainingError, DeviceError, ValueError) as err:  # SiteError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during fit: the shell's exit status for that signal

@@ -48,7 +48,7 @@ def all_features(run: Path, cache: Path | None, altered: int, limit: int | None)
     frames = load_splits(cfg)
     if limit:  # a quick look: the first N images of each split
         frames = {name: frame.head(limit) for name, frame in frames.items()}
-    out = {name: split_features(cfg, model, frames[name], torch.device("cpu")) for name in ("train", "val", "test")}
+    out = {name: split_features(cfg, model, frames[name], torch.device("cpu"))[0] for name in ("train", "val", "test")}
     from PIL import Image
     sample = frames["test"].sample(altered, random_state=0)
     probes = ood_probes.non_dermoscopic() | {"ham_altered": ood_probes.ham_altered(

@@ -55,6 +55,44 @@ def captured_features(model: nn.Module, enabled: bool = True) -> Iterator[list[l
             hook.remove()
 
 
+# Earlier stages whose channel statistics describe how an image *looks* (colour, texture, sharpness: its style, as
+# in style transfer's AdaIN) rather than what it shows: a clinical close-up or a phone photo differs from dermoscopy
+# there even where the penultimate features, trained to ignore such things, place it among the lesions.
+STYLE_REDUCTIONS = (4, 8, 16)
+
+
+def style_layers(model: nn.Module) -> list[nn.Module]:
+    """Per network (one, or one per ensemble member), its last module at each of :data:`STYLE_REDUCTIONS` (timm's
+    ``feature_info``); none for a model without it."""
+    members = getattr(model, "members", None)
+    layers = []
+    for network in list(members) if members is not None else [model]:
+        info = getattr(network, "feature_info", None) or []
+        for reduction in STYLE_REDUCTIONS:
+            names = [stage["module"] for stage in info if stage["reduction"] == reduction]
+            layers += [network.get_submodule(names[-1])] if names else []
+    return layers
+
+
+@contextmanager
+def captured_style(model: nn.Module, enabled: bool = True) -> Iterator[list[list[torch.Tensor]]]:
+    """While open, every forward of ``model`` appends each style layer's channel means and standard deviations
+    ``(B, 2C)`` to ``captured[layer]``."""
+    def statistics(output: torch.Tensor) -> torch.Tensor:
+        flat = output.detach().float().flatten(2)
+        return torch.cat([flat.mean(2), flat.std(2)], dim=1)
+
+    layers = style_layers(model) if enabled else []
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_hook(lambda module, args, output, k=k: captured[k].append(statistics(output)))
+             for k, layer in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def pooled_features(captured: list[list[torch.Tensor]], views: int) -> torch.Tensor:
     """The features of the last forward ``(N, D)``: each member's L2-normalised, concatenated, averaged over the
     ``views`` TTA views stacked in the batch (and emptied from ``captured`` for the next batch)."""
@@ -84,6 +122,9 @@ class EmbeddingIndex:
     dx: list[str]
     labels: np.ndarray        # (N,) 0/1
     meta: dict                # fingerprint, the OOD score's method and threshold, what it was built with
+    # The val split as [coords, residual] (M, d + 1): the reference of the set-level shift check (core.shift);
+    # None in indexes built before it.
+    reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Converted once, as torch tensors: the search runs on PyTorch's thread pool. numpy's BLAS would start its
@@ -131,6 +172,11 @@ class EmbeddingIndex:
             - 2 * (coords @ self._train.T + residuals[:, None] * self._residuals[None, :])
         return squared.clamp_min(0).sqrt().numpy()
 
+    def points(self, features: np.ndarray) -> np.ndarray:
+        """Raw features as points of the space the distances are taken in: ``[coords, residual]`` ``(M, d + 1)``."""
+        coords, residuals = self.project(features)
+        return np.column_stack([coords, residuals])
+
     def nearest(self, coords: np.ndarray, residuals: np.ndarray, k: int = 6) -> list[pd.DataFrame]:
         """Per image, the ``k`` most similar training cases: image_id, dx, label, distance (closest first)."""
         return [self.cases(row, k) for row in self.distances(coords, residuals)]
@@ -142,17 +188,19 @@ class EmbeddingIndex:
         return pd.DataFrame({"image_id": [self.image_ids[i] for i in order], "dx": [self.dx[i] for i in order],
                              "label": self.labels[order].astype(int), "distance": distances[order].astype(float)})
 
-    def save(self, run_dir: str | Path) -> Path:
+    def save(self, run_dir: str | Path, file: str = INDEX_FILE) -> Path:
         header = {"meta": json.dumps(self.meta), "image_ids": json.dumps(self.image_ids), "dx": json.dumps(self.dx)}
         tensors = {"mean": torch.from_numpy(self.mean),
                    "components": torch.from_numpy(self.components.astype(np.float16)),  # half the file; ~1e-3
                    "features": torch.from_numpy(self.features), "residuals": torch.from_numpy(self.residuals),
                    "labels": torch.from_numpy(self.labels)}
-        return atomic_write(Path(run_dir) / INDEX_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        if self.reference is not None:
+            tensors["reference"] = torch.from_numpy(self.reference.astype(np.float16))
+        return atomic_write(Path(run_dir) / file, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> EmbeddingIndex:
-        path = Path(run_dir) / INDEX_FILE
+    def load(cls, run_dir: str | Path, file: str = INDEX_FILE) -> EmbeddingIndex:
+        path = Path(run_dir) / file
         fix = f"run `python train.py index --run {run_dir}` to build it"
         if not path.is_file():
             raise RunError(f"{path} is missing; {fix}")
@@ -162,14 +210,15 @@ class EmbeddingIndex:
                 header = store.metadata()
             return cls(tensors["mean"].numpy(), tensors["components"].float().numpy(), tensors["features"].numpy(),
                        tensors["residuals"].numpy(), json.loads(header["image_ids"]), json.loads(header["dx"]),
-                       tensors["labels"].numpy(), json.loads(header["meta"]))
+                       tensors["labels"].numpy(), json.loads(header["meta"]),
+                       tensors["reference"].float().numpy() if "reference" in tensors else None)
         except Exception as err:  # a truncated or foreign file: the same fix either way
             raise RunError(f"{path} is not a readable index ({err}); {fix} again") from err
 
-    def check(self, fingerprint: dict, run_dir: str | Path) -> None:
+    def check(self, fingerprint: dict, run_dir: str | Path, file: str = INDEX_FILE) -> None:
         """Refuse an index built for other weights, another split file or another view of the images."""
         built = self.meta.get("fingerprint", {})
         differ = [key for key in fingerprint if built.get(key) != fingerprint[key]]
         if differ:
-            raise RunError(f"{Path(run_dir) / INDEX_FILE} was built for another run ({', '.join(differ)} "
+            raise RunError(f"{Path(run_dir) / file} was built for another run ({', '.join(differ)} "
                            f"differ); rebuild it with `python train.py index --run {run_dir}`")

@@ -8,36 +8,51 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from core import metrics, ood, runs
+from core import metrics, ood, runs, shift
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description, load_run, load_splits, predict_frame, resolve_device
 
 
-def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto") -> dict:
-    """A labelled set from outside the split (ISIC ground truth, image,label CSV): the run's val-chosen thresholds
-    are applied, never new ones chosen. Writes predictions_external_<name>.csv and metrics_external_<name>.json:
-    the prefix keeps a set named e.g. ``val.csv`` from overwriting the run's own split outputs."""
-    run_dir = Path(run_dir)
+def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
+                     features: list[np.ndarray] | None = None) -> tuple[pd.DataFrame, ood.OODGuard | None]:
+    """A labelled set (any format ``core.data.read_dataset`` reads) predicted by the run, and the run's OOD guard
+    (None without an index); given a list, ``features`` gets the images' raw features."""
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
     guard = ood.OODGuard.load_if_built(run_dir, cfg)
-    features: list[np.ndarray] | None = [] if guard is not None else None
-    frame = predict_frame(cfg, model, read_dataset(data, images), device, features)
+    return predict_frame(cfg, model, read_dataset(data, images), device, features), guard
+
+
+def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
+                      name: str | None = None) -> dict:
+    """A labelled set from outside the split (ISIC ground truth, image,label CSV, a HAM10000-shaped folder): the
+    run's val-chosen thresholds are applied, never new ones chosen, and the set is checked for a shift against val
+    (``core.shift``). Writes predictions_external_<name>.csv (each image's ``file`` under the image folder, which
+    the report records, so the dashboard can show it) and metrics_external_<name>.json; the prefix keeps a set named
+    e.g. ``val`` from overwriting the run's own split outputs. ``name`` defaults to the label file's stem."""
+    run_dir = Path(run_dir)
+    name = runs.check_name(name or Path(data).stem, "set")
+    features: list[np.ndarray] = []
+    frame, guard = predict_labelled(run_dir, data, images, device_name, features)
+    image_root = Path(images if images is not None else Path(data) / "images").resolve()
+    frame["file"] = [Path(path).resolve().relative_to(image_root).as_posix() for path in frame["path"]]
     thresholds = runs.read_metrics(run_dir)["thresholds"]
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
-    name = Path(data).stem
-    report = {"name": name, "n": len(frame), "auroc": metrics.auroc(labels, probs),
+    report = {"name": name, "n": len(frame), "data": str(Path(data).resolve()), "images": str(image_root),
+              "date": time.strftime("%Y-%m-%d"), "auroc": metrics.auroc(labels, probs),
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
-        frame["ood_score"] = guard.score(features[0])
-        frame["out_of_distribution"] = frame["ood_score"] > guard.threshold
+        frame = pd.concat([frame.reset_index(drop=True), guard.assess(features)], axis=1)
         report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
-    runs.write_predictions(frame, run_dir / runs.predictions_file(f"external_{name}"))
-    runs.write_json(run_dir / f"metrics_external_{name}.json", report)
+    if guard is not None and len(frame) >= shift.MIN_IMAGES:
+        report["shift"] = shift.against_val(run_dir, probs, features, guard)
+    runs.write_predictions(frame, run_dir / runs.predictions_file(runs.external_split(name)))
+    runs.write_json(run_dir / runs.external_metrics_file(name), report)
     return report
 
 

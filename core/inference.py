@@ -105,8 +105,9 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
                           features: list[np.ndarray] | None = None) -> np.ndarray:
     """P(malignant) for uint8 images ``(N, 3, S, S)``: the mean over the first ``tta_views`` of the four flips
     (1: the image alone; 2: identity + horizontal, half the cost of all four), then the run's Platt scaling.
-    Given a list as ``features``, the same forward passes also append each image's pooled penultimate features
-    (``core.embedding``: per member L2-normalised and concatenated, averaged over the views) as one array."""
+    Given a list as ``features``, the same forward passes also append two arrays: each image's pooled penultimate
+    features (``core.embedding``: per member L2-normalised and concatenated, averaged over the views), then its style
+    statistics (the channel means and deviations of earlier stages, ``core.embedding.captured_style``), alike."""
     if not 1 <= tta_views <= len(FLIP_DIMS):
         raise ValueError(f"tta_views must be 1 to {len(FLIP_DIMS)}, got {tta_views}")
     model.eval()
@@ -114,18 +115,21 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
     # The views go through the network as one batch: one pass over k·n images costs far less than k passes over n
     # (benchmarks/experiments.md, "Lab notes").
     step = max(1, batch_size // len(flips))
-    probabilities, pooled = [], []
-    with embedding.captured_features(model, enabled=features is not None) as captured:
+    probabilities, pooled, styles = [], [], []
+    wanted = features is not None
+    with embedding.captured_features(model, enabled=wanted) as captured, \
+            embedding.captured_style(model, enabled=wanted) as captured_style:
         for start in range(0, len(images), step):
             batch = preprocess(images[start:start + step].to(device, non_blocking=True))
             views = torch.cat([batch.flip(dims) if dims else batch for dims in flips])
             with autocast(device, amp):
                 p = malignant_probability(model(views.contiguous(memory_format=torch.channels_last)))
             probabilities.append(p.float().view(len(flips), -1).mean(0).cpu())
-            if features is not None:
+            if wanted:
                 pooled.append(embedding.pooled_features(captured, len(flips)))
+                styles.append(embedding.pooled_features(captured_style, len(flips)))
     if features is not None:
-        features.append(torch.cat(pooled).numpy())
+        features += [torch.cat(pooled).numpy(), torch.cat(styles).numpy()]
     return apply_platt(torch.cat(probabilities).double(), tuple(calibration)).numpy()
 
 

@@ -14,6 +14,7 @@ is flagged; the test split's rate, reported beside it, says whether that holds o
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from sklearn.metrics import roc_auc_score
 from core import metrics
 from core.embedding import EmbeddingIndex, run_fingerprint
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
-from core.runs import INDEX_FILE, OOD_SCORES, OOD_SUMMARY, read_metrics, read_predictions, write_csv, write_json
+from core.runs import (INDEX_FILE, OOD_SCORES, OOD_SUMMARY, STYLE_INDEX_FILE, read_metrics, read_predictions,
+                       write_csv, write_json)
 
 DEFAULT_DIMS = 256
 DEFAULT_K = 10
@@ -76,6 +78,17 @@ class Mahalanobis(OODScore):
         return np.sqrt(np.einsum("nci,ij,ncj->nc", gaps, self.precision, gaps).min(1).clip(0))
 
 
+def union_percentile(first: np.ndarray, second: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
+    """The val percentile q at which "either score above its own q-th percentile" flags ``100 − percentile`` % of
+    val, as one score alone does at ``percentile`` (bisection: the union's rate falls as q rises)."""
+    target, low, high = 1 - percentile / 100, percentile, 100.0
+    for _ in range(50):
+        q = (low + high) / 2
+        rate = np.mean((first > np.percentile(first, q)) | (second > np.percentile(second, q)))
+        low, high = (q, high) if rate > target else (low, q)
+    return high
+
+
 def create_score(method: str, k: int = DEFAULT_K) -> OODScore:
     if method == "knn":
         return KNNDistance(k)
@@ -85,19 +98,29 @@ def create_score(method: str, k: int = DEFAULT_K) -> OODScore:
 
 
 class OODGuard:
-    """A run's index with its fitted score and val-calibrated threshold: what the Predictor asks per image."""
+    """A run's index with its fitted score and val-calibrated threshold, and (in indexes built since) the index of
+    the training images' style statistics with its own threshold: what the Predictor asks per image. An image is
+    flagged when either distance is above its threshold."""
 
-    def __init__(self, index: EmbeddingIndex) -> None:
-        self.index = index
+    def __init__(self, index: EmbeddingIndex, style: EmbeddingIndex | None = None) -> None:
+        self.index, self.style = index, style
         meta = index.meta
         self.threshold = float(meta["threshold"])
         self.score_fn = create_score(meta["method"], meta.get("k", DEFAULT_K)).fit(index, index.labels)
+        if style is not None:
+            self.style_threshold = float(meta["style_threshold"])
+            self.style_fn = KNNDistance(meta.get("k", DEFAULT_K)).fit(style, style.labels)
 
     @classmethod
     def load(cls, run_dir: str | Path, cfg) -> OODGuard:
+        fingerprint = run_fingerprint(run_dir, cfg)
         index = EmbeddingIndex.load(run_dir)
-        index.check(run_fingerprint(run_dir, cfg), run_dir)
-        return cls(index)
+        index.check(fingerprint, run_dir)
+        style = None
+        if "style_threshold" in index.meta:
+            style = EmbeddingIndex.load(run_dir, STYLE_INDEX_FILE)
+            style.check(fingerprint, run_dir, STYLE_INDEX_FILE)
+        return cls(index, style)
 
     @classmethod
     def load_if_built(cls, run_dir: str | Path, cfg) -> OODGuard | None:
@@ -105,28 +128,40 @@ class OODGuard:
         return cls.load(run_dir, cfg) if (Path(run_dir) / INDEX_FILE).is_file() else None
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """OOD scores for raw features ``(N, D)``."""
+        """Distances to the training images for raw penultimate features ``(N, D)``."""
         return self.score_fn(*self.index.project(features))
 
-    def score_and_similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> tuple[float, pd.DataFrame]:
-        """One image's OOD score and its ``k`` most similar training cases (two passes over the index)."""
-        coords, residuals = self.index.project(features[:1])
-        score = float(self.score_fn(coords, residuals)[0])
-        return score, self.index.nearest(coords, residuals, k)[0]
+    def assess(self, features: list[np.ndarray]) -> pd.DataFrame:
+        """Per image, from the two arrays ``predict_probabilities(features=…)`` gives: ``ood_score`` (penultimate
+        distance), ``style_score`` (style distance; NaN without a style index) and ``out_of_distribution``."""
+        scores = pd.DataFrame({"ood_score": self.score(features[0])})
+        flagged = scores["ood_score"] > self.threshold
+        scores["style_score"] = np.nan
+        if self.style is not None:
+            scores["style_score"] = self.style_fn(*self.style.project(features[1]))
+            flagged |= scores["style_score"] > self.style_threshold
+        scores["out_of_distribution"] = flagged
+        return scores
+
+    def similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> pd.DataFrame:
+        """One image's ``k`` most similar training cases, by the penultimate features."""
+        return self.index.nearest(*self.index.project(features[:1]), k)[0]
 
 
-def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> np.ndarray:
-    """Raw features of a split's images, from the forward passes that predict them (the run's TTA views)."""
+def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> list[np.ndarray]:
+    """Raw penultimate and style features of a split's images, from the forward passes that predict them."""
     features: list[np.ndarray] = []
     predict_probabilities(model, preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop), Preprocess(cfg),
                           device, cfg.eval_batch_size, cfg.tta_views, cfg.amp, features=features)
-    return features[0]
+    return features
 
 
 def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "knn", dims: int = DEFAULT_DIMS,
                 k: int = DEFAULT_K, percentile: float = DEFAULT_PERCENTILE) -> dict:
-    """Features of train, val and test in one pass each; the index of train; the threshold on val. Writes
-    ``index.safetensors``, ``ood_scores.csv`` (val and test) and ``ood_summary.json``, all or nothing."""
+    """Features of train, val and test in one pass each; the index of train (penultimate features, and style
+    statistics where the model has them); the thresholds on val: both distances at the val percentile q at which
+    "either above" flags ``100 − percentile`` % of val. Writes ``index.safetensors``, ``index_style.safetensors``,
+    ``ood_scores.csv`` (val and test) and ``ood_summary.json``, all or nothing."""
     run_dir = Path(run_dir)
     create_score(method, k)  # refuses an unknown method before minutes of features
     thresholds = read_metrics(run_dir)["thresholds"]  # the decision the mistakes are judged at
@@ -135,17 +170,32 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
     frames = load_splits(cfg)
     raw = {name: split_features(cfg, model, frames[name], device) for name in ("train", "val", "test")}
     meta = {"fingerprint": run_fingerprint(run_dir, cfg), "method": method, "k": k, "dims": dims,
-            "percentile": percentile, "raw_dims": int(raw["train"].shape[1])}
-    index = EmbeddingIndex.fit(raw["train"], frames["train"], dims, meta)
+            "percentile": percentile, "raw_dims": int(raw["train"][0].shape[1])}
+    index = EmbeddingIndex.fit(raw["train"][0], frames["train"], dims, meta)
     scorer = create_score(method, k).fit(index, index.labels)
-    scores = {name: scorer(*index.project(raw[name])) for name in ("val", "test")}
-    index.meta["threshold"] = float(np.percentile(scores["val"], percentile))
-    table = pd.concat([pd.DataFrame({"image_id": frames[name]["image_id"].astype(str), "split": name,
-                                     "ood_score": scores[name],
-                                     "out_of_distribution": scores[name] > index.meta["threshold"]})
+    scores = {name: pd.DataFrame({"ood_score": scorer(*index.project(raw[name][0]))}) for name in ("val", "test")}
+    style = None
+    if raw["train"][1].shape[1]:
+        style = EmbeddingIndex.fit(raw["train"][1], frames["train"], min(dims, raw["train"][1].shape[1]), meta)
+        style_knn = KNNDistance(k).fit(style, style.labels)
+        for name in ("val", "test"):
+            scores[name]["style_score"] = style_knn(*style.project(raw[name][1]))
+        q = union_percentile(scores["val"]["ood_score"].to_numpy(), scores["val"]["style_score"].to_numpy(),
+                             percentile)
+        index.meta |= {"union_percentile": q, "style_dims": style.features.shape[1],
+                       "style_raw_dims": int(raw["train"][1].shape[1]),
+                       "style_threshold": float(np.percentile(scores["val"]["style_score"], q))}
+    index.meta["threshold"] = float(np.percentile(scores["val"]["ood_score"], index.meta.get("union_percentile",
+                                                                                             percentile)))
+    index.reference = index.points(raw["val"][0])
+    guard = OODGuard(index, None if style is None else dataclasses.replace(style, meta=index.meta))
+    table = pd.concat([guard.assess(raw[name]).assign(image_id=frames[name]["image_id"].astype(str), split=name)
                        for name in ("val", "test")], ignore_index=True)
+    table = table[["image_id", "split", "ood_score", "style_score", "out_of_distribution"]]
     summary = summarize(table, run_dir, thresholds["youden"], index.meta)
     index.save(run_dir)
+    if style is not None:
+        guard.style.save(run_dir, STYLE_INDEX_FILE)
     write_csv(run_dir / OOD_SCORES, table, float_format=None)
     write_json(run_dir / OOD_SUMMARY, summary)
     return summary
@@ -153,7 +203,8 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
 
 def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) -> dict:
     """Flag rates per split, and whether the test mistakes (at the val Youden threshold) lie farther out."""
-    summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold")}
+    summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold", "union_percentile",
+                                          "style_dims", "style_raw_dims", "style_threshold") if key in meta}
     summary["flag_rate"] = {name: float(part["out_of_distribution"].mean()) for name, part in table.groupby("split")}
     test = read_predictions(run_dir, "test").merge(table[table["split"] == "test"], on="image_id", validate="1:1")
     wrong = ((test["probability"] >= threshold).astype(int) != test["label"]).to_numpy()

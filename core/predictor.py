@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from core import runs
+from core.data import DataError
 from core.images import open_rgb
 from core.inference import Preprocess, load_run, predict_probabilities, resolve_device
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
@@ -38,6 +40,7 @@ class Prediction:
     # whether it is beyond the val-calibrated threshold (then the probability is not to be trusted and the decision
     # is withheld), and the most similar training cases (image_id, dx, label, distance).
     ood_score: float | None = None
+    style_score: float | None = None       # the distance of its style statistics (NaN: an index without them)
     out_of_distribution: bool | None = None
     similar: pd.DataFrame | None = None
 
@@ -49,6 +52,14 @@ class Prediction:
         if self.out_of_distribution:
             return "withheld"
         return "malignant" if self.is_malignant(threshold) else "benign"
+
+
+@dataclass
+class BatchPrediction:
+    frame: pd.DataFrame                    # per readable image: image, probability, ood_score, style_score,
+                                           # out_of_distribution
+    features: list[np.ndarray] | None      # with an index: their penultimate and style features (the shift check)
+    failed: list[str]                      # why each unreadable file was skipped
 
 
 class Predictor:
@@ -84,6 +95,32 @@ class Predictor:
         (default: Youden on val)."""
         return self.predict_view(self.model_input(image), explain, method, threshold, corner_check)
 
+    def predict_files(self, paths: list[Path], batch_size: int | None = None) -> BatchPrediction:
+        """P(malignant) and the OOD guard's verdict for many image files, decoded in parallel and sent through the
+        network in batches (one image at a time costs a forward pass each); unreadable files are skipped and named."""
+        def decode(path: Path) -> torch.Tensor | str:
+            try:
+                return self.model_input(path)
+            except DataError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(4) as pool:
+            decoded = list(pool.map(decode, paths))
+        kept = [k for k, item in enumerate(decoded) if not isinstance(item, str)]
+        frame = pd.DataFrame({"image": [Path(paths[k]).name for k in kept]})
+        features: list[np.ndarray] | None = [] if self.ood is not None else None
+        images = torch.stack([decoded[k] for k in kept]) if kept else torch.empty(0)
+        with self._lock:
+            frame["probability"] = predict_probabilities(
+                self.model, images, self.preprocess, self.device, batch_size or self.config.eval_batch_size,
+                self.config.tta_views, self.config.amp, self.config.calibration, features=features) if kept else []
+        if self.ood is not None and kept:
+            frame = pd.concat([frame, self.ood.assess(features)], axis=1)
+        else:
+            frame["ood_score"], frame["style_score"], frame["out_of_distribution"] = np.nan, np.nan, pd.NA
+        return BatchPrediction(frame, features if features and kept else None,
+                               [item for item in decoded if isinstance(item, str)])
+
     def predict_view(self, pixels: torch.Tensor, explain: bool = False, method: str = "gradcam",
                      threshold: float | None = None, corner_check: bool = False) -> Prediction:
         """As :meth:`predict`, for an image already in the model's view (uint8 ``(3, H, W)``, e.g. an intervened
@@ -104,8 +141,10 @@ class Predictor:
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
         if self.ood is not None:  # the features came with the prediction's own forward pass
-            result.ood_score, result.similar = self.ood.score_and_similar(features[0][:1])
-            result.out_of_distribution = result.ood_score > self.ood.threshold
+            verdict = self.ood.assess([part[:1] for part in features]).iloc[0]
+            result.ood_score, result.style_score = float(verdict["ood_score"]), float(verdict["style_score"])
+            result.out_of_distribution = bool(verdict["out_of_distribution"])
+            result.similar = self.ood.similar(features[0])
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}
             result.corner_views = {name: self.preprocess.view(v[0]).permute(1, 2, 0).numpy()

@@ -7,6 +7,7 @@ module, so a missing or damaged file always gets the same :class:`RunError`, nam
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,11 @@ MEMBERS_DIR = "members"              # an ensemble's members/<name>/config.yaml 
 ATTENTION_SUMMARY = "attention_summary.json"
 STRESS_SUMMARY = "stress_summary.json"
 INDEX_FILE = "index.safetensors"     # the training split's embeddings (train.py index)
+STYLE_INDEX_FILE = "index_style.safetensors"  # … and their style statistics (earlier stages), for the same guard
 OOD_SCORES = "ood_scores.csv"        # val and test: ood_score, out_of_distribution (train.py index)
 OOD_SUMMARY = "ood_summary.json"
+SITES_DIR = "sites"                  # sites/<name>.json: a site's operating point (train.py site)
+EXTERNAL_PREFIX = "external_"        # an evaluated labelled set's split key: predictions_external_<name>.csv
 
 PREDICTION_COLUMNS = ("image_id", "label", "probability")
 PREDICTION_ORDER = ("image_id", "lesion_id", "dx", "label", "probability")  # written first, then the metadata
@@ -55,13 +59,36 @@ def stress_file(split: str) -> str:
     return f"stress_{split}.csv"
 
 
+def external_split(name: str) -> str:
+    """The split key of an evaluated external set: its predictions are ``predictions_external_<name>.csv``."""
+    return EXTERNAL_PREFIX + name
+
+
+def external_metrics_file(name: str) -> str:
+    return f"metrics_{external_split(name)}.json"
+
+
+def site_file(name: str) -> str:
+    return f"{SITES_DIR}/{name}.json"
+
+
 # What `evaluate`, `explain`, `stress` and `index` wrote about a run's weights: stale once they are replaced.
 DERIVED_OUTPUTS = ("metrics*.json", predictions_file("*"), attention_file("*"), ATTENTION_SUMMARY, cams_file("*"),
-                   stress_file("*"), STRESS_SUMMARY, INDEX_FILE, OOD_SCORES, OOD_SUMMARY)
+                   stress_file("*"), STRESS_SUMMARY, INDEX_FILE, STYLE_INDEX_FILE, OOD_SCORES, OOD_SUMMARY, site_file("*"))
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class RunError(ValueError):
     """A run directory, or one of its files, is missing or unreadable; the message says which and how to fix it."""
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes part of a run file's name (an external set, a site): letters, digits, ``_ - .``, so it
+    can never reach outside its own file (``../metrics`` would overwrite the run's own)."""
+    if not NAME.fullmatch(name) or ".." in name:
+        raise RunError(f"{what} name {name!r} is not allowed: use 1–64 letters, digits, '_', '-' or '.', starting "
+                       "with a letter or digit (it becomes part of a file name in the run directory)")
+    return name
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -200,6 +227,52 @@ def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
 def read_ood_summary(run: str | Path) -> dict:
     """``ood_summary.json``: the OOD score's method and threshold, flag rates, and the test mistakes' scores."""
     return _read_json(Path(run) / OOD_SUMMARY, _fix(Path(run), "index"))
+
+
+def read_external(run: str | Path, name: str) -> dict:
+    """``metrics_external_<name>.json``: an external set's metrics, where it was read from, its shift verdict."""
+    return _read_json(Path(run) / external_metrics_file(name),
+                      f"run `python train.py evaluate --run {run} --data LABELS.csv --images DIR --name {name}`")
+
+
+def external_sets(run: str | Path) -> dict[str, dict]:
+    """Every labelled set evaluated with ``train.py evaluate --data`` (name → its metrics file), sorted by name;
+    an unreadable file is left out here and named when the set is opened."""
+    sets = {}
+    for path in sorted(Path(run).glob(external_metrics_file("*"))):
+        name = path.stem.removeprefix("metrics_" + EXTERNAL_PREFIX)
+        try:
+            sets[name] = read_external(run, name)
+        except RunError:
+            continue
+    return sets
+
+
+def read_site_profile(run: str | Path, name: str) -> dict:
+    """``sites/<name>.json``: a site's threshold and what it is expected to give there (``train.py site``)."""
+    check_name(name, "site")
+    return _read_json(Path(run) / site_file(name), f"run `python train.py site --run {run} --name {name} …`")
+
+
+def site_profiles(run: str | Path) -> dict[str, dict]:
+    """Every site profile of the run (name → profile), sorted by name."""
+    profiles = {}
+    for path in sorted((Path(run) / SITES_DIR).glob("*.json")):
+        try:
+            profiles[path.stem] = read_site_profile(run, path.stem)
+        except RunError:
+            continue
+    return profiles
+
+
+def write_site_profile(run: str | Path, profile: dict, overwrite: bool = False) -> Path:
+    """Write ``sites/<name>.json`` atomically; an existing profile of that name is kept unless ``overwrite``."""
+    name = check_name(profile["name"], "site")
+    path = Path(run) / site_file(name)
+    if path.exists() and not overwrite:
+        raise RunError(f"{path} already holds the site profile '{name}'; choose another --name or pass --overwrite")
+    path.parent.mkdir(exist_ok=True)
+    return write_json(path, profile)
 
 
 def read_members(run: str | Path) -> dict[str, TrainConfig]:

@@ -20,30 +20,36 @@ OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
                 "FN": "malignant, called benign", "TN": "benign, called benign"}
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization"]
-SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "corner_dependent", "p_corner_fill",
+SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "style_score", "corner_dependent", "p_corner_fill",
           "p_vignette", "corner_delta_p",
           "corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
           "dark_corner_score", "flag"]
 
 
-class TestCases(NamedTuple):
+class Cases(NamedTuple):
     run: Path
-    cases: pd.DataFrame       # one row per test image, with its ``outcome`` at ``threshold``
+    split: str                # the data set's split key ("test", "val", "external_<name>")
+    label: str                # what the pages call it ("test split", "isic2018_test (external, 1512 images)")
+    cases: pd.DataFrame       # one row per image of the set, with its ``outcome`` at ``threshold``
     view: tuple[int, str, float | None]  # the model view (input_size, crop, corner mask), as loaders.model_view takes
     threshold: float
     images_problem: str       # why the images were not found ("" when they were)
 
 
-def test_cases_at_threshold() -> TestCases:
-    """The open run's test split at the shared threshold, for the pages that browse it; the page stops with a
-    message if the run has no test predictions."""
-    run = state.current_run()
+def cases_at_threshold() -> Cases:
+    """The open run's chosen data set (sidebar) at the shared threshold, for the pages that browse it; the page
+    stops with a message if the run has no predictions for it."""
+    run, split = state.current_run(), state.data_set()
     data_dir, problem = loaders.data_dir_or_none()
-    cases = loaders.cases_or_stop(run, "test", data_dir)
+    cases = loaders.cases_or_stop(run, split, data_dir)
+    if state.external_name(split) is not None:
+        problem = loaders.images_problem(run, split)
+        if problem:  # the folder the set was evaluated from is gone: numbers only
+            cases["path"] = None
     threshold = state.threshold()
     cases["outcome"] = metrics.outcomes(cases["label"], cases["probability"], threshold)
     add_corner_dependence(cases, threshold)
-    return TestCases(run, cases, state.run_view(run), threshold, problem)
+    return Cases(run, split, state.set_label(split), cases, state.run_view(run), threshold, problem)
 
 
 def add_corner_dependence(cases: pd.DataFrame, threshold: float) -> None:
@@ -72,12 +78,20 @@ def corner_dependence_note(p: float, covered: float, vignette: float) -> str:
             f"vignette added (the decision flips at the threshold, or p moves by ≥ {DEFAULT_MIN_DELTA}).")
 
 
-def ood_warning(score: float, threshold: float, percentile: float) -> str:
-    """The text for an image the OOD guard flags: why the probability is not to be trusted."""
-    return (f"**This image is unlike the training data** (distance to the training images {score:.3f}, above the "
-            f"threshold {threshold:.3f} that only {100 - percentile:g} % of the validation images exceed). The model "
-            "has not learned to judge images like it: its probability is unreliable, so **no decision is given**. "
-            "Use a dermoscopic photo with the lesion centred.")
+def ood_warning(result, guard) -> str:
+    """The text for an image the OOD guard flags (a ``core.predictor.Prediction`` and the run's ``OODGuard``): which
+    distance is too large, and why the probability is not to be trusted."""
+    reasons = []
+    if result.ood_score > guard.threshold:
+        reasons.append(f"in what it shows (distance to the training images {result.ood_score:.3f}, above "
+                       f"{guard.threshold:.3f})")
+    if guard.style is not None and result.style_score > guard.style_threshold:
+        reasons.append(f"in how it looks: colour, texture, sharpness (style distance {result.style_score:.3f}, above "
+                       f"{guard.style_threshold:.3f})")
+    share = 100 - guard.index.meta["percentile"]
+    return (f"**This image is unlike the training data** {' and '.join(reasons)}; only {share:g} % of the "
+            "validation images are flagged so. The model has not learned to judge images like it: its probability "
+            "is unreliable, so **no decision is given**. Use a dermoscopic photo with the lesion centred.")
 
 
 def similar_cases(similar: pd.DataFrame, data_dir: Path | None, key: str) -> None:

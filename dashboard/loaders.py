@@ -22,7 +22,9 @@ from core.runs import (
     HISTORY_FILE,
     INDEX_FILE,
     MODEL_FILE,
+    SITES_DIR,
     RunError,
+    external_sets as read_external_sets,
     read_attention,
     read_cams,
     read_config,
@@ -36,6 +38,7 @@ from core.runs import (
     read_stress_summary,
     run_summary,
 )
+from core.sites import usable_profiles
 from core.stress import wide
 from core.split import read_split
 from core.transforms import CornerMask, resize_transform
@@ -103,36 +106,73 @@ def _metadata(data_dir: str) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=16)
 def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataFrame:
     frame = read_predictions(run, split)
-    if split == "test":
-        try:
-            attention = read_attention(run, split)
-        except RunError:
-            attention = None
-        if attention is not None:
-            # "correct" there is at the Youden threshold; pages derive outcomes at the current threshold instead.
-            keep = [c for c in attention.columns if c == "image_id" or c not in {*frame.columns, "correct"}]
-            frame = frame.merge(attention[keep], on="image_id", how="left", validate="one_to_one")
-        try:
-            stressed = wide(read_stress(run, split)).drop(columns="p_clean")
-        except RunError:
-            stressed = None
-        if stressed is not None:  # p with each artifact painted in (train.py stress); the flag is set per threshold
-            frame = frame.merge(stressed, on="image_id", how="left", validate="one_to_one")
-    try:  # the distance to the training data (train.py index), val and test alike
-        frame = frame.merge(read_ood_scores(run, split), on="image_id", how="left", validate="one_to_one")
+    try:
+        attention = read_attention(run, split)
     except RunError:
-        pass
+        attention = None
+    if attention is not None:
+        # "correct" there is at the Youden threshold; pages derive outcomes at the current threshold instead.
+        keep = [c for c in attention.columns if c == "image_id" or c not in {*frame.columns, "correct"}]
+        frame = frame.merge(attention[keep], on="image_id", how="left", validate="one_to_one")
+    try:
+        stressed = wide(read_stress(run, split)).drop(columns="p_clean")
+    except RunError:
+        stressed = None
+    if stressed is not None:  # p with each artifact painted in (train.py stress); the flag is set per threshold
+        frame = frame.merge(stressed, on="image_id", how="left", validate="one_to_one")
+    if split in ("val", "test"):
+        try:  # the distance to the training data (train.py index), val and test alike
+            frame = frame.merge(read_ood_scores(run, split), on="image_id", how="left", validate="one_to_one")
+        except RunError:
+            pass
     if "age" in frame:
         frame["age_band"] = age_band(frame["age"]).astype(str)
-    if data_dir is not None:
+    if "file" in frame:  # an external set: its images lie where `train.py evaluate --data` read them
+        root = Path(external_sets(Path(run))[split.removeprefix("external_")]["images"])
+        frame["path"] = [str(root / name) for name in frame["file"]]  # gallery.cases_at_threshold checks the folder
+        frame["mask_path"] = None
+    elif data_dir is not None:
         frame = frame.merge(_metadata(data_dir), on="image_id", how="left", validate="one_to_one")
     return frame
 
 
 def cases(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.DataFrame:
-    """One row per image of a split: prediction, metadata, attention scores (test) and image paths (if the images
-    were found). Raises RunError when the run lacks its predictions."""
+    """One row per image of a split or an evaluated external set: prediction, metadata, the attention and stress
+    scores where the run has them, and image paths (if the images were found). Raises RunError when the run lacks
+    its predictions."""
     return _cases(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
+
+
+def images_problem(run: Path, split: str) -> str:
+    """Why the images of an external set cannot be shown ("" when they can)."""
+    name = split.removeprefix("external_")
+    report = external_sets(run).get(name) if split.startswith("external_") else None
+    if report is None or Path(report["images"]).is_dir():
+        return ""
+    return (f"The images of `{name}` were read from `{report['images']}`, which is not there any more. Move them "
+            f"back, or evaluate the set again from where they are now: `python train.py evaluate --run {run} --data "
+            f"LABELS.csv --images NEW_FOLDER --name {name}`.")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _external_sets(run: str, stamp: float) -> dict[str, dict]:
+    return read_external_sets(run)
+
+
+def external_sets(run: Path) -> dict[str, dict]:
+    """The labelled sets evaluated on the run (name → its metrics file, with where its images were read from)."""
+    return _external_sets(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _site_profiles(run: str, stamp: float, sites_stamp: float) -> dict[str, dict]:
+    return usable_profiles(run)
+
+
+def site_profiles(run: Path) -> dict[str, dict]:
+    """The run's site profiles that belong to its current weights and calibration (name → profile)."""
+    sites = run / SITES_DIR
+    return _site_profiles(str(run), _model_stamp(run), _run_stamp(sites))
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

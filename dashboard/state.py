@@ -1,4 +1,5 @@
-"""Session state every page shares: which run is open and the decision threshold.
+"""Session state every page shares: which run is open, which data set its pages show, the site profile and the
+decision threshold.
 
 Both are plain session-state keys changed only in widget callbacks, which run before the script: that way a control
 on one page (a preset button, the chart's slider) can move a widget defined earlier in the run (the sidebar slider).
@@ -12,12 +13,14 @@ from pathlib import Path
 import streamlit as st
 
 from core.data import PROJECT_ROOT
-from core.runs import DEFAULT_RUN, RunError, find_runs
+from core.runs import DEFAULT_RUN, EXTERNAL_PREFIX, RunError, external_split, find_runs
 from dashboard import loaders
 
 RUN_KEY = "run"
 THRESHOLD_KEY = "threshold"
 CHART_THRESHOLD_KEY = "chart_threshold"  # the value the explorer chart starts from; changes only from outside it
+DATA_SET_KEY = "data_set"  # "test", "val" or "external_<name>": the split key of the set the pages show
+SITE_KEY = "site"          # the name of the site profile in use, or "": the run's own val thresholds
 PRESET_LABELS = {"0.5": "0.5", "youden": "Youden (val)", "sens95": "≥95 % sensitivity (val)"}
 
 
@@ -96,9 +99,59 @@ def restart_chart_at_threshold() -> None:
 
 
 def select_run(run: Path) -> None:
-    """Open another run: its own Youden threshold becomes the shared threshold."""
+    """Open another run: its own Youden threshold becomes the shared threshold, on its test split, without a site."""
     st.session_state[RUN_KEY] = run
+    st.session_state[DATA_SET_KEY] = "test"
+    st.session_state[SITE_KEY] = ""
     set_threshold(default_threshold(run))
+
+
+def data_sets(run: Path) -> dict[str, str]:
+    """The sets the pages can show (split key → label): the test and val splits, then every labelled set evaluated
+    with `train.py evaluate --data … --name NAME`."""
+    sets = {"test": "test split", "val": "val split"}
+    for name, report in loaders.external_sets(run).items():
+        sets[external_split(name)] = f"{name} (external, {report.get('n', '?')} images)"
+    return sets
+
+
+def data_set() -> str:
+    """The split key of the set the pages show; "test" when the one chosen is gone (another run was opened)."""
+    chosen = st.session_state.get(DATA_SET_KEY, "test")
+    return chosen if chosen in data_sets(current_run()) else "test"
+
+
+def set_label(split: str) -> str:
+    return data_sets(current_run()).get(split, split)
+
+
+def external_name(split: str) -> str | None:
+    """The external set's name for its split key; None for the run's own splits."""
+    return split.removeprefix(EXTERNAL_PREFIX) if split.startswith(EXTERNAL_PREFIX) else None
+
+
+def site() -> dict | None:
+    """The site profile in use (``sites/<name>.json`` of the open run), or None."""
+    name = st.session_state.get(SITE_KEY)
+    return loaders.site_profiles(current_run()).get(name) if name else None
+
+
+def select_site(name: str) -> None:
+    """Use a site profile: its threshold becomes the shared threshold ("": back to the run's val Youden)."""
+    st.session_state[SITE_KEY] = name
+    profile = loaders.site_profiles(current_run()).get(name) if name else None
+    set_threshold(profile["threshold"] if profile else default_threshold(current_run()))
+
+
+def use_preset(value: float) -> None:
+    """One of the run's own (val-chosen) operating points: no site profile in use any more."""
+    st.session_state[SITE_KEY] = ""
+    set_threshold(value)
+
+
+def at_site_threshold(profile: dict | None) -> bool:
+    """Whether the shared threshold is still the site profile's (the user may have moved it since)."""
+    return profile is not None and abs(threshold() - profile["threshold"]) < 5e-4
 
 
 def images_hint() -> str:

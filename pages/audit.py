@@ -10,20 +10,23 @@ from dashboard import charts, gallery, loaders, state
 STRESS_PER_PAGE = 4
 
 st.title("Error audit")
-run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
+run, split, label, cases, view, threshold, problem = gallery.cases_at_threshold()
+st.caption(f"On the {label}: choose the data set in the sidebar.")
 cases["correct"] = cases["outcome"].isin(["TP", "TN"])
 # How sure the model was of its wrong answer: P(malignant) for a false positive, P(benign) for a false negative.
 cases["mistake_confidence"] = cases["probability"].where(cases["outcome"] == "FP", 1 - cases["probability"])
 has_attention = "flag" in cases
 has_stress = gallery.has_stress(cases)
-if not has_stress:
-    st.warning(f"`{run}` has no artifact stress test, so no decision is checked for corner dependence. Make it "
-               f"with `python train.py stress --run {run} --split test`.")
-if not has_attention:
+internal = state.external_name(split) is None
+if not has_stress and internal:
+    st.warning(f"`{run}` has no artifact stress test of the {split} split, so no decision is checked for corner "
+               f"dependence. Make it with `python train.py stress --run {run} --split {split}`.")
+if not has_attention and split == "test":
     st.warning(f"`{run}` has no attention audit, so CAMs and their corner scores are missing. Make it with "
                f"`python train.py explain --run {run} --split test`.")
 if not gallery.has_images(cases):
-    st.info(f"Images not found: tables and charts work, images do not.\n\n{problem}\n\n{state.images_hint()}")
+    hint = f"\n\n{state.images_hint()}" if internal else ""
+    st.info(f"Images not found: tables and charts work, images do not.\n\n{problem}{hint}")
 
 errors = cases[~cases["correct"]].sort_values("mistake_confidence", ascending=False)
 kinds = st.multiselect("Mistakes", ["FP", "FN"], default=["FP", "FN"], key="audit_kinds",
@@ -60,7 +63,7 @@ if ood is not None and "out_of_distribution" in cases:
     by_result = cases.assign(result=cases["correct"].map({True: "correct", False: "mistake"}))
     wrong = ~cases["correct"]
     st.markdown(
-        f"Each test image's distance to the training images ({ood['method']} in the model's embedding, "
+        f"Each image's distance to the training images ({ood['method']} in the model's embedding, "
         f"`train.py index`), flagged above the val split's {ood['percentile']:g}th percentile "
         f"({ood['threshold']:.3f}). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
         f"of the mistakes** are flagged against {cases['out_of_distribution'][~wrong].mean():.1%} of the correct "
@@ -72,12 +75,12 @@ if ood is not None and "out_of_distribution" in cases:
     right.altair_chart(charts.score_by_group_chart(by_result, "ood_score", "result", ood["threshold"]),
                        width="stretch")
 
-summary = loaders.stress_summary(run)
+summary = loaders.stress_summary(run, split)
 if has_stress and summary is not None:
     st.header("Artifact stress test")
     dependent = cases["corner_dependent"]
     st.markdown(
-        f"Every test image was predicted again with an artifact painted in beside the lesion, never on it (the "
+        f"Every image was predicted again with an artifact painted in beside the lesion, never on it (the "
         f"lesion mask's pixels are kept), with the run's own preprocessing, TTA and calibration "
         f"(`train.py stress`). **{dependent.sum():,} of {len(cases):,} decisions ({dependent.mean():.1%}) depend on "
         f"the corners** at threshold {threshold:.3f}: covering them with skin colour or adding a dermoscope "
@@ -97,7 +100,7 @@ if has_stress and summary is not None:
     st.dataframe(pd.DataFrame(rows).style.format("{:.1%}", subset=shares, na_rep="")
                  .format("{:.3f}", subset=["AUROC"]).format("{:+.3f}", subset=["mean Δp"], na_rep="")
                  .format("{:.3f}", subset=["mean |Δp|"], na_rep=""), hide_index=True, key="stress_table")
-    stress = loaders.stress_table(run)
+    stress = loaders.stress_table(run, split)
     left, right = st.columns([2, 1])
     left.altair_chart(charts.delta_p_chart(stress), width="stretch")
     by_correct = cases.assign(result=cases["correct"].map({True: "correct", False: "mistake"}))
@@ -148,7 +151,7 @@ if has_stress and summary is not None:
 if has_attention:
     st.header("Grad-CAM corner attention (explanatory)")
     flagged = cases[cases["flag"].astype(bool)]
-    st.markdown(f"**{len(flagged)}** of {len(cases):,} test CAMs put ≥ 50 % of their mass in the four corner squares "
+    st.markdown(f"**{len(flagged)}** of {len(cases):,} CAMs put ≥ 50 % of their mass in the four corner squares "
                 "(twice a uniform map's share). The CAM is a hint where the model looks; whether a decision "
                 "*depends* on the corners is what the stress test above measures.")
     st.dataframe(flagged[columns].style.format(precision=3), hide_index=True, key="flagged_table")
@@ -156,6 +159,9 @@ if has_attention:
 
 st.header("Where the model does worse")
 subgroups = metrics.subgroup_auroc(cases)
-st.altair_chart(charts.subgroup_chart(subgroups), width="stretch")
-with st.expander("Subgroup table"):
-    st.dataframe(subgroups.style.format({"auroc": "{:.3f}"}), hide_index=True)
+if subgroups.empty:
+    st.info(f"The {label} carries no metadata (age, sex, localization, how the diagnosis was made) to group the images by.")
+else:
+    st.altair_chart(charts.subgroup_chart(subgroups), width="stretch")
+    with st.expander("Subgroup table"):
+        st.dataframe(subgroups.style.format({"auroc": "{:.3f}"}), hide_index=True)

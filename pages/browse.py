@@ -1,5 +1,5 @@
-"""Test-split browser: filter the test images by outcome, diagnosis, score, corner dependence and metadata; open a
-case."""
+"""Case browser: filter the images of the data set chosen in the sidebar (the test or val split, or an evaluated
+external set) by outcome, diagnosis, score, corner dependence and metadata; open a case."""
 import pandas as pd
 import streamlit as st
 
@@ -12,8 +12,8 @@ PER_PAGE = 24
 CORNER_FILTER = {"depends on corners": True, "does not": False}
 OOD_FILTER = {"unlike training": True, "like training": False}
 
-st.title("Test-split browser")
-run, cases, view, threshold, problem = gallery.test_cases_at_threshold()
+st.title("Case browser")
+run, split, label, cases, view, threshold, problem = gallery.cases_at_threshold()
 
 
 def choices(column: str) -> list[str]:
@@ -65,7 +65,7 @@ sort_by = {"most malignant first": ("probability", False), "most benign first": 
            "image id": ("image_id", True)}[order]
 shown = shown.sort_values(sort_by[0], ascending=sort_by[1], kind="stable")
 counts = shown["outcome"].value_counts().reindex(list(metrics.OUTCOMES), fill_value=0)
-st.markdown(f"**{len(shown):,} of {len(cases):,} test images match** — "
+st.markdown(f"**{len(shown):,} of {len(cases):,} images match** ({label}) — "
             + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -74,7 +74,8 @@ def open_case(image_id: str) -> None:
 
 
 if not gallery.has_images(cases):
-    st.info(f"Images not found, so the grid shows no thumbnails.\n\n{problem}\n\n{state.images_hint()}")
+    hint = "" if state.external_name(split) else f"\n\n{state.images_hint()}"
+    st.info(f"Images not found, so the grid shows no thumbnails.\n\n{problem}{hint}")
     st.dataframe(shown[[c for c in gallery.METADATA + gallery.SCORES if c in shown]], hide_index=True,
                  key="browse_table")
 elif len(shown):

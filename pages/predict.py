@@ -11,7 +11,7 @@ from core.overlay import cam_overlay
 from core.predictor import Prediction
 from core.runs import RunError
 from core.transforms import CROP_DESCRIPTIONS
-from dashboard import gallery, loaders, state
+from dashboard import gallery, loaders, site_panels, state
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"]
 RESULTS_KEY = "predict_results"  # this session's predictions, by upload: uploads never leave the session
@@ -31,15 +31,23 @@ method = options[1].selectbox("CAM method", list(CAM_METHODS), key="cam_method")
 with options[2]:
     opacity = gallery.opacity_slider()
 
-try:
-    test = loaders.cases(run, "test")
-    at = metrics.binary_metrics(test["label"], test["probability"], threshold)
-    st.caption(f"At threshold **{threshold:.3f}** the model has sensitivity **{at['sensitivity']:.1%}** and "
-               f"specificity **{at['specificity']:.1%}** on the {len(test):,} test images (change it in the sidebar "
-               "or on the Threshold explorer).")
-except RunError:
-    st.caption(f"Threshold {threshold:.3f}. This run has no test predictions, so its sensitivity and specificity "
-               "at this threshold are unknown.")
+site = state.site()
+if state.at_site_threshold(site):
+    st.caption("At the operating point of " + site_panels.profile_caption(site) + ". Change it in the sidebar.")
+else:
+    if site is not None:
+        st.caption(f"The threshold has moved from site {site['name']}'s ({site['threshold']:.3f}), so its expected "
+                   "rates no longer apply; what the test split gives instead:")
+    try:
+        test = loaders.cases(run, "test")
+        at = metrics.binary_metrics(test["label"], test["probability"], threshold)
+        st.caption(f"At threshold **{threshold:.3f}** the model has sensitivity **{at['sensitivity']:.1%}** and "
+                   f"specificity **{at['specificity']:.1%}** on the {len(test):,} test images of HAM10000. On other "
+                   "clinics' images this threshold may not hold: pick a site operating point in the sidebar "
+                   "(`train.py site`).")
+    except RunError:
+        st.caption(f"Threshold {threshold:.3f}. This run has no test predictions, so its sensitivity and "
+                   "specificity at this threshold are unknown.")
 
 
 def predict(upload) -> Prediction | str:
@@ -71,8 +79,7 @@ for upload in uploads or []:
     decision = result.decision(threshold)
     st.subheader(upload.name)
     if result.out_of_distribution:
-        st.error(gallery.ood_warning(result.ood_score, predictor.ood.threshold, predictor.ood.index.meta["percentile"]),
-                 icon=":material/block:")
+        st.error(gallery.ood_warning(result, predictor.ood), icon=":material/block:")
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
     image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
                     width="stretch")

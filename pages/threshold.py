@@ -1,24 +1,36 @@
-"""Threshold explorer: what a decision threshold buys and costs, on test (or val), live while dragging."""
+"""Threshold explorer: what a decision threshold buys and costs on the data set chosen in the sidebar (test, val or
+an evaluated external set), live while dragging; whether the run's val threshold holds on an external set, and a
+site operating point made from it."""
 import pandas as pd
 import streamlit as st
 
 from core import metrics
-from dashboard import charts, loaders, state
+from dashboard import charts, loaders, site_panels, state
 from dashboard.labels import readable
 
 st.title("Threshold explorer")
-run = state.current_run()
-split = st.segmented_control("Split", ["test", "val"], default="test", key="explorer_split",
-                             help="Thresholds are chosen on val and applied to test, never chosen on test.") or "test"
+run, split = state.current_run(), state.data_set()
+label = state.set_label(split)
+st.caption(f"On the {label} (choose the data set in the sidebar). Thresholds are chosen on val, or on a site's own "
+           "labelled cases, and applied elsewhere: never chosen on the set they are judged on.")
 frame = loaders.cases_or_stop(run, split)
 labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
-
 presets = state.run_thresholds(run)
-columns = st.columns(len(presets) + 1)
-columns[0].markdown("**Presets** (chosen on val)")
+external = state.external_name(split)
+if external is not None:
+    site_panels.shift_verdict(loaders.external_sets(run)[external])
+if split != "test" and "youden" in presets:
+    site_panels.val_threshold_check(run, label, labels, probs, presets["youden"])
+
+profiles = loaders.site_profiles(run)
+columns = st.columns(len(presets) + len(profiles) + 1)
+columns[0].markdown("**Presets** (chosen on val; sites on their own cases)")
 for column, (name, value) in zip(columns[1:], presets.items()):
     column.button(f"{state.PRESET_LABELS.get(name, name)} = {value:.3f}", key=f"preset-{name}",
-                  on_click=state.set_threshold, args=(value,), width="stretch")
+                  on_click=state.use_preset, args=(value,), width="stretch")
+for column, (name, profile) in zip(columns[1 + len(presets):], profiles.items()):
+    column.button(f"site {name} = {profile['threshold']:.3f}", key=f"site-{name}", on_click=state.select_site,
+                  args=(name,), width="stretch")
 
 chart_key = f"explorer-{split}-{state.chart_threshold()}"
 if chart_key not in st.session_state:  # a fresh chart (page opened again): start it where the threshold is now
@@ -56,3 +68,6 @@ st.dataframe(readable(comparison[["operating point", "threshold", "sensitivity",
                                          "balanced_accuracy", "f1", "tp", "fp", "fn", "tn"]]).style.format(precision=3),
              hide_index=True)
 st.altair_chart(charts.calibration_chart(metrics.calibration(labels, probs)))
+
+if external is not None:
+    site_panels.profile_form(run, external, frame)

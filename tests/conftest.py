@@ -68,6 +68,37 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashboardSer
         yield server
 
 
+@pytest.fixture(scope="session")
+def external_run(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of the shipped run under ``runs/`` (where the dashboard server finds runs) with one labelled set
+    evaluated on it, ``clinic_x``: 24 malignant and 24 benign test images as an ``image,label`` CSV in a folder of
+    their own. Removed afterwards."""
+    import shutil
+
+    import train
+    from core.runs import DEFAULT_RUN, read_predictions
+    from tests.helpers import run_main
+
+    run = PROJECT_ROOT / "runs" / f"e2e_external_{os.getpid()}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(DEFAULT_RUN, run, ignore=shutil.ignore_patterns("cams_*", "stress_*", "attention_*"))
+    folder = tmp_path_factory.mktemp("clinic_x")
+    (folder / "images").mkdir()
+    test = read_predictions(DEFAULT_RUN, "test")
+    chosen = pd.concat([test[test["label"] == label].sample(24, random_state=0) for label in (1, 0)])
+    for image_id in chosen["image_id"]:
+        shutil.copy(ham_dir / "images" / f"{image_id}.jpg", folder / "images")
+    pd.DataFrame({"image": chosen["image_id"] + ".jpg", "label": chosen["label"]}).to_csv(folder / "clinic_x.csv",
+                                                                                         index=False)
+    try:
+        code, _, err = run_main(train.main, "evaluate", "--run", str(run), "--data", str(folder / "clinic_x.csv"),
+                                "--images", str(folder / "images"), "--device", "cpu")
+        assert code == 0, err
+        yield run
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that fits a model (all do through the small split) carries the ``train`` marker."""
     for item in items:

@@ -21,7 +21,7 @@ from tests.helpers import ARTIFACTS, DashboardServer, corner_dependence
 playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-PAGES = {"": "Predict", "threshold": "Threshold explorer", "browse": "Test-split browser", "audit": "Error audit",
+PAGES = {"": "Predict", "threshold": "Threshold explorer", "browse": "Case browser", "audit": "Error audit",
          "training": "Training report", "data": "Data & split"}
 CHROME_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
@@ -160,9 +160,9 @@ def test_filtering_the_browser(page, app_url: str) -> None:
     frame = read_predictions(DEFAULT_RUN, "test")
     youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
     false_negatives = (metrics.outcomes(frame["label"], frame["probability"], youden) == "FN").sum()
-    page.get_by_text(f"{len(frame):,} of {len(frame):,} test images match").wait_for()
+    page.get_by_text(f"{len(frame):,} of {len(frame):,} images match").wait_for()
     page.locator("[data-testid=stMain] button", has_text=re.compile(r"^FN$")).click()
-    page.get_by_text(f"{false_negatives} of {len(frame):,} test images match").wait_for()
+    page.get_by_text(f"{false_negatives} of {len(frame):,} images match").wait_for()
     settle(page)
     page.locator("[data-testid=stButton] button", has_text="Open").first.click()
     page.get_by_text("as the model sees it").wait_for()
@@ -175,7 +175,7 @@ def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url:
     frame = corner_dependence(youden)
     open_page(page, app_url, "browse")
     page.locator("[data-testid=stMain] button", has_text=re.compile(r"^depends on corners$")).click()
-    page.get_by_text(f"{frame['dependent'].sum():,} of {len(frame):,} test images match").wait_for()
+    page.get_by_text(f"{frame['dependent'].sum():,} of {len(frame):,} images match").wait_for()
     settle(page)
     assert page.get_by_text("⚠ corners").count() > 0
     no_exceptions(page)
@@ -195,6 +195,41 @@ def test_the_audit_shows_the_stress_test(page, app_url: str) -> None:
     no_exceptions(page)
     page.get_by_text("Decisions an artifact changes").scroll_into_view_if_needed()
     shot(page, "audit_stress")
+
+
+def choose(tab, label: str, option: str) -> None:
+    """Pick ``option`` in the sidebar's select box called ``label``."""
+    tab.locator("[data-testid=stSidebar] [data-testid=stSelectbox]", has_text=label).click()
+    tab.get_by_role("option", name=option).click()
+    settle(tab)
+
+
+def test_an_evaluated_external_set_is_chosen_in_the_sidebar_and_shows_its_roc(page, app_url: str,
+                                                                                external_run: Path) -> None:
+    """`train.py evaluate --data … --images …` ran on a copy of the shipped run (the fixture); in the browser the
+    run and then its set are chosen in the sidebar, and the Threshold explorer draws the set's ROC and confusion
+    matrix, with the set's shift verdict."""
+    run_label = f"runs/{external_run.name}"
+    for _ in range(30):  # the server looks for new runs every 10 s
+        open_page(page, app_url, "threshold")
+        page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]", has_text="Run").click()
+        if page.get_by_role("option", name=run_label).count():
+            break
+        page.keyboard.press("Escape")
+        time.sleep(1)
+    page.get_by_role("option", name=run_label).click()
+    settle(page)
+    choose(page, "Data set", "clinic_x (external, 48 images)")
+    page.get_by_text("On the clinic_x (external, 48 images)").wait_for()
+    page.get_by_text("Shift check against val").wait_for()
+    page.locator("svg text", has_text=re.compile(r"^ROC$")).first.wait_for()
+    frame = read_predictions(external_run, "external_clinic_x")
+    youden = read_metrics(external_run)["thresholds"]["youden"]
+    expected = metrics.binary_metrics(frame["label"], frame["probability"], youden)
+    assert [_cell(page, c) for c in ("TP", "FP", "FN", "TN")] == [expected[k] for k in ("tp", "fp", "fn", "tn")]
+    assert sum(expected[k] for k in ("tp", "fp", "fn", "tn")) == 48
+    no_exceptions(page)
+    shot(page, "threshold_external_set")
 
 
 def _files_changed_since(root: Path, since: float, skip: tuple[str, ...]) -> list[Path]:

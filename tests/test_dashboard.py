@@ -3,6 +3,7 @@ count right, bad uploads give messages; plus the real server `make dashboard` st
 from __future__ import annotations
 
 import io
+import json
 import os
 import urllib.request
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import metrics
+from core import metrics, sites
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK
@@ -111,7 +112,13 @@ def test_predict_withholds_the_decision_on_a_non_dermoscopic_photo() -> None:
     assert not at.exception
     expected = Predictor.load(DEFAULT_RUN).predict(Image.fromarray(data.coffee()))
     assert expected.out_of_distribution
-    assert len(at.error) == 1 and f"{expected.ood_score:.3f}" in at.error[0].value
+    guard = Predictor.load(DEFAULT_RUN).ood
+    assert len(at.error) == 1
+    # The warning names each distance that is too large, with its value.
+    if expected.ood_score > guard.threshold:
+        assert f"distance to the training images {expected.ood_score:.3f}" in at.error[0].value
+    if expected.style_score > guard.style_threshold:
+        assert f"style distance {expected.style_score:.3f}" in at.error[0].value
     assert any("**withheld**" in m.value for m in at.markdown if "Decision at" in m.value)
     assert any(f":gray[{expected.probability:.3f}" in m.value for m in at.markdown)
     assert not any(m.label == "P(malignant)" for m in at.metric)
@@ -183,7 +190,7 @@ def test_presets_and_the_val_split() -> None:
     assert at.sidebar.slider[0].value == pytest.approx(sens95, abs=1e-4)
     tp, fp, fn, tn = _confusion(at)
     assert (tp, fp, fn, tn) == _expected("test", sens95)
-    at.segmented_control(key="explorer_split").set_value("val").run()
+    at.sidebar.selectbox(key="data_set").set_value("val").run()
     val = _expected("val", sens95)
     assert _confusion(at) == val and val[0] / (val[0] + val[2]) >= 0.95  # chosen on val for ≥ 95 % sensitivity
 
@@ -197,7 +204,7 @@ def test_threshold_is_shared_across_pages() -> None:
 
 
 def _match_line(at: AppTest) -> str:
-    return next(m.value for m in at.markdown if "test images match" in m.value)
+    return next(m.value for m in at.markdown if "images match" in m.value)
 
 
 def test_browser_filters_count_right(ham_dir: Path) -> None:
@@ -398,3 +405,103 @@ def test_run_history_follows_a_growing_history(tmp_path: Path) -> None:
     later = history.stat().st_mtime + 1
     os.utime(history, (later, later))
     assert loaders.run_history(tmp_path)["epoch"].tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------- other clinics: external sets and site profiles
+
+def open_external(external_run: Path, page: str, **state) -> AppTest:
+    """A page of the external-set run with its evaluated set chosen in the sidebar."""
+    at = open_page("predict", run=external_run, **state)
+    at.sidebar.selectbox(key="data_set").set_value("external_clinic_x").run()
+    if page != "predict":
+        at.switch_page(str(PROJECT_ROOT / "pages" / f"{page}.py")).run()
+    return at
+
+
+def test_an_external_set_drives_the_explorer_browser_and_audit(external_run: Path) -> None:
+    at = open_external(external_run, "threshold")
+    assert not at.exception and not at.error
+    assert "clinic_x (external, 48 images)" in at.sidebar.selectbox(key="data_set").format_func("external_clinic_x")
+    frame = read_predictions(external_run, "external_clinic_x")
+    threshold = at.session_state["threshold"]
+    at_threshold = metrics.binary_metrics(frame["label"], frame["probability"], threshold)
+    assert _confusion(at) == tuple(at_threshold[k] for k in ("tp", "fp", "fn", "tn"))
+    assert any("Shift check against val" in box.value for box in [*at.success, *at.error])  # the set's verdict
+    at.switch_page(str(PROJECT_ROOT / "pages" / "browse.py")).run()
+    assert not at.exception and not at.error
+    assert "48 of 48 images match" in _match_line(at) and "clinic_x" in _match_line(at)
+    at.button(key=f"open-{frame['image_id'].iloc[0]}").click().run()
+    captions = [caption for element in at.get("image") for caption in element.captions]
+    assert not at.exception and "as the model sees it" in captions  # its photo, read from the set's folder
+    assert any("Grad-CAM" in c for c in captions) and any("No lesion mask" in i.value for i in at.info)
+    at.switch_page(str(PROJECT_ROOT / "pages" / "audit.py")).run()
+    assert not at.exception and not at.error
+
+
+def test_the_explorer_says_when_the_val_threshold_does_not_hold(external_run: Path) -> None:
+    """A set whose probabilities collapse as on another clinic's images (the clinic_x predictions scaled by 0.05):
+    the run's val threshold misses almost every melanoma there, and the page says so."""
+    import json
+    import shutil
+
+    frame = read_predictions(external_run, "external_clinic_x")
+    frame.assign(probability=frame["probability"] * 0.05).to_csv(
+        external_run / "predictions_external_collapsed.csv", index=False)
+    report = json.loads((external_run / "metrics_external_clinic_x.json").read_text()) | {"name": "collapsed"}
+    (external_run / "metrics_external_collapsed.json").write_text(json.dumps(report))
+    try:
+        at = open_page("threshold", run=external_run)
+        at.sidebar.selectbox(key="data_set").set_value("external_collapsed").run()
+        assert any("val threshold does not hold here" in w.value for w in at.warning), [w.value for w in at.warning]
+        at.sidebar.selectbox(key="data_set").set_value("test").run()
+        assert not any("does not hold" in w.value for w in at.warning)
+    finally:
+        for name in ("predictions_external_collapsed.csv", "metrics_external_collapsed.json"):
+            (external_run / name).unlink()
+        shutil.rmtree(external_run / "sites", ignore_errors=True)
+
+
+def test_a_site_profile_made_on_the_explorer_is_used_by_predict(external_run: Path, ham_dir: Path) -> None:
+    import shutil
+
+    at = open_external(external_run, "threshold")
+    try:
+        at.text_input(key="site_name").set_value("../metrics")
+        at.button[-1].click().run()  # the form's submit button
+        assert any("not allowed" in e.value for e in at.error) and not (external_run / "sites").exists()
+        at.text_input(key="site_name").set_value("clinic_x")
+        at.selectbox(key="site_rule").set_value("pac")
+        at.number_input(key="site_confidence").set_value(0.99)
+        at.button[-1].click().run()  # pac at 99 % needs 29 malignant: the set has 24
+        assert any("needs at least 29" in e.value for e in at.error) and not (external_run / "sites").exists()
+        at.selectbox(key="site_rule").set_value("conformal")
+        at.button[-1].click().run()
+        assert not at.exception and any("Made and in use" in s.value for s in at.success)
+        profile = json.loads((external_run / "sites" / "clinic_x.json").read_text())
+        frame = read_predictions(external_run, "external_clinic_x")
+        expected = sites.choose_operating_point(frame["label"], frame["probability"], 0.85, "conformal")
+        assert profile["threshold"] == pytest.approx(expected["threshold"]) and profile["source"]["set"] == "clinic_x"
+        assert at.session_state["threshold"] == pytest.approx(profile["threshold"])
+        assert at.sidebar.selectbox(key="site").value == "clinic_x"
+        at.switch_page(str(PROJECT_ROOT / "pages" / "predict.py")).run()
+        caption = next(c.value for c in at.caption if "At the operating point of site" in c.value)
+        low, high = profile["sensitivity_ci"]
+        assert f"{profile['expected_sensitivity']:.1%}" in caption and f"{low:.1%}–{high:.1%}" in caption
+        at.sidebar.slider[0].set_value(0.5).run()  # moved away from the site's threshold: its rates no longer apply
+        assert any("has moved from site clinic_x" in c.value for c in at.caption)
+    finally:
+        shutil.rmtree(external_run / "sites", ignore_errors=True)
+
+
+def test_a_moved_image_folder_is_named_not_a_crash(external_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    images = Path(json.loads((external_run / "metrics_external_clinic_x.json").read_text())["images"])
+    moved = tmp_path / "moved"
+    shutil.move(images, moved)
+    try:
+        at = open_external(external_run, "browse")
+        assert not at.exception
+        assert any(str(images) in i.value and "--name clinic_x" in i.value for i in at.info)
+    finally:
+        shutil.move(moved, images)

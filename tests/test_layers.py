@@ -14,7 +14,9 @@ from core.data import PROJECT_ROOT
 
 TRAINING_MODULES = {"core.fit", "core.training", "core.distributed", "core.evaluation", "core.cv", "core.augment",
                     "core.losses", "core.sampler"}
-MAX_CORE_LINES = 300
+# runs.py owns every run file's reader and writer (external sets and site profiles joined them); issue #32 found
+# that 300 pushed helpers into odd homes.
+MAX_CORE_LINES = 400
 
 
 def test_the_dashboard_does_not_import_training_code() -> None:

@@ -125,11 +125,15 @@ def test_scores_and_summary_are_written_for_val_and_test(small_run: Path, ham_di
     test = read_ood_scores(small_run, "test")
     assert len(test) == 30 and len(read_ood_scores(small_run, "val")) == 30
     assert summary["flag_rate"]["test"] == pytest.approx(test["out_of_distribution"].mean())
-    assert (test["out_of_distribution"] == (test["ood_score"] > summary["threshold"])).all()
+    # Flagged when either distance is above its threshold, both at the val percentile where the union flags 5 %.
+    assert (test["out_of_distribution"] == ((test["ood_score"] > summary["threshold"])
+                                            | (test["style_score"] > summary["style_threshold"]))).all()
+    assert summary["union_percentile"] >= summary["percentile"]
     # The Predictor gives a test image the score train.py index wrote for it.
     row = test.iloc[3]
     result = Predictor.load(small_run).predict(ham_dir / "images" / f"{row['image_id']}.jpg")
     assert result.ood_score == pytest.approx(row["ood_score"], rel=1e-3)
+    assert result.style_score == pytest.approx(row["style_score"], rel=1e-3)
     mistakes = summary["mistakes_test"]
     assert 0 <= mistakes["flag_rate_mistakes"] <= 1 and mistakes["n"] >= 0
 
@@ -165,7 +169,10 @@ def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path
     code, _, err = run_main(train.main, "predict", "--run", str(small_run), "--images", str(folder), "--out", str(out))
     assert code == 0, err
     table = pd.read_csv(out)
-    assert list(table.columns) == ["image", "probability", "ood_score", "out_of_distribution"] and len(table) == 5
+    assert list(table.columns) == ["image", "probability", "ood_score", "style_score", "out_of_distribution",
+                                   "threshold", "decision"] and len(table) == 5
+    assert (table["decision"] == np.where(table["out_of_distribution"], "withheld", np.where(
+        table["probability"] >= table["threshold"], "malignant", "benign"))).all()
     scores = table.set_index("image")["ood_score"]
     for image_id, score in zip(test["image_id"], test["ood_score"]):
         assert scores[f"{image_id}.jpg"] == pytest.approx(score, rel=1e-3)
@@ -220,5 +227,6 @@ def test_altered_ham_images_are_reported(shipped: Predictor, ham) -> None:
     results = [shipped.predict(image) for image in altered.values()]
     for result in results:
         assert np.isfinite(result.ood_score)
-        assert result.out_of_distribution == (result.ood_score > shipped.ood.threshold)
+        assert result.out_of_distribution == (result.ood_score > shipped.ood.threshold
+                                              or result.style_score > shipped.ood.style_threshold)
     print(f"altered HAM images flagged: {sum(r.out_of_distribution for r in results)} of {len(results)}")

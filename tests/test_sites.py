@@ -1,0 +1,122 @@
+"""Site operating points (``core.sites``): each rule's threshold is the order statistic it says, each keeps its stated
+guarantee in simulation, the expected sensitivity and intervals are what the simulation gives, and samples too small
+or one-sided are refused with the number of malignant cases the target needs; profiles are named safely, never
+overwritten by accident, and refused once the run's weights or calibration change."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from core import runs, sites
+from core.sites import SiteError, choose_operating_point, malignant_needed, order_statistic
+
+TARGET = 0.85
+
+
+def test_how_many_malignant_cases_each_rule_needs() -> None:
+    # conformal: ⌊(n + 1) · 0.15⌋ ≥ 1 from n = 6; pac at 95 %: 0.85ⁿ ≤ 0.05 from n = 19 (0.85¹⁸ = 0.054).
+    assert malignant_needed(TARGET, "conformal") == 6 and order_statistic(5, TARGET, "conformal") == 0
+    assert malignant_needed(TARGET, "pac", 0.95) == 19 and 0.85 ** 18 > 0.05 >= 0.85 ** 19
+    assert malignant_needed(TARGET, "sample") == 1
+    assert [order_statistic(20, TARGET, rule) for rule in sites.RULES] == [4, 3, 1]
+    with pytest.raises(SiteError, match="unknown rule"):
+        order_statistic(20, TARGET, "median")
+    with pytest.raises(SiteError, match="strictly between 0 and 1"):
+        order_statistic(20, 1.0)
+
+
+@pytest.mark.parametrize("n_malignant", [8, 20, 50])
+def test_each_rule_keeps_its_guarantee_in_simulation(n_malignant: int) -> None:
+    """Malignant scores uniform on [0, 1]: a threshold t then has true sensitivity 1 − t, so 40,000 simulated
+    samples give each rule's sensitivity on new cases exactly, without a model."""
+    rng = np.random.default_rng(0)
+    draws = np.sort(rng.random((40_000, n_malignant)), axis=1)
+    for rule in sites.RULES:
+        k = order_statistic(n_malignant, TARGET, rule)
+        if k == 0:
+            continue
+        sensitivity = 1 - draws[:, k - 1]
+        law = sites.sensitivity_distribution(n_malignant, k)
+        assert sensitivity.mean() == pytest.approx(law.mean(), abs=0.003)  # the reported expectation
+        assert np.quantile(sensitivity, 0.025) == pytest.approx(law.ppf(0.025), abs=0.006)
+        if rule == "conformal":
+            assert sensitivity.mean() >= TARGET - 0.003
+        if rule == "pac":
+            assert (sensitivity >= TARGET).mean() >= 0.95 - 0.004
+        if rule == "sample":  # the baseline misses its target on new cases
+            assert sensitivity.mean() < TARGET
+
+
+def test_the_operating_point_of_a_sample() -> None:
+    rng = np.random.default_rng(1)
+    malignant, benign = rng.uniform(0.2, 1.0, 30), rng.uniform(0.0, 0.6, 70)
+    labels = np.r_[np.ones(30), np.zeros(70)]
+    point = choose_operating_point(labels, np.r_[malignant, benign], TARGET, "conformal")
+    k = order_statistic(30, TARGET, "conformal")
+    assert point["threshold"] == np.sort(malignant)[k - 1] and point["k"] == k == 4
+    assert point["sample_sensitivity"] == pytest.approx(27 / 30)
+    assert point["expected_sensitivity"] == pytest.approx(1 - k / 31)
+    assert point["expected_specificity"] == pytest.approx((benign < point["threshold"]).mean())
+    low, high = point["specificity_ci"]
+    assert low < point["expected_specificity"] < high
+    assert (point["n"], point["n_malignant"], point["n_benign"]) == (100, 30, 70)
+    sample = choose_operating_point(labels, np.r_[malignant, benign], TARGET, "sample")
+    assert sample["sample_sensitivity"] >= TARGET and sample["threshold"] >= point["threshold"]
+
+
+@pytest.mark.parametrize("labels, rule, message", [
+    ([0, 0, 0, 0], "conformal", "no malignant case.*at least 6"),
+    ([1, 1, 1, 0, 0], "conformal", "3 malignant case.*needs at least 6"),
+    ([1] * 10 + [0] * 5, "pac", "10 malignant case.*needs at least 19"),
+    ([1] * 10, "conformal", "no benign case"),
+])
+def test_samples_that_cannot_give_an_operating_point_are_refused(labels: list[int], rule: str, message: str) -> None:
+    with pytest.raises(SiteError, match=message):
+        choose_operating_point(np.array(labels), np.linspace(0, 1, len(labels)), TARGET, rule)
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (runs.CONFIG_FILE, runs.MODEL_FILE):
+        shutil.copy(runs.DEFAULT_RUN / name, run / name)
+    return run
+
+
+def _frame(n_malignant: int = 20, n_benign: int = 40):
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    return pd.DataFrame({"label": [1] * n_malignant + [0] * n_benign,
+                         "probability": np.r_[rng.uniform(0.1, 1, n_malignant), rng.uniform(0, 0.5, n_benign)]})
+
+
+def test_profiles_are_named_safely_and_kept_from_accidental_overwrites(run_copy: Path) -> None:
+    profile = sites.make_profile(run_copy, "clinic_a", _frame(), {"data": "labels.csv"}, sample_date="2026-11-30")
+    path = runs.write_site_profile(run_copy, profile)
+    assert path == run_copy / "sites" / "clinic_a.json"
+    loaded = sites.load_profile(run_copy, "clinic_a")
+    assert loaded["threshold"] == profile["threshold"] and loaded["sample_date"] == "2026-11-30"
+    assert set(sites.usable_profiles(run_copy)) == {"clinic_a"}
+    with pytest.raises(runs.RunError, match="already holds the site profile 'clinic_a'"):
+        runs.write_site_profile(run_copy, profile)
+    runs.write_site_profile(run_copy, profile | {"threshold": 0.5}, overwrite=True)
+    assert sites.load_profile(run_copy, "clinic_a")["threshold"] == 0.5
+    for bad in ("../metrics", "a/b", "", ".hidden", "x" * 65):
+        with pytest.raises(runs.RunError, match="not allowed"):
+            sites.make_profile(run_copy, bad, _frame(), {})
+    assert sorted(p.name for p in run_copy.iterdir()) == ["config.yaml", "model.safetensors", "sites"]
+
+
+def test_a_profile_is_refused_once_the_calibration_changes(run_copy: Path) -> None:
+    runs.write_site_profile(run_copy, sites.make_profile(run_copy, "clinic_a", _frame(), {}))
+    config = yaml.safe_load((run_copy / runs.CONFIG_FILE).read_text())
+    (run_copy / runs.CONFIG_FILE).write_text(yaml.safe_dump(config | {"calibration": [1.5, -0.2]}, sort_keys=False))
+    with pytest.raises(runs.RunError, match="made for other weights or another calibration"):
+        sites.load_profile(run_copy, "clinic_a")
+    assert sites.usable_profiles(run_copy) == {}
