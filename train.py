@@ -231,15 +231,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"note: {args.run} has no embedding index, so ood_score and out_of_distribution stay empty and no "
               f"decision is withheld; `python train.py index --run {args.run}` builds it", file=sys.stderr)
     batch = predictor.predict_files(files)
+    for message in batch.failed:
+        print(f"skipped: {message}", file=sys.stderr)
+    if batch.frame.empty:
+        raise DataError(f"none of the {len(files)} image files in {args.images} could be read")
     frame = batch.frame.assign(threshold=threshold)
     frame["decision"] = np.where(frame["probability"] >= threshold, "malignant", "benign")
-    frame.loc[frame["out_of_distribution"].fillna(False).astype(bool), "decision"] = "withheld"
-    runs.write_csv(args.out, frame, float_format="%.6f")
+    # Withheld: an image unlike the training data; at a site's threshold, only one unlike it in content (the site's
+    # own images chose that threshold, whatever their style).
+    unlike = frame["ood_score"] > predictor.ood.threshold if args.site and predictor.ood else frame["out_of_distribution"]
+    frame.loc[unlike.fillna(False).astype(bool), "decision"] = "withheld"
+    runs.write_csv(args.out, frame, float_format=None)  # full precision: the threshold is one of the p
     counts = frame["decision"].value_counts()
     print(f"wrote {len(frame)} predictions to {args.out} at threshold {threshold:.4f} ({source}): "
           + ", ".join(f"{counts.get(d, 0)} {d}" for d in ("malignant", "benign", "withheld")))
-    for message in batch.failed:
-        print(f"skipped: {message}", file=sys.stderr)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:

@@ -21,6 +21,9 @@ from core.ood import OODGuard
 from core.transforms import resize_transform
 
 ImageInput = str | os.PathLike | bytes | Image.Image
+# Views per forward pass for a folder on the CPU: 4 images × 2 flip views ran fastest on 2 cores (33–37 img/s against
+# 18 at the evaluation batch of 128, whose activations outgrow the caches; benchmarks/RESULTS.md).
+CPU_BATCH = 8
 
 
 @dataclass
@@ -41,15 +44,18 @@ class Prediction:
     # is withheld), and the most similar training cases (image_id, dx, label, distance).
     ood_score: float | None = None
     style_score: float | None = None       # the distance of its style statistics (NaN: an index without them)
-    out_of_distribution: bool | None = None
+    out_of_distribution: bool | None = None  # unlike the training data in content or in style
+    unlike_in_content: bool | None = None  # … by the penultimate features: not what the model learned to judge
     similar: pd.DataFrame | None = None
 
     def is_malignant(self, threshold: float) -> bool:
         return self.probability >= threshold
 
-    def decision(self, threshold: float) -> str:
-        """"malignant", "benign", or "withheld" for an image unlike the training data."""
-        if self.out_of_distribution:
+    def decision(self, threshold: float, site: bool = False) -> str:
+        """"malignant", "benign", or "withheld" for an image unlike the training data. At a ``site``'s operating
+        point only an image unlike it in content is withheld: that threshold was chosen on the site's own images,
+        whose style (camera, compression) may be unlike ours."""
+        if self.unlike_in_content if site else self.out_of_distribution:
             return "withheld"
         return "malignant" if self.is_malignant(threshold) else "benign"
 
@@ -110,9 +116,11 @@ class Predictor:
         frame = pd.DataFrame({"image": [Path(paths[k]).name for k in kept]})
         features: list[np.ndarray] | None = [] if self.ood is not None else None
         images = torch.stack([decoded[k] for k in kept]) if kept else torch.empty(0)
+        if batch_size is None:
+            batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
         with self._lock:
             frame["probability"] = predict_probabilities(
-                self.model, images, self.preprocess, self.device, batch_size or self.config.eval_batch_size,
+                self.model, images, self.preprocess, self.device, batch_size,
                 self.config.tta_views, self.config.amp, self.config.calibration, features=features) if kept else []
         if self.ood is not None and kept:
             frame = pd.concat([frame, self.ood.assess(features)], axis=1)
@@ -144,6 +152,7 @@ class Predictor:
             verdict = self.ood.assess([part[:1] for part in features]).iloc[0]
             result.ood_score, result.style_score = float(verdict["ood_score"]), float(verdict["style_score"])
             result.out_of_distribution = bool(verdict["out_of_distribution"])
+            result.unlike_in_content = result.ood_score > self.ood.threshold
             result.similar = self.ood.similar(features[0])
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}

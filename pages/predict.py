@@ -76,17 +76,22 @@ for upload in uploads or []:
         st.error(f"**{upload.name}** cannot be used: {result}")
         continue
     malignant = result.is_malignant(threshold)
-    decision = result.decision(threshold)
+    at_site = state.at_site_threshold(site)
+    decision = result.decision(threshold, site=at_site)
+    withheld = decision == "withheld"
     st.subheader(upload.name)
-    if result.out_of_distribution:
+    if withheld:
         st.error(gallery.ood_warning(result, predictor.ood), icon=":material/block:")
+    elif result.out_of_distribution:  # only its style is unlike ours, and site's threshold was chosen on such images
+        st.info(f"Its colour, texture or sharpness is unlike the training images (another camera?); decided at site "
+                f"{site['name']}'s threshold, which was chosen on that site's own images.")
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
     image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
                     width="stretch")
     cam_col.image(cam_overlay(result.model_input, result.cam, opacity), width="stretch",
                   caption=f"{method} of the '{'malignant' if malignant else 'benign'}' decision"
-                  + (" (withheld)" if decision == "withheld" else ""))
-    if result.out_of_distribution:  # the number stays visible, greyed, and is not turned into a decision
+                  + (" (withheld)" if withheld else ""))
+    if withheld:  # the number stays visible, greyed, and is not turned into a decision
         numbers.markdown(f"P(malignant) :gray[{result.probability:.3f} — unreliable]")
         numbers.markdown(f"Decision at {threshold:.3f}: **withheld** (image unlike the training data)")
     else:

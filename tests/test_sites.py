@@ -120,3 +120,151 @@ def test_a_profile_is_refused_once_the_calibration_changes(run_copy: Path) -> No
     with pytest.raises(runs.RunError, match="made for other weights or another calibration"):
         sites.load_profile(run_copy, "clinic_a")
     assert sites.usable_profiles(run_copy) == {}
+
+
+# ---------------------------------------------------------------- the command line, on the shipped model
+
+@pytest.fixture(scope="module")
+def site_sample(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A copy of the shipped run, and a labelled sample of one "site": 12 malignant and 28 benign test images."""
+    import pandas as pd
+
+    from core.runs import read_predictions
+
+    root = tmp_path_factory.mktemp("site")
+    run = root / "run"
+    shutil.copytree(runs.DEFAULT_RUN, run, ignore=shutil.ignore_patterns("cams_*", "stress_*", "attention_*"))
+    (root / "images").mkdir()
+    test = read_predictions(runs.DEFAULT_RUN, "test")
+    chosen = pd.concat([test[test["label"] == 1].sample(12, random_state=5), test[test["label"] == 0].sample(
+        28, random_state=5)])
+    for image_id in chosen["image_id"]:
+        shutil.copy(ham_dir / "images" / f"{image_id}.jpg", root / "images")
+    pd.DataFrame({"image": chosen["image_id"] + ".jpg", "label": chosen["label"]}).to_csv(root / "labels.csv",
+                                                                                        index=False)
+    return run, root / "labels.csv", root / "images"
+
+
+def test_site_then_predict_with_its_threshold(site_sample: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import pandas as pd
+
+    import train
+    from core.predictor import Predictor
+    from tests.helpers import run_main
+
+    run, labels, images = site_sample
+    code, out, err = run_main(train.main, "site", "--run", str(run), "--name", "clinic_a", "--data", str(labels),
+                              "--images", str(images), "--sample-date", "2026-11-30", "--device", "cpu")
+    assert code == 0, err
+    profile = sites.load_profile(run, "clinic_a")
+    assert (profile["n"], profile["n_malignant"], profile["sample_date"]) == (40, 12, "2026-11-30")
+    assert profile["rule"] == "conformal" and profile["source"]["images"] == str(images.resolve())
+    assert f"threshold {profile['threshold']:.4f}" in out and "expected sensitivity" in out
+    code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "clinic_a", "--data", str(labels),
+                            "--images", str(images))
+    assert code == 2 and "already holds the site profile 'clinic_a'" in err
+    out_csv = tmp_path / "predictions.csv"
+    code, out, err = run_main(train.main, "predict", "--run", str(run), "--images", str(images), "--out",
+                              str(out_csv), "--site", "clinic_a", "--device", "cpu")
+    assert code == 0, err
+    table = pd.read_csv(out_csv)
+    assert len(table) == 40 and np.allclose(table["threshold"], profile["threshold"], rtol=0, atol=1e-12)
+    decided = np.where(table["probability"] >= profile["threshold"], "malignant", "benign")
+    guard = Predictor.load(run).ood
+    # At a site's threshold only images unlike the training data in content are withheld.
+    assert (table["decision"] == np.where(table["ood_score"] > guard.threshold, "withheld", decided)).all()
+    # Batched forward passes give what one image at a time gives.
+    one = Predictor.load(run).predict(images / table["image"].iloc[0])
+    assert table["probability"].iloc[0] == pytest.approx(one.probability, abs=1e-5)
+    code, _, err = run_main(train.main, "predict", "--run", str(run), "--images", str(images), "--out",
+                            str(out_csv), "--site", "elsewhere")
+    assert code == 2 and "sites/elsewhere.json is missing" in err and "train.py site" in err
+
+
+def test_site_refusals_name_the_problem(site_sample: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import pandas as pd
+
+    import train
+    from tests.helpers import run_main
+
+    run, labels, images = site_sample
+    benign_only = tmp_path / "benign.csv"
+    frame = pd.read_csv(labels)
+    frame[frame["label"] == 0].to_csv(benign_only, index=False)
+    code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "b", "--data", str(benign_only),
+                            "--images", str(images))
+    assert code == 2 and "no malignant case" in err and "at least 6" in err
+    code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "b", "--data", str(labels), "--images",
+                            str(images), "--rule", "pac")
+    assert code == 2 and "12 malignant case(s)" in err and "needs at least 19" in err
+    code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "../metrics", "--data", str(labels),
+                            "--images", str(images))
+    assert code == 2 and "not allowed" in err
+    missing = tmp_path / "missing.csv"
+    pd.DataFrame({"image": ["nowhere.jpg"], "label": [1]}).to_csv(missing, index=False)
+    code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "b", "--data", str(missing),
+                            "--images", str(images))
+    assert code == 2 and "have no image file" in err and "nowhere" in err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    code, _, err = run_main(train.main, "predict", "--run", str(run), "--images", str(junk), "--out",
+                            str(tmp_path / "p.csv"))
+    assert code == 2 and "none of the 1 image files" in err and not (tmp_path / "p.csv").exists()
+    assert not (run / "sites" / "b.json").exists()
+
+
+def test_evaluate_names_the_set_and_records_where_its_images_are(site_sample: tuple[Path, Path, Path]) -> None:
+    import json
+
+    import train
+    from tests.helpers import run_main
+
+    run, labels, images = site_sample
+    code, out, err = run_main(train.main, "evaluate", "--run", str(run), "--data", str(labels), "--images",
+                              str(images), "--name", "clinic_a", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((run / "metrics_external_clinic_a.json").read_text())
+    assert report["images"] == str(images.resolve()) and report["n"] == 40
+    assert set(report["shift"]["tests"]) == {"ood_score", "style_score"} and "advice" in report["shift"]
+    written = runs.read_predictions(run, "external_clinic_a")
+    assert sorted(written["file"]) == sorted(p.name for p in images.iterdir())
+    assert set(runs.external_sets(run)) == {"clinic_a"}
+    code, _, err = run_main(train.main, "evaluate", "--run", str(run), "--data", str(labels), "--images",
+                            str(images), "--name", "a/b")
+    assert code == 2 and "not allowed" in err
+    code, _, err = run_main(train.main, "evaluate", "--run", str(run), "--name", "x")
+    assert code == 2 and "--name names an external set" in err
+
+
+def test_at_a_site_threshold_another_camera_is_decided_not_withheld(site_sample: tuple[Path, Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """The same lesions through another camera (warmer, resampled, JPEG 60): their style is unlike the training
+    images, so without a site they are withheld; a site's threshold was chosen on such images, so there only an image
+    unlike the training data in content is."""
+    import pandas as pd
+
+    import train
+    from benchmarks.site_shifts import SHIFTS
+    from core.images import open_rgb
+    from tests.helpers import run_main
+
+    run, _, images = site_sample
+    other = tmp_path / "other_camera"
+    other.mkdir()
+    for path in sorted(images.iterdir())[:8]:
+        SHIFTS["camera"](open_rgb(path)).save(other / path.name)
+    runs.write_site_profile(run, sites.make_profile(run, "camera_site", _frame(), {}), overwrite=True)
+    tables = {}
+    for site in (None, "camera_site"):
+        out = tmp_path / f"{site}.csv"
+        code, _, err = run_main(train.main, "predict", "--run", str(run), "--images", str(other), "--out", str(out),
+                                *(["--site", site] if site else []))
+        assert code == 0, err
+        tables[site] = pd.read_csv(out)
+    from core.predictor import Predictor
+
+    content = tables[None]["ood_score"] > Predictor.load(run).ood.threshold
+    assert (tables[None]["decision"][tables[None]["out_of_distribution"]] == "withheld").all()
+    assert (tables[None]["out_of_distribution"] & ~content).any()  # some are flagged for their style alone
+    assert ((tables["camera_site"]["decision"] == "withheld") == content).all()
