@@ -134,14 +134,11 @@ class OODGuard:
     def assess(self, features: list[np.ndarray]) -> pd.DataFrame:
         """Per image, from the two arrays ``predict_probabilities(features=…)`` gives: ``ood_score`` (penultimate
         distance), ``style_score`` (style distance; NaN without a style index) and ``out_of_distribution``."""
-        scores = pd.DataFrame({"ood_score": self.score(features[0])})
-        flagged = scores["ood_score"] > self.threshold
-        scores["style_score"] = np.nan
-        if self.style is not None:
-            scores["style_score"] = self.style_fn(*self.style.project(features[1]))
-            flagged |= scores["style_score"] > self.style_threshold
-        scores["out_of_distribution"] = flagged
-        return scores
+        content = self.score(features[0])
+        style = (self.style_fn(*self.style.project(features[1])) if self.style is not None
+                 else np.full(len(content), np.nan))
+        flagged = (content > self.threshold) | (style > self.style_threshold if self.style is not None else False)
+        return pd.DataFrame({"ood_score": content, "style_score": style, "out_of_distribution": flagged})
 
     def similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> pd.DataFrame:
         """One image's ``k`` most similar training cases, by the penultimate features."""

@@ -207,10 +207,10 @@ def test_the_shipped_run_flags_few_of_its_own_test_split(shipped: Predictor) -> 
     assert (DEFAULT_RUN / INDEX_FILE).stat().st_size < 6_000_000  # committed: a few MB
 
 
-# Noise and flat colours must all be caught. Text: all 4 were for the model shipped until 2026-12-05; the corner-robust
-# one's index misses "ERROR 404" by 0.002 (score 0.963, threshold 0.965), a regression the README reports; the
-# threshold stays the val percentile fixed before any probe was scored. Photos: 13 of 18 then, 15 now.
-@pytest.mark.parametrize(("kind", "share"), [("photos", 0.7), ("noise", 1.0), ("flat", 1.0), ("text", 0.75)])
+# Noise and flat colours must all be caught. Text and photos: with the penultimate features alone the corner-robust
+# model's index missed "ERROR 404" (score 0.963, threshold 0.965) and 3 of 18 photos; with the style statistics of
+# earlier stages (issue #30) all are caught, at the same 4.5 % of the test split. One photo of slack is left.
+@pytest.mark.parametrize(("kind", "share"), [("photos", 0.9), ("noise", 1.0), ("flat", 1.0), ("text", 1.0)])
 def test_non_dermoscopic_images_are_flagged(shipped: Predictor, kind: str, share: float) -> None:
     probes = ood_probes.non_dermoscopic()[kind]
     results = {name: shipped.predict(image) for name, image in probes.items()}
