@@ -176,7 +176,7 @@ def cmd_site(args: argparse.Namespace) -> None:
     if (args.run / runs.site_file(args.name)).exists() and not args.overwrite:
         raise ValueError(f"{args.run / runs.site_file(args.name)} already holds the site profile '{args.name}'; "
                          "choose another --name or pass --overwrite")
-    frame, _ = predict_labelled(args.run, args.data, args.images, args.device)
+    frame, _ = predict_labelled(args.run, args.data, args.images, args.device, with_guard=False)
     source = {"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve())}
     profile = sites.make_profile(args.run, args.name, frame, source, args.target_sensitivity, args.rule,
                                  args.confidence, args.sample_date)
@@ -216,17 +216,18 @@ def cmd_shift(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from core import sites
-    from core.predictor import Predictor
+    from core.predictor import Predictor, decisions
 
     files = image_files(args.images)
     predictor = Predictor.load(args.run, args.device)
+    threshold, source = None, ""
     if args.site is not None:
         threshold, source = sites.load_profile(args.run, args.site)["threshold"], f"site '{args.site}'"
     elif "youden" in predictor.thresholds:
         threshold, source = predictor.thresholds["youden"], "the run's val Youden threshold"
     else:
-        raise ValueError(f"{args.run} has no val thresholds (`python train.py evaluate --run {args.run}`) and no "
-                         "--site was given: no decision can be made")
+        print(f"note: {args.run} has no val thresholds (`python train.py evaluate --run {args.run}`) and no --site "
+              "was given, so the threshold and decision columns stay empty", file=sys.stderr)
     if predictor.ood is None:
         print(f"note: {args.run} has no embedding index, so ood_score and out_of_distribution stay empty and no "
               f"decision is withheld; `python train.py index --run {args.run}` builds it", file=sys.stderr)
@@ -235,16 +236,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"skipped: {message}", file=sys.stderr)
     if batch.frame.empty:
         raise DataError(f"none of the {len(files)} image files in {args.images} could be read")
-    frame = batch.frame.assign(threshold=threshold)
-    frame["decision"] = np.where(frame["probability"] >= threshold, "malignant", "benign")
-    # Withheld: an image unlike the training data; at a site's threshold, only one unlike it in content (the site's
-    # own images chose that threshold, whatever their style).
-    unlike = frame["ood_score"] > predictor.ood.threshold if args.site and predictor.ood else frame["out_of_distribution"]
-    frame.loc[unlike.fillna(False).astype(bool), "decision"] = "withheld"
+    frame = batch.frame.assign(threshold=threshold, decision=None)
+    if threshold is not None:
+        frame["decision"] = decisions(frame["probability"], frame["out_of_distribution"], frame["unlike_in_content"],
+                                      threshold, site=args.site is not None)
     runs.write_csv(args.out, frame, float_format=None)  # full precision: the threshold is one of the p
     counts = frame["decision"].value_counts()
-    print(f"wrote {len(frame)} predictions to {args.out} at threshold {threshold:.4f} ({source}): "
-          + ", ".join(f"{counts.get(d, 0)} {d}" for d in ("malignant", "benign", "withheld")))
+    print(f"wrote {len(frame)} predictions to {args.out}"
+          + (f" at threshold {threshold:.4f} ({source}): " + ", ".join(
+              f"{counts.get(d, 0)} {d}" for d in ("malignant", "benign", "withheld")) if threshold is not None else ""))
 
 
 def cmd_explain(args: argparse.Namespace) -> None:

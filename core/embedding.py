@@ -79,6 +79,8 @@ def captured_style(model: nn.Module, enabled: bool = True) -> Iterator[list[list
     """While open, every forward of ``model`` appends each style layer's channel means and standard deviations
     ``(B, 2C)`` to ``captured[layer]``."""
     def statistics(output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 4:  # not a convolutional map (a transformer's tokens): no channel statistics
+            return output.new_zeros((len(output), 0), dtype=torch.float32)
         flat = output.detach().float().flatten(2)
         return torch.cat([flat.mean(2), flat.std(2)], dim=1)
 

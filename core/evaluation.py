@@ -11,19 +11,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core import metrics, ood, runs, shift
+from core import metrics, ood, runs, shift, sites
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description, load_run, load_splits, predict_frame, resolve_device
 
 
 def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
-                     features: list[np.ndarray] | None = None) -> tuple[pd.DataFrame, ood.OODGuard | None]:
-    """A labelled set (any format ``core.data.read_dataset`` reads) predicted by the run, and the run's OOD guard
-    (None without an index); given a list, ``features`` gets the images' raw features."""
+                     features: list[np.ndarray] | None = None,
+                     with_guard: bool = True) -> tuple[pd.DataFrame, ood.OODGuard | None]:
+    """A labelled set (any format ``core.data.read_dataset`` reads) predicted by the run, and (``with_guard``) the
+    run's OOD guard (None without an index); given a list, ``features`` gets the images' raw features."""
     device = resolve_device(device_name)
     cfg, model = load_run(run_dir, device)
-    guard = ood.OODGuard.load_if_built(run_dir, cfg)
+    guard = ood.OODGuard.load_if_built(run_dir, cfg) if with_guard else None
     return predict_frame(cfg, model, read_dataset(data, images), device, features), guard
 
 
@@ -35,15 +36,22 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     the report records, so the dashboard can show it) and metrics_external_<name>.json; the prefix keeps a set named
     e.g. ``val`` from overwriting the run's own split outputs. ``name`` defaults to the label file's stem."""
     run_dir = Path(run_dir)
-    name = runs.check_name(name or Path(data).stem, "set")
+    if name is None:
+        try:
+            name = runs.check_name(Path(data).stem, "set")
+        except runs.RunError as err:
+            raise runs.RunError(f"{err}; give the set a name with --name") from err
+    runs.check_name(name, "set")
     features: list[np.ndarray] = []
     frame, guard = predict_labelled(run_dir, data, images, device_name, features)
-    image_root = Path(images if images is not None else Path(data) / "images").resolve()
-    frame["file"] = [Path(path).resolve().relative_to(image_root).as_posix() for path in frame["path"]]
+    # Every reader lists one folder (core.data.attach_image_paths): the file name finds the image there again.
+    image_root = Path(frame["path"].iloc[0]).parent.resolve()
+    frame["file"] = [Path(path).name for path in frame["path"]]
     thresholds = runs.read_metrics(run_dir)["thresholds"]
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
     report = {"name": name, "n": len(frame), "data": str(Path(data).resolve()), "images": str(image_root),
-              "date": time.strftime("%Y-%m-%d"), "auroc": metrics.auroc(labels, probs),
+              "date": time.strftime("%Y-%m-%d"), "model": sites.model_fingerprint(run_dir),
+              "auroc": metrics.auroc(labels, probs),
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part

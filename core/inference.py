@@ -127,7 +127,8 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, preprocess: Pr
             probabilities.append(p.float().view(len(flips), -1).mean(0).cpu())
             if wanted:
                 pooled.append(embedding.pooled_features(captured, len(flips)))
-                styles.append(embedding.pooled_features(captured_style, len(flips)))
+                styles.append(embedding.pooled_features(captured_style, len(flips)) if captured_style
+                              else torch.zeros((len(batch), 0)))  # a model without stages to read
     if features is not None:
         features += [torch.cat(pooled).numpy(), torch.cat(styles).numpy()]
     return apply_platt(torch.cat(probabilities).double(), tuple(calibration)).numpy()

@@ -153,6 +153,14 @@ def sensitivity_threshold(labels: ArrayLike, probs: ArrayLike, min_sensitivity: 
     return float(thresholds[np.argmax(tpr >= min_sensitivity)])
 
 
+def exact_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper–Pearson interval of a proportion: exact, so it holds for the small counts of a site's sample."""
+    from scipy import stats
+
+    interval = stats.binomtest(int(successes), int(n)).proportion_ci(level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 

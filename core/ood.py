@@ -133,12 +133,15 @@ class OODGuard:
 
     def assess(self, features: list[np.ndarray]) -> pd.DataFrame:
         """Per image, from the two arrays ``predict_probabilities(features=…)`` gives: ``ood_score`` (penultimate
-        distance), ``style_score`` (style distance; NaN without a style index) and ``out_of_distribution``."""
+        distance), ``style_score`` (style distance; NaN without a style index), ``out_of_distribution`` (either
+        above its threshold) and ``unlike_in_content`` (the penultimate one)."""
         content = self.score(features[0])
         style = (self.style_fn(*self.style.project(features[1])) if self.style is not None
                  else np.full(len(content), np.nan))
-        flagged = (content > self.threshold) | (style > self.style_threshold if self.style is not None else False)
-        return pd.DataFrame({"ood_score": content, "style_score": style, "out_of_distribution": flagged})
+        unlike_in_content = content > self.threshold
+        flagged = unlike_in_content | (style > self.style_threshold if self.style is not None else False)
+        return pd.DataFrame({"ood_score": content, "style_score": style, "out_of_distribution": flagged,
+                             "unlike_in_content": unlike_in_content})
 
     def similar(self, features: np.ndarray, k: int = SIMILAR_CASES) -> pd.DataFrame:
         """One image's ``k`` most similar training cases, by the penultimate features."""

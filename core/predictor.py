@@ -21,9 +21,11 @@ from core.ood import OODGuard
 from core.transforms import resize_transform
 
 ImageInput = str | os.PathLike | bytes | Image.Image
-# Views per forward pass for a folder on the CPU: 4 images × 2 flip views ran fastest on 2 cores (33–37 img/s against
-# 18 at the evaluation batch of 128, whose activations outgrow the caches; benchmarks/RESULTS.md).
+# Views per forward pass for a folder on the CPU: 4–8 views (2–4 images × 2 flip views) ran fastest on 2 cores (33–37
+# img/s against 18 at the evaluation batch of 128, whose activations outgrow the caches; benchmarks/RESULTS.md).
 CPU_BATCH = 8
+FILES_PER_CHUNK = 256  # decoded at a time by predict_files: 256 × 3 × 160 × 160 bytes = 20 MB
+PREDICTION_COLUMNS = ["image", "probability", "ood_score", "style_score", "out_of_distribution", "unlike_in_content"]
 
 
 @dataclass
@@ -52,12 +54,18 @@ class Prediction:
         return self.probability >= threshold
 
     def decision(self, threshold: float, site: bool = False) -> str:
-        """"malignant", "benign", or "withheld" for an image unlike the training data. At a ``site``'s operating
-        point only an image unlike it in content is withheld: that threshold was chosen on the site's own images,
-        whose style (camera, compression) may be unlike ours."""
-        if self.unlike_in_content if site else self.out_of_distribution:
-            return "withheld"
-        return "malignant" if self.is_malignant(threshold) else "benign"
+        """"malignant", "benign", or "withheld" for an image unlike the training data (:func:`decisions`)."""
+        return str(decisions(np.array([self.probability]), np.array([bool(self.out_of_distribution)]),
+                             np.array([bool(self.unlike_in_content)]), threshold, site)[0])
+
+
+def decisions(probability: np.ndarray, out_of_distribution: np.ndarray, unlike_in_content: np.ndarray,
+              threshold: float, site: bool = False) -> np.ndarray:
+    """"malignant" / "benign" at ``threshold``, or "withheld" for an image unlike the training data. At a ``site``'s
+    operating point only an image unlike it in content is withheld: that threshold was chosen on the site's own
+    images, whose style (camera, compression) may be unlike ours."""
+    withheld = np.asarray(unlike_in_content if site else out_of_distribution, dtype=bool)
+    return np.where(withheld, "withheld", np.where(np.asarray(probability) >= threshold, "malignant", "benign"))
 
 
 @dataclass
@@ -101,9 +109,24 @@ class Predictor:
         (default: Youden on val)."""
         return self.predict_view(self.model_input(image), explain, method, threshold, corner_check)
 
-    def predict_files(self, paths: list[Path], batch_size: int | None = None) -> BatchPrediction:
+    def predict_files(self, paths: list[Path], batch_size: int | None = None,
+                      chunk: int = FILES_PER_CHUNK) -> BatchPrediction:
         """P(malignant) and the OOD guard's verdict for many image files, decoded in parallel and sent through the
-        network in batches (one image at a time costs a forward pass each); unreadable files are skipped and named."""
+        network in batches (one image at a time costs a forward pass each), ``chunk`` files at a time so that memory
+        does not grow with the folder; unreadable files are skipped and named."""
+        if batch_size is None:
+            batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
+        frames, parts, failed = [], [], []
+        for start in range(0, len(paths), chunk):
+            frame, features, errors = self._predict_chunk(list(paths[start:start + chunk]), batch_size)
+            frames.append(frame)
+            failed += errors
+            parts += [features] if features is not None else []
+        features = [np.concatenate(arrays) for arrays in zip(*parts)] if parts else None
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
+        return BatchPrediction(frame, features, failed)
+
+    def _predict_chunk(self, paths: list[Path], batch_size: int):
         def decode(path: Path) -> torch.Tensor | str:
             try:
                 return self.model_input(path)
@@ -113,21 +136,19 @@ class Predictor:
         with ThreadPoolExecutor(4) as pool:
             decoded = list(pool.map(decode, paths))
         kept = [k for k, item in enumerate(decoded) if not isinstance(item, str)]
+        failed = [item for item in decoded if isinstance(item, str)]
+        if not kept:
+            return pd.DataFrame(columns=PREDICTION_COLUMNS), None, failed
         frame = pd.DataFrame({"image": [Path(paths[k]).name for k in kept]})
         features: list[np.ndarray] | None = [] if self.ood is not None else None
-        images = torch.stack([decoded[k] for k in kept]) if kept else torch.empty(0)
-        if batch_size is None:
-            batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
         with self._lock:
             frame["probability"] = predict_probabilities(
-                self.model, images, self.preprocess, self.device, batch_size,
-                self.config.tta_views, self.config.amp, self.config.calibration, features=features) if kept else []
-        if self.ood is not None and kept:
-            frame = pd.concat([frame, self.ood.assess(features)], axis=1)
-        else:
-            frame["ood_score"], frame["style_score"], frame["out_of_distribution"] = np.nan, np.nan, pd.NA
-        return BatchPrediction(frame, features if features and kept else None,
-                               [item for item in decoded if isinstance(item, str)])
+                self.model, torch.stack([decoded[k] for k in kept]), self.preprocess, self.device, batch_size,
+                self.config.tta_views, self.config.amp, self.config.calibration, features=features)
+        if self.ood is None:
+            return frame.assign(ood_score=np.nan, style_score=np.nan, out_of_distribution=False,
+                                unlike_in_content=False), None, failed
+        return pd.concat([frame, self.ood.assess(features)], axis=1), features, failed
 
     def predict_view(self, pixels: torch.Tensor, explain: bool = False, method: str = "gradcam",
                      threshold: float | None = None, corner_check: bool = False) -> Prediction:
@@ -152,7 +173,7 @@ class Predictor:
             verdict = self.ood.assess([part[:1] for part in features]).iloc[0]
             result.ood_score, result.style_score = float(verdict["ood_score"]), float(verdict["style_score"])
             result.out_of_distribution = bool(verdict["out_of_distribution"])
-            result.unlike_in_content = result.ood_score > self.ood.threshold
+            result.unlike_in_content = bool(verdict["unlike_in_content"])
             result.similar = self.ood.similar(features[0])
         if corner_check:
             result.corner_probabilities = {name: float(p) for name, p in zip(CORNER_CHECK, probabilities[1:])}

@@ -14,7 +14,8 @@ the test split (``benchmarks/shift_check.py``). The set is *shifted* when the sm
 is below ``alpha`` (default 0.01: one false alarm in a hundred sets drawn like val).
 
 Two more tests are reported beside the verdict, not in it, because the case mix moves them as much as a camera
-does (at half malignant, 48 of our own test images are called different by each about a third of the time):
+does (sets of 50 of our own test images, half of them malignant, are called different by each 70 % of the time;
+``benchmarks/shift_check.py``):
 the distribution of P(malignant) (Kolmogorov–Smirnov; Rabanser et al., "Failing loudly", NeurIPS 2019) and of the
 penultimate features (maximum mean discrepancy, Gaussian kernel at the median distance, permutation p-value).
 """

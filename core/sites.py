@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from core import runs
+from core import metrics, runs
 from core.embedding import sha256
 
 RULES = ("sample", "conformal", "pac")
@@ -52,21 +52,25 @@ def order_statistic(n_malignant: int, target: float, rule: str = DEFAULT_RULE,
     if rule == "sample":
         return math.floor(n_malignant * miss + 1e-9) + 1 if n_malignant else 0
     if rule == "conformal":
-        return min(math.floor((n_malignant + 1) * miss + 1e-9), n_malignant)
+        return math.floor((n_malignant + 1) * miss + 1e-9)
     if rule == "pac":
         if not 0 < confidence < 1:
             raise SiteError(f"the confidence must lie strictly between 0 and 1, got {confidence}")
-        passing = [k for k in range(1, n_malignant + 1) if stats.binom.cdf(k - 1, n_malignant, miss) <= 1 - confidence]
-        return max(passing, default=0)
+        # P(Bin(n₁, miss) ≤ k − 1) rises with k: k is how many of k − 1 = 0, 1, … stay ≤ 1 − confidence.
+        cdf = stats.binom.cdf(np.arange(n_malignant), n_malignant, miss)
+        return int(np.searchsorted(cdf, 1 - confidence, side="right"))
     raise SiteError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
 def malignant_needed(target: float, rule: str = DEFAULT_RULE, confidence: float = DEFAULT_CONFIDENCE) -> int:
-    """The fewest labelled malignant cases with which ``rule`` can choose a threshold for ``target``."""
-    n = 1
-    while order_statistic(n, target, rule, confidence) == 0:
-        n += 1
-    return n
+    """The fewest labelled malignant cases with which ``rule`` can choose a threshold for ``target``: k ≥ 1 needs
+    n₁ ≥ 1 (sample), (n₁ + 1)(1 − target) ≥ 1 (conformal), target^n₁ ≤ 1 − confidence (pac)."""
+    order_statistic(1, target, rule, confidence)  # refuses a bad rule, target or confidence
+    if rule == "sample":
+        return 1
+    if rule == "conformal":
+        return max(1, math.ceil(1 / (1 - target) - 1e-9) - 1)
+    return max(1, math.ceil(math.log(1 - confidence) / math.log(target) - 1e-9))
 
 
 def sensitivity_distribution(n_malignant: int, k: int) -> stats.rv_continuous:
@@ -100,7 +104,6 @@ def choose_operating_point(labels: np.ndarray, probabilities: np.ndarray, target
     threshold = float(malignant[k - 1])
     sensitivity = sensitivity_distribution(len(malignant), k)
     true_negatives = int((benign < threshold).sum())
-    specificity_ci = stats.binomtest(true_negatives, len(benign)).proportion_ci(0.95, method="exact")
     return {
         "threshold": threshold, "rule": rule, "target_sensitivity": target,
         "confidence": confidence if rule == "pac" else None, "guarantee": guarantee(rule, target, confidence),
@@ -109,7 +112,7 @@ def choose_operating_point(labels: np.ndarray, probabilities: np.ndarray, target
         "expected_sensitivity": float(sensitivity.mean()),
         "sensitivity_ci": [float(sensitivity.ppf(0.025)), float(sensitivity.ppf(0.975))],
         "expected_specificity": true_negatives / len(benign),
-        "specificity_ci": [float(specificity_ci.low), float(specificity_ci.high)],
+        "specificity_ci": list(metrics.exact_interval(true_negatives, len(benign))),
         "sample_sensitivity": float((malignant >= threshold).mean()),
     }
 

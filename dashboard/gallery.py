@@ -137,16 +137,17 @@ def thumbnail_grid(frame: pd.DataFrame, on_open: Callable[[str], None], columns:
                           width="stretch")
 
 
-def case_cam(row: pd.Series, run: Path) -> tuple[np.ndarray, str]:
-    """The stored CAM of a test case (from ``train.py explain``), else one computed now at the current threshold."""
-    stored = loaders.stored_cams(run).get(row["image_id"])
+def case_cam(row: pd.Series, run: Path, split: str) -> tuple[np.ndarray, str]:
+    """The stored CAM of a test case (from ``train.py explain``), else one computed now at the current threshold
+    (an external set's ids may be a test image's: its stored CAM would be another photo's)."""
+    stored = loaders.stored_cams(run).get(row["image_id"]) if split == "test" else None
     if stored is not None:
         return stored, "Grad-CAM of the decision at the val Youden threshold (stored by `train.py explain`)"
     prediction = loaders.predictor(run).predict(row["path"], explain=True, threshold=state.threshold())
     return prediction.cam, "Grad-CAM of the decision at the current threshold (computed now)"
 
 
-def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, float | None],
+def case_detail(row: pd.Series, run: Path, split: str, view_geometry: tuple[int, str, float | None],
                 opacity: float) -> None:
     """Image as the model sees it, CAM overlay and lesion-mask outline side by side, then scores and metadata."""
     st.subheader(f"{row['image_id']} — {DX_NAMES.get(row['dx'], row['dx'])}")
@@ -158,7 +159,7 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, float 
                    "painting over them (Error audit → Artifact stress test).")
     if isinstance(row.get("path"), str):
         view = loaders.model_view(row["path"], *view_geometry)
-        cam, cam_note = case_cam(row, run)
+        cam, cam_note = case_cam(row, run, split)
         image_col, cam_col, mask_col = st.columns(3)
         image_col.image(view, caption="as the model sees it", width="stretch")
         cam_col.image(cam_overlay(view, cam, opacity), caption=cam_note, width="stretch")
@@ -177,7 +178,7 @@ def case_detail(row: pd.Series, run: Path, view_geometry: tuple[int, str, float 
     st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")
 
 
-def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str, float | None], name: str,
+def intervention_case(row: pd.Series, run: Path, split: str, view_geometry: tuple[int, str, float | None], name: str,
                       seed: int, opacity: float) -> None:
     """One stress-test case: the image and its CAM, then the same image with the artifact painted in (as
     ``train.py stress`` painted it) and the CAM of the decision made on that copy."""
@@ -189,7 +190,7 @@ def intervention_case(row: pd.Series, run: Path, view_geometry: tuple[int, str, 
         return
     threshold = state.threshold()
     view = loaders.model_view(row["path"], *view_geometry)
-    cam, _ = case_cam(row, run)
+    cam, _ = case_cam(row, run, split)
     painted, p_now, painted_cam = loaders.intervened(run, row, view_geometry, name, seed, threshold)
     columns = st.columns(4)
     columns[0].image(view, caption="as the model sees it", width="stretch")

@@ -19,10 +19,12 @@ from core.metrics import age_band
 from core.predictor import Predictor
 from core.runs import (
     CONFIG_FILE,
+    EXTERNAL_PREFIX,
     HISTORY_FILE,
     INDEX_FILE,
     MODEL_FILE,
     SITES_DIR,
+    STYLE_INDEX_FILE,
     RunError,
     external_sets as read_external_sets,
     read_attention,
@@ -81,7 +83,8 @@ def _predictor(run: str, stamp: float) -> Predictor:
 
 
 def _model_stamp(run: Path) -> float:
-    return max(_mtime(run / MODEL_FILE), _mtime(run / CONFIG_FILE), _mtime(run / INDEX_FILE))
+    return max(_mtime(run / MODEL_FILE), _mtime(run / CONFIG_FILE), _mtime(run / INDEX_FILE),
+               _mtime(run / STYLE_INDEX_FILE))
 
 
 def predictor(run: Path) -> Predictor:
@@ -127,9 +130,10 @@ def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataF
             pass
     if "age" in frame:
         frame["age_band"] = age_band(frame["age"]).astype(str)
-    if "file" in frame:  # an external set: its images lie where `train.py evaluate --data` read them
-        root = Path(external_sets(Path(run))[split.removeprefix("external_")]["images"])
-        frame["path"] = [str(root / name) for name in frame["file"]]  # gallery.cases_at_threshold checks the folder
+    if split.startswith(EXTERNAL_PREFIX):  # its images lie where `train.py evaluate --data` read them
+        root = external_sets(Path(run)).get(split.removeprefix(EXTERNAL_PREFIX), {}).get("images")
+        # gallery.cases_at_threshold checks the folder; a set evaluated before the folder was recorded has none
+        frame["path"] = [str(Path(root) / name) for name in frame["file"]] if root and "file" in frame else None
         frame["mask_path"] = None
     elif data_dir is not None:
         frame = frame.merge(_metadata(data_dir), on="image_id", how="left", validate="one_to_one")
@@ -145,9 +149,14 @@ def cases(run: Path, split: str = "test", data_dir: Path | None = None) -> pd.Da
 
 def images_problem(run: Path, split: str) -> str:
     """Why the images of an external set cannot be shown ("" when they can)."""
-    name = split.removeprefix("external_")
-    report = external_sets(run).get(name) if split.startswith("external_") else None
-    if report is None or Path(report["images"]).is_dir():
+    name = split.removeprefix(EXTERNAL_PREFIX)
+    report = external_sets(run).get(name) if split.startswith(EXTERNAL_PREFIX) else None
+    if report is None:
+        return ""
+    if "images" not in report:
+        return (f"`{name}` was evaluated before runs recorded where a set's images are. Evaluate it again: "
+                f"`python train.py evaluate --run {run} --data LABELS.csv --images FOLDER --name {name}`.")
+    if Path(report["images"]).is_dir():
         return ""
     return (f"The images of `{name}` were read from `{report['images']}`, which is not there any more. Move them "
             f"back, or evaluate the set again from where they are now: `python train.py evaluate --run {run} --data "
@@ -171,8 +180,8 @@ def _site_profiles(run: str, stamp: float, sites_stamp: float) -> dict[str, dict
 
 def site_profiles(run: Path) -> dict[str, dict]:
     """The run's site profiles that belong to its current weights and calibration (name → profile)."""
-    sites = run / SITES_DIR
-    return _site_profiles(str(run), _model_stamp(run), _run_stamp(sites))
+    sites = run / SITES_DIR  # the folder's own time changes when a profile is added or removed, a file's when rewritten
+    return _site_profiles(str(run), _model_stamp(run), max(_mtime(sites), _run_stamp(sites)))
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

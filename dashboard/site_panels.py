@@ -7,11 +7,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
-from scipy import stats
 
 from core import metrics, sites
 from core.runs import RunError, write_site_profile
 from dashboard import loaders, state
+
+
+def stale_warning(run: Path, report: dict) -> None:
+    """Say so when an external set's stored predictions were made by other weights or another calibration."""
+    if report.get("model") != sites.model_fingerprint(run):
+        st.warning(f"The predictions of `{report['name']}` were made by other weights or another calibration of this "
+                   f"run (or before runs recorded which): evaluate the set again with `python train.py evaluate --run "
+                   f"{run} --data LABELS.csv --images DIR --name {report['name']}`.", icon=":material/history:")
 
 
 def shift_verdict(report: dict) -> None:
@@ -37,14 +44,16 @@ def sensitivity_interval(labels: np.ndarray, probs: np.ndarray, threshold: float
     hits = int((malignant >= threshold).sum())
     if len(malignant) == 0:
         return float("nan"), 0.0, 1.0, 0
-    interval = stats.binomtest(hits, len(malignant)).proportion_ci(0.95, method="exact")
-    return hits / len(malignant), float(interval.low), float(interval.high), len(malignant)
+    return hits / len(malignant), *metrics.exact_interval(hits, len(malignant)), len(malignant)
 
 
 def val_threshold_check(run: Path, label: str, labels: np.ndarray, probs: np.ndarray, youden: float) -> None:
     """Say plainly when the run's val Youden threshold gives a sensitivity on this set that the test split's does
     not fall within (its 95 % interval on this set's malignant cases)."""
-    test = loaders.cases(run, "test")
+    try:
+        test = loaders.cases(run, "test")
+    except RunError:
+        return  # nothing to compare with
     expected = metrics.binary_metrics(test["label"], test["probability"], youden)["sensitivity"]
     here, low, high, n = sensitivity_interval(labels, probs, youden)
     if n == 0:
@@ -106,8 +115,13 @@ def make_profile(run: Path, set_name: str, frame: pd.DataFrame) -> None:
     """The form's callback (it runs before the page, so the shared threshold may still move): make, write and use
     the profile, or keep the reason it was refused for the page to show."""
     form = st.session_state
+    report = loaders.external_sets(run)[set_name]
+    if report.get("model") != sites.model_fingerprint(run):
+        form[MADE_KEY] = ("refused", f"No site profile made: the predictions of `{set_name}` were made by other weights "
+                                     f"or another calibration of `{run}`; evaluate the set again first.")
+        return
     try:
-        source = {"set": set_name, **{k: loaders.external_sets(run)[set_name][k] for k in ("data", "images")}}
+        source = {"set": set_name, **{k: report.get(k) for k in ("data", "images")}}
         profile = sites.make_profile(run, form["site_name"].strip(), frame, source, form["site_target"],
                                      form["site_rule"], form["site_confidence"])
         write_site_profile(run, profile, form["site_overwrite"])

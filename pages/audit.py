@@ -55,7 +55,7 @@ if len(picked):
     opacity = gallery.opacity_slider()
     for _, row in picked.iterrows():
         with st.container(border=True):
-            gallery.case_detail(row, run, view, opacity)
+            gallery.case_detail(row, run, split, view, opacity)
 
 ood = loaders.ood_summary(run)
 if ood is not None and "out_of_distribution" in cases:
@@ -64,8 +64,10 @@ if ood is not None and "out_of_distribution" in cases:
     wrong = ~cases["correct"]
     st.markdown(
         f"Each image's distance to the training images ({ood['method']} in the model's embedding, "
-        f"`train.py index`), flagged above the val split's {ood['percentile']:g}th percentile "
-        f"({ood['threshold']:.3f}). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
+        f"`train.py index`; flagged above {ood['threshold']:.3f}"
+        + (f", or when its style statistics are farther than {ood['style_threshold']:.3f}: together "
+           f"{100 - ood['percentile']:g} % of val" if "style_threshold" in ood else
+           f", the val split's {ood['percentile']:g}th percentile") + f"). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
         f"of the mistakes** are flagged against {cases['out_of_distribution'][~wrong].mean():.1%} of the correct "
         f"decisions; median distance {cases['ood_score'][wrong].median():.3f} vs "
         f"{cases['ood_score'][~wrong].median():.3f}.")
@@ -119,7 +121,7 @@ if has_stress and summary is not None:
         opacity = st.session_state.get(gallery.OPACITY_KEY, 0.5)
         for _, row in gallery.page_of(changed, "stress_page", STRESS_PER_PAGE).iterrows():
             with st.container(border=True):
-                gallery.intervention_case(row, run, view, name, summary["seed"], opacity)
+                gallery.intervention_case(row, run, split, view, name, summary["seed"], opacity)
 
     st.subheader("Does the Grad-CAM see it?")
     validation = summary.get("cam_validation")

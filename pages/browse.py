@@ -35,7 +35,8 @@ with st.expander("Filters", expanded=True):
     far = row2[4].pills("Distance to training", list(OOD_FILTER), key="f_ood",
                         disabled="out_of_distribution" not in cases,
                         help="From the embedding index (train.py index): flagged when the image's distance to the "
-                             "training images is above the val split's 95th percentile. None picked: all images.")
+                             "training images, in content or in style, is above its threshold (5 % of val are). "
+                             "None picked: all images.")
     ages = cases["age"].dropna() if "age" in cases else pd.Series(dtype=float)
     age_range = row2[0].slider("Age", 0, 100, (0, 100), 5, key="f_age", disabled=ages.empty)
     include_unknown_age = row2[0].checkbox("include unknown age", True, key="f_age_unknown")
@@ -84,6 +85,6 @@ elif len(shown):
 chosen = st.session_state.get(CASE_KEY)
 if chosen is not None and chosen in set(cases["image_id"]):
     st.divider()
-    gallery.case_detail(cases.set_index("image_id", drop=False).loc[chosen], run, view,
+    gallery.case_detail(cases.set_index("image_id", drop=False).loc[chosen], run, split, view,
                         st.session_state.get(gallery.OPACITY_KEY, 0.5))
     gallery.opacity_slider()

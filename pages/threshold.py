@@ -18,6 +18,7 @@ labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
 presets = state.run_thresholds(run)
 external = state.external_name(split)
 if external is not None:
+    site_panels.stale_warning(run, loaders.external_sets(run)[external])
     site_panels.shift_verdict(loaders.external_sets(run)[external])
 if split != "test" and "youden" in presets:
     site_panels.val_threshold_check(run, label, labels, probs, presets["youden"])

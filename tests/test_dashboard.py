@@ -505,3 +505,25 @@ def test_a_moved_image_folder_is_named_not_a_crash(external_run: Path, tmp_path:
         assert any(str(images) in i.value and "--name clinic_x" in i.value for i in at.info)
     finally:
         shutil.move(moved, images)
+
+
+def test_a_set_evaluated_before_sets_recorded_their_folder_is_explained(external_run: Path) -> None:
+    """`evaluate --data` wrote no image folder or model fingerprint before issue #30: such a set still opens, says
+    how to evaluate it again, and is not used for a site profile (its probabilities may be another model's)."""
+    frame = read_predictions(external_run, "external_clinic_x").drop(columns="file")
+    frame.to_csv(external_run / "predictions_external_old.csv", index=False)
+    report = json.loads((external_run / "metrics_external_clinic_x.json").read_text())
+    old = {key: report[key] for key in ("n", "auroc", "auroc_ci", "at_threshold")} | {"name": "old"}
+    (external_run / "metrics_external_old.json").write_text(json.dumps(old))
+    try:
+        at = open_page("browse", run=external_run)
+        at.sidebar.selectbox(key="data_set").set_value("external_old").run()
+        assert not at.exception and any("evaluated before runs recorded" in i.value for i in at.info)
+        at.switch_page(str(PROJECT_ROOT / "pages" / "threshold.py")).run()
+        assert not at.exception and any("other weights or another calibration" in w.value for w in at.warning)
+        at.button[-1].click().run()  # the profile form's submit
+        assert any("evaluate the set again first" in e.value for e in at.error)
+        assert not (external_run / "sites").exists()
+    finally:
+        for name in ("predictions_external_old.csv", "metrics_external_old.json"):
+            (external_run / name).unlink()

@@ -170,7 +170,7 @@ def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path
     assert code == 0, err
     table = pd.read_csv(out)
     assert list(table.columns) == ["image", "probability", "ood_score", "style_score", "out_of_distribution",
-                                   "threshold", "decision"] and len(table) == 5
+                                   "unlike_in_content", "threshold", "decision"] and len(table) == 5
     assert (table["decision"] == np.where(table["out_of_distribution"], "withheld", np.where(
         table["probability"] >= table["threshold"], "malignant", "benign"))).all()
     scores = table.set_index("image")["ood_score"]

@@ -268,3 +268,22 @@ def test_at_a_site_threshold_another_camera_is_decided_not_withheld(site_sample:
     assert (tables[None]["decision"][tables[None]["out_of_distribution"]] == "withheld").all()
     assert (tables[None]["out_of_distribution"] & ~content).any()  # some are flagged for their style alone
     assert ((tables["camera_site"]["decision"] == "withheld") == content).all()
+
+
+def test_predict_without_val_thresholds_still_writes_the_probabilities(site_sample: tuple[Path, Path, Path],
+                                                                      tmp_path: Path) -> None:
+    import pandas as pd
+
+    import train
+    from tests.helpers import run_main
+
+    run, _, images = site_sample
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("metrics*.json", "sites"))
+    out = tmp_path / "p.csv"
+    code, _, err = run_main(train.main, "predict", "--run", str(bare), "--images", str(images), "--out", str(out))
+    assert code == 0, err
+    assert "threshold and decision columns stay empty" in err
+    table = pd.read_csv(out)
+    assert len(table) == 40 and table["probability"].between(0, 1).all()
+    assert table["threshold"].isna().all() and table["decision"].isna().all()
