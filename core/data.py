@@ -20,6 +20,9 @@ DEFAULT_SPLIT_FILE = "splits/ham10000.csv"      # relative to the project (``pro
 DEFAULT_FOLDS_FILE = "splits/ham10000_folds5.csv"
 HAM10000_METADATA = "HAM10000_metadata.csv"
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+# Where an image was taken (clinic, camera, acquisition set): read from the first of these columns a label file has
+# (HAM10000's current metadata calls it ``dataset``), never required; carried as ``source``.
+SOURCE_COLUMNS = ("source", "site", "dataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Diagnoses and the binary target. ``scc`` only occurs in ISIC 2019; HAM10000 files it under ``akiec``.
@@ -137,6 +140,13 @@ def attach_image_paths(frame: pd.DataFrame, image_dir: Path, csv_path: Path) -> 
     return frame
 
 
+def source_of(raw: pd.DataFrame) -> pd.Series | None:
+    """The image's source from the first of :data:`SOURCE_COLUMNS` the raw label file has (None: it has none);
+    missing values become "unknown", so every image belongs to one source group."""
+    column = next((c for c in SOURCE_COLUMNS if c in raw.columns), None)
+    return None if column is None else raw[column].fillna("unknown").astype(str).str.strip()
+
+
 def read_ham10000(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """HAM10000 layout: ``HAM10000_metadata.csv``, ``images/<id>.jpg`` and optional ``masks/<id>_segmentation.png``.
 
@@ -163,6 +173,10 @@ def read_ham10000(root: str | os.PathLike | None = None) -> pd.DataFrame:
     frame["mask_path"] = [str(mask_dir / f"{i}_segmentation.png") if f"{i}_segmentation.png" in masks else None
                           for i in frame["image_id"]]
     columns = ["image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex", "localization", "path", "mask_path"]
+    source = source_of(frame)
+    if source is not None:
+        frame["source"] = source
+        columns.append("source")
     return frame[columns].reset_index(drop=True)
 
 
@@ -188,7 +202,10 @@ def read_isic_groundtruth(csv_path: str | os.PathLike, image_dir: str | os.PathL
     if unknown.any():
         log.warning("%s: skipping %d UNK row(s) (no diagnosis): %s", csv_path, int(unknown.sum()),
                     _list_rows(frame[unknown], "image"))
+    source = source_of(frame)
     frame = pd.DataFrame({"image_id": frame["image"].astype(str), "dx": dx_column.map(ISIC_TO_DX)})[~unknown]
+    if source is not None:
+        frame["source"] = source[~unknown]
     _check_unique(frame, "image_id", csv_path)
     if metadata_csv is not None:
         meta = read_csv(Path(metadata_csv)).rename(columns={"image": "image_id"})
@@ -221,6 +238,9 @@ def read_labelled_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike)
     ids = frame["image"].astype(str).map(lambda n: Path(n).stem if Path(n).suffix.lower() in IMAGE_EXTENSIONS else n)
     out = pd.DataFrame({"image_id": ids, "lesion_id": frame.get("lesion_id", ids), "dx": pd.NA,
                         "label": labels.astype("int64")})
+    source = source_of(frame)
+    if source is not None:
+        out["source"] = source
     out["lesion_id"] = out["lesion_id"].fillna(out["image_id"]).astype(str)
     _check_unique(out, "image_id", csv_path)
     out = attach_image_paths(out, image_dir, csv_path)

@@ -54,6 +54,8 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
               "auroc": metrics.auroc(labels, probs),
               "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
               "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+    if "source" in frame.columns:
+        report["sources"] = metrics.source_report(frame, thresholds)
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
         frame = pd.concat([frame.reset_index(drop=True), guard.assess(features)], axis=1)
         report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
@@ -84,6 +86,9 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool
     report = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
                                       test["label"].to_numpy(), test["probability"].to_numpy())
     test_bands = test.assign(age_band=metrics.age_band(test["age"])) if "age" in test.columns else test
+    if "source" in test.columns:  # where each image was taken: per-source metrics at the val thresholds
+        report |= {f"sources_{name}": metrics.source_report(frame, report["thresholds"])
+                   for name, frame in predictions.items()}
     report |= {
         "calibration_test": metrics.calibration(test["label"].to_numpy(), test["probability"].to_numpy()),
         "subgroups_test": json.loads(metrics.subgroup_auroc(test_bands).to_json(orient="records")),  # NaN → null

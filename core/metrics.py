@@ -279,3 +279,31 @@ def outcomes(labels: ArrayLike, probs: ArrayLike, threshold: float) -> np.ndarra
     y, p = _check(labels, probs)
     predicted = p >= threshold
     return np.where(predicted, np.where(y == 1, "TP", "FP"), np.where(y == 1, "FN", "TN"))
+
+
+def source_report(frame: pd.DataFrame, thresholds: dict[str, float], n_boot: int = 1000) -> dict:
+    """Per source (``source`` column): n, malignant cases, AUROC with its bootstrap CI and the rates at the run's
+    val thresholds; the **source-stratified AUROC** (the mean of the within-source AUROCs, over the sources with
+    both classes: a pooled AUROC can be carried by one easy source, or by sources whose malignant shares differ);
+    and P(malignant) by diagnosis × source (median, mean, n), where a camera shows as nevi scored apart."""
+    per_source = {}
+    for source, part in frame.groupby("source", sort=True):
+        labels, probs = part["label"].to_numpy(), part["probability"].to_numpy()
+        both = _both_classes(labels)
+        per_source[str(source)] = {
+            "n": len(part), "n_malignant": int(labels.sum()),
+            "auroc": auroc(labels, probs) if both else None,
+            "auroc_ci": list(bootstrap_auroc_ci(labels, probs, n_boot)) if both else None,
+            "at_threshold": {name: {key: binary_metrics(labels, probs, t)[key] for key in ("sensitivity",
+                                                                                           "specificity")}
+                             for name, t in thresholds.items()}}
+    scored = [row["auroc"] for row in per_source.values() if row["auroc"] is not None]
+    by_dx = frame.groupby(["dx", "source"], dropna=False)["probability"].agg(["median", "mean", "size"]).reset_index()
+    return {"sources": per_source,
+            "stratified_auroc": float(np.mean(scored)) if scored else None,
+            "stratified_over": [name for name, row in per_source.items() if row["auroc"] is not None],
+            "pooled_auroc": auroc(frame["label"], frame["probability"]) if _both_classes(
+                frame["label"].to_numpy()) else None,
+            "p_by_dx_source": [{"dx": None if pd.isna(row["dx"]) else str(row["dx"]), "source": str(row["source"]),
+                                "n": int(row["size"]), "median": float(row["median"]), "mean": float(row["mean"])}
+                               for _, row in by_dx.iterrows()]}

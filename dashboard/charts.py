@@ -205,3 +205,15 @@ def delta_p_chart(stress: pd.DataFrame, step: float = 0.05) -> alt.Chart:
         color=alt.Color("intervention:N"), tooltip=["intervention", alt.Tooltip("delta_p:Q", format="+.3f"),
                                                     alt.Tooltip("share:Q", format=".1%")],
     ).properties(height=300, title="Δp per intervention (test split; square-root scale)")
+
+
+def p_by_dx_source_chart(frame: pd.DataFrame) -> alt.Chart:
+    """P(malignant) by true diagnosis, one box per source side by side: the same diagnosis scored apart by source
+    is case mix or the camera (issue #31), and which of the two only an intervention can tell."""
+    data = frame[["dx", "source", "probability"]].dropna(subset=["dx"])
+    return alt.Chart(data).mark_boxplot(size=12, outliers={"size": 6}).encode(
+        x=alt.X("dx:N", title="true diagnosis"), xOffset="source:N",
+        y=alt.Y("probability:Q", title="P(malignant)", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("source:N", legend=alt.Legend(orient="top")),
+        tooltip=["dx:N", "source:N", alt.Tooltip("median(probability):Q", format=".3f")],
+    ).properties(height=260, title="P(malignant) by diagnosis and source")

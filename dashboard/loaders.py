@@ -103,7 +103,9 @@ def intervened(run: Path, row: pd.Series, view: tuple[int, str, float | None], n
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _metadata(data_dir: str) -> pd.DataFrame:
-    return read_ham10000(data_dir)[["image_id", "path", "mask_path"]]
+    """Image paths, and the source where the metadata has it (predictions written before it was carried lack it)."""
+    frame = read_ham10000(data_dir)
+    return frame[[c for c in ("image_id", "path", "mask_path", "source") if c in frame]]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -136,7 +138,9 @@ def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataF
         frame["path"] = [str(Path(root) / name) for name in frame["file"]] if root and "file" in frame else None
         frame["mask_path"] = None
     elif data_dir is not None:
-        frame = frame.merge(_metadata(data_dir), on="image_id", how="left", validate="one_to_one")
+        metadata = _metadata(data_dir)
+        frame = frame.merge(metadata.drop(columns=[c for c in ("source",) if c in frame]), on="image_id", how="left",
+                            validate="one_to_one")
     return frame
 
 

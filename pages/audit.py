@@ -34,10 +34,15 @@ kinds = st.multiselect("Mistakes", ["FP", "FN"], default=["FP", "FN"], key="audi
 only_dependent = st.toggle("Only decisions that depend on the corners", key="audit_corner", disabled=not has_stress,
                            help="Covering the corners with skin colour or adding a vignette flips the decision or "
                                 "moves p by ≥ 0.2 (train.py stress).")
+sources = st.multiselect("Source", sorted(cases["source"].dropna().astype(str).unique()) if "source" in cases else [],
+                         key="audit_source", disabled="source" not in cases,
+                         help="Only the mistakes on images from these sources (none picked: all).")
 selection = errors[errors["outcome"].isin(kinds)]
+if sources:
+    selection = selection[selection["source"].astype(str).isin(sources)]
 if only_dependent and has_stress:
     selection = selection[selection["corner_dependent"]]
-columns = [c for c in ["image_id", "outcome", "dx", "probability", "mistake_confidence", "out_of_distribution",
+columns = [c for c in ["image_id", "outcome", "dx", "source", "probability", "mistake_confidence", "out_of_distribution",
                        "ood_score", "corner_dependent",
                        "p_corner_fill", "p_vignette", "corner_fraction", "dark_corner_score", "age", "sex",
                        "localization"] if c in selection]

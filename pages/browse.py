@@ -21,7 +21,7 @@ def choices(column: str) -> list[str]:
 
 
 with st.expander("Filters", expanded=True):
-    row1 = st.columns(4)
+    row1 = st.columns(5)
     outcome = row1[0].pills(f"Outcome at {threshold:.3f}", list(metrics.OUTCOMES), selection_mode="multi",
                             key="f_outcome", help="; ".join(f"{k}: {v}" for k, v in gallery.OUTCOME_HELP.items()))
     dx = row1[1].multiselect("True diagnosis", choices("dx"), format_func=lambda d: f"{d} — {DX_NAMES.get(d, d)}",
@@ -31,6 +31,9 @@ with st.expander("Filters", expanded=True):
                             disabled="corner_dependent" not in cases,
                             help="From the artifact stress test: covering the corners or adding a vignette flips "
                                  "the decision at this threshold, or moves p by ≥ 0.2. None picked: all images.")
+    source = row1[4].multiselect("Source", choices("source"), key="f_source", disabled="source" not in cases,
+                                 help="Where the image was taken (HAM10000's `dataset`; a labels CSV's `source` or "
+                                      "`site` column).")
     row2 = st.columns(5)
     far = row2[4].pills("Distance to training", list(OOD_FILTER), key="f_ood",
                         disabled="out_of_distribution" not in cases,
@@ -49,6 +52,8 @@ if outcome:
     shown = shown[shown["outcome"].isin(outcome)]
 if dx:
     shown = shown[shown["dx"].isin(dx)]
+if source:
+    shown = shown[shown["source"].astype(str).isin(source)]
 if corners is not None and "corner_dependent" in shown:
     shown = shown[shown["corner_dependent"] == CORNER_FILTER[corners]]
 if far is not None and "out_of_distribution" in shown:

@@ -13,7 +13,7 @@ run, split = state.current_run(), state.data_set()
 label = state.set_label(split)
 st.caption(f"On the {label} (choose the data set in the sidebar). Thresholds are chosen on val, or on a site's own "
            "labelled cases, and applied elsewhere: never chosen on the set they are judged on.")
-frame = loaders.cases_or_stop(run, split)
+frame = loaders.cases_or_stop(run, split, loaders.data_dir_or_none()[0])  # with the images' metadata (source)
 labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
 presets = state.run_thresholds(run)
 external = state.external_name(split)
@@ -69,6 +69,22 @@ st.dataframe(readable(comparison[["operating point", "threshold", "sensitivity",
                                          "balanced_accuracy", "f1", "tp", "fp", "fn", "tn"]]).style.format(precision=3),
              hide_index=True)
 st.altair_chart(charts.calibration_chart(metrics.calibration(labels, probs)))
+
+if "source" in frame and frame["source"].nunique() > 1:
+    st.subheader(f"By source at threshold {threshold:.3f}")
+    report = metrics.source_report(frame, {"current": threshold}, n_boot=200)
+    rows = [{"source": name, "images": row["n"], "malignant": row["n_malignant"], "AUROC": row["auroc"],
+             "AUROC 95 % CI": "" if row["auroc_ci"] is None else f"{row['auroc_ci'][0]:.3f}–{row['auroc_ci'][1]:.3f}",
+             **row["at_threshold"]["current"]} for name, row in report["sources"].items()]
+    st.dataframe(pd.DataFrame(rows).style.format({"AUROC": "{:.3f}", "sensitivity": "{:.3f}",
+                                                  "specificity": "{:.3f}"}, na_rep="—"),
+                 hide_index=True, key="source_rows")
+    if report["stratified_auroc"] is not None:
+        st.markdown(f"Source-stratified AUROC (the mean of the within-source AUROCs, over "
+                    f"{len(report['stratified_over'])} sources with both classes): "
+                    f"**{report['stratified_auroc']:.3f}**, against {report['pooled_auroc']:.3f} pooled: a pooled AUROC "
+                    "can be carried by one easy source, or by sources whose malignant shares differ.")
+    st.altair_chart(charts.p_by_dx_source_chart(frame), width="stretch")
 
 if external is not None:
     site_panels.profile_form(run, external, frame)

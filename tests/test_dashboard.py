@@ -527,3 +527,21 @@ def test_a_set_evaluated_before_sets_recorded_their_folder_is_explained(external
     finally:
         for name in ("predictions_external_old.csv", "metrics_external_old.json"):
             (external_run / name).unlink()
+
+
+def test_per_source_rows_and_the_source_filter(ham_dir: Path) -> None:
+    """The explorer's per-source rows are core.metrics' at the current threshold; the browser's source filter
+    counts the images of that source."""
+    at = open_page("threshold")
+    threshold = at.session_state["threshold"]
+    frame = loaders.cases(DEFAULT_RUN, "test", ham_dir)
+    expected = metrics.source_report(frame, {"t": threshold}, n_boot=10)["sources"]
+    rows = next(d.value for d in at.dataframe if "source" in d.value.columns).set_index("source")
+    assert set(rows.index) == set(expected) == {"rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"}
+    for name, row in expected.items():
+        assert rows.loc[name, "images"] == row["n"] and rows.loc[name, "AUROC"] == pytest.approx(row["auroc"])
+        assert rows.loc[name, "sensitivity"] == pytest.approx(row["at_threshold"]["t"]["sensitivity"])
+    assert any("Source-stratified AUROC" in m.value for m in at.markdown)
+    at.switch_page(str(PROJECT_ROOT / "pages" / "browse.py")).run()
+    at.multiselect(key="f_source").set_value(["vienna_dias"]).run()
+    assert _match_line(at).startswith(f"**{expected['vienna_dias']['n']} of 1,500 images match**")

@@ -166,6 +166,21 @@ def test_labelled_csv(tmp_path: Path) -> None:
     assert frame["path"][1].endswith("b.JPG")
 
 
+def test_the_source_is_carried_when_a_label_file_has_one(tmp_path: Path, ham: pd.DataFrame) -> None:
+    """HAM10000's ``dataset``, a labels CSV's ``source`` or ``site``: read as ``source`` when there, never required."""
+    counts = ham["source"].value_counts()
+    assert counts.to_dict() == {"vidir_molemax": 3954, "vidir_modern": 3363, "rosendahl": 2259, "vienna_dias": 439}
+    (tmp_path / "img").mkdir()
+    write_image(tmp_path / "img" / "a.png")
+    write_image(tmp_path / "img" / "b.png", seed=1)
+    (tmp_path / "sites.csv").write_text("image,label,site\na.png,1,clinic_a\nb.png,0,\n")
+    assert read_labelled_csv(tmp_path / "sites.csv", tmp_path / "img")["source"].tolist() == ["clinic_a", "unknown"]
+    (tmp_path / "plain.csv").write_text("image,label\na.png,1\nb.png,0\n")
+    assert "source" not in read_labelled_csv(tmp_path / "plain.csv", tmp_path / "img")
+    make_ham(tmp_path / "old", ROWS)  # the metadata of older HAM10000 copies: no dataset column
+    assert "source" not in read_ham10000(tmp_path / "old")
+
+
 def test_labelled_csv_bad_labels(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     (tmp_path / "labels.csv").write_text("image,label\na,1\nb,malignant\nc,2\n")

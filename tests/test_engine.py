@@ -50,6 +50,11 @@ def test_predictions_and_metrics_are_consistent(tiny_run: Path) -> None:
     # The CSV rounds probabilities to 6 decimals, which can tie a few near-equal scores of a barely trained model.
     assert report["test"]["auroc"] == pytest.approx(roc_auc_score(test["label"], test["probability"]), abs=1e-5)
     assert set(report["thresholds"]) == {"0.5", "youden", "sens95"}
+    # Where each image was taken (HAM10000's dataset) is carried into the predictions and reported per source.
+    sources = report["sources_test"]
+    assert set(sources["sources"]) == set(test["source"]) and sum(r["n"] for r in sources["sources"].values()) == 48
+    within = [r["auroc"] for r in sources["sources"].values() if r["auroc"] is not None]
+    assert sources["stratified_auroc"] == pytest.approx(sum(within) / len(within))
 
 
 def test_checkpoint_round_trips_to_identical_predictions(tiny_run: Path, ham_dir: Path) -> None:

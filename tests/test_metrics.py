@@ -231,3 +231,17 @@ def test_subgroups() -> None:
     assert "localization" not in table.index.get_level_values("group")  # absent column: skipped
     small = metrics.subgroup_auroc(frame, by=("sex",), min_count=5).set_index("value")
     assert not np.isnan(small.loc["unknown", "auroc"])
+
+
+def test_source_report_by_hand() -> None:
+    frame = pd.DataFrame({"source": ["a"] * 4 + ["b"] * 4 + ["c"] * 2, "dx": ["mel", "nv", "nv", "mel"] * 2 + ["nv"] * 2,
+                          "label": [1, 0, 0, 1, 1, 0, 0, 1, 0, 0],
+                          "probability": [0.9, 0.2, 0.6, 0.4, 0.8, 0.1, 0.3, 0.7, 0.05, 0.5]})
+    report = metrics.source_report(frame, {"t": 0.5}, n_boot=50)
+    a, b, c = (report["sources"][k] for k in "abc")
+    assert a["auroc"] == pytest.approx(0.75) and b["auroc"] == pytest.approx(1.0) and c["auroc"] is None
+    assert report["stratified_auroc"] == pytest.approx((0.75 + 1.0) / 2) and report["stratified_over"] == ["a", "b"]
+    assert a["at_threshold"]["t"] == {"sensitivity": 0.5, "specificity": 0.5}
+    assert report["pooled_auroc"] == pytest.approx(metrics.auroc(frame["label"], frame["probability"]))
+    cell = next(r for r in report["p_by_dx_source"] if r["dx"] == "nv" and r["source"] == "a")
+    assert cell["n"] == 2 and cell["median"] == pytest.approx(0.4)
