@@ -15,7 +15,7 @@ from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
 from core.images import open_rgb
 from core.interventions import create_intervention, image_key
-from core.metrics import age_band
+from core.metrics import age_band, source_report
 from core.predictor import Predictor
 from core.runs import (
     CONFIG_FILE,
@@ -165,6 +165,17 @@ def images_problem(run: Path, split: str) -> str:
     return (f"The images of `{name}` were read from `{report['images']}`, which is not there any more. Move them "
             f"back, or evaluate the set again from where they are now: `python train.py evaluate --run {run} --data "
             f"LABELS.csv --images NEW_FOLDER --name {name}`.")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> dict:
+    return source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200)
+
+
+def sources(run: Path, split: str, data_dir: Path | None = None) -> dict:
+    """The set's per-source AUROCs with their CIs and the source-stratified AUROC (``core.metrics.source_report``
+    without thresholds), computed once per set: the bootstrap would cost 40 ms on every rerun of a dragged slider."""
+    return _source_report(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

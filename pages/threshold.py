@@ -72,10 +72,12 @@ st.altair_chart(charts.calibration_chart(metrics.calibration(labels, probs)))
 
 if "source" in frame and frame["source"].nunique() > 1:
     st.subheader(f"By source at threshold {threshold:.3f}")
-    report = metrics.source_report(frame, {"current": threshold}, n_boot=200)
+    report = loaders.sources(run, split, loaders.data_dir_or_none()[0])
+    parts = {str(name): part for name, part in frame.groupby("source")}
     rows = [{"source": name, "images": row["n"], "malignant": row["n_malignant"], "AUROC": row["auroc"],
              "AUROC 95 % CI": "" if row["auroc_ci"] is None else f"{row['auroc_ci'][0]:.3f}–{row['auroc_ci'][1]:.3f}",
-             **row["at_threshold"]["current"]} for name, row in report["sources"].items()]
+             **{key: metrics.binary_metrics(parts[name]["label"], parts[name]["probability"], threshold)[key]
+                for key in ("sensitivity", "specificity")}} for name, row in report["sources"].items()]
     st.dataframe(pd.DataFrame(rows).style.format({"AUROC": "{:.3f}", "sensitivity": "{:.3f}",
                                                   "specificity": "{:.3f}"}, na_rep="—"),
                  hide_index=True, key="source_rows")
