@@ -197,9 +197,7 @@ def cmd_shift(args: argparse.Namespace) -> None:
 
     files = image_files(args.images)
     predictor = Predictor.load(args.run, args.device)
-    if predictor.ood is None:
-        raise runs.RunError(f"the shift check compares distances to the training images, and {args.run} has no "
-                            f"embedding index: build it with `python train.py index --run {args.run}`")
+    shift.require_index(predictor.ood, args.run)  # before minutes of predictions
     batch = predictor.predict_files(files)
     for message in batch.failed:
         print(f"skipped: {message}", file=sys.stderr)

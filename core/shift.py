@@ -113,14 +113,19 @@ def advice(report: dict, run: str) -> str:
             "The run's val thresholds are the best guess here; only labelled cases of this site can confirm them.")
 
 
+def require_index(guard, run_dir: str | Path) -> None:
+    """The check compares distances to the training images: a run without an embedding index cannot be checked."""
+    if guard is None:
+        raise runs.RunError(f"the shift check compares distances to the training images, and {run_dir} has no "
+                            f"embedding index: build it with `python train.py index --run {run_dir}`")
+
+
 def against_val(run_dir: str | Path, probabilities: np.ndarray, features: list[np.ndarray], guard,
                 alpha: float = DEFAULT_ALPHA) -> dict:
     """:func:`compare` of a predicted set (its probabilities and the two feature arrays ``predict_probabilities``
     gives) with the run's val split, through the run's OOD guard (``core.ood.OODGuard``): val's stored OOD scores
     and probabilities, and the index's val features. Adds the advice."""
-    if guard is None:
-        raise runs.RunError(f"the shift check compares distances to the training images, and {run_dir} has no "
-                            f"embedding index: build it with `python train.py index --run {run_dir}`")
+    require_index(guard, run_dir)
     reference = runs.read_ood_scores(run_dir, "val")
     thresholds = {"ood_score": guard.threshold, "style_score": getattr(guard, "style_threshold", np.nan)}
     report = compare(guard.assess(features), reference, thresholds, probabilities,

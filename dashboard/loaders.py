@@ -172,6 +172,16 @@ def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> 
     return source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _p_by_dx_source_spec(run: str, split: str, stamp: float, data_dir: str | None) -> dict:
+    return charts.p_by_dx_source_chart(_cases(run, split, stamp, data_dir)).to_dict(validate=False)
+
+
+def p_by_dx_source_spec(run: Path, split: str, data_dir: Path | None = None) -> dict:
+    """The P-by-diagnosis-by-source chart's Vega-Lite spec, built once per set rather than on every rerun."""
+    return _p_by_dx_source_spec(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
+
+
 def sources(run: Path, split: str, data_dir: Path | None = None) -> dict:
     """The set's per-source AUROCs with their CIs and the source-stratified AUROC (``core.metrics.source_report``
     without thresholds), computed once per set: the bootstrap would cost 40 ms on every rerun of a dragged slider."""
