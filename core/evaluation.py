@@ -36,12 +36,13 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     the report records, so the dashboard can show it) and metrics_external_<name>.json; the prefix keeps a set named
     e.g. ``val`` from overwriting the run's own split outputs. ``name`` defaults to the label file's stem."""
     run_dir = Path(run_dir)
-    if name is None:
-        try:
-            name = runs.check_name(Path(data).stem, "set")
-        except runs.RunError as err:
-            raise runs.RunError(f"{err}; give the set a name with --name") from err
-    runs.check_name(name, "set")
+    given, name = name is not None, name or Path(data).stem
+    try:
+        runs.check_name(name, "set")
+    except runs.RunError as err:
+        if given:
+            raise
+        raise runs.RunError(f"{err}; give the set a name with --name") from err
     features: list[np.ndarray] = []
     frame, guard = predict_labelled(run_dir, data, images, device_name, features)
     # Every reader lists one folder (core.data.attach_image_paths): the file name finds the image there again.

@@ -40,7 +40,7 @@ from core.runs import (
     read_stress_summary,
     run_summary,
 )
-from core.sites import usable_profiles
+from core.sites import model_fingerprint as core_model_fingerprint, usable_profiles
 from core.stress import wide
 from core.split import read_split
 from core.transforms import CornerMask, resize_transform
@@ -196,6 +196,18 @@ def _external_sets(run: str, stamp: float) -> dict[str, dict]:
 def external_sets(run: Path) -> dict[str, dict]:
     """The labelled sets evaluated on the run (name → its metrics file, with where its images were read from)."""
     return _external_sets(str(run), _run_stamp(run))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _model_fingerprint(run: str, stamp: float) -> dict:
+    return core_model_fingerprint(run)
+
+
+def model_fingerprint(run: Path) -> dict:
+    """The run's weights and calibration (``core.sites.model_fingerprint``), hashed once per change of them: the
+    weights are 16 MB, and the Threshold explorer asks on every rerun whether an external set's predictions are
+    theirs."""
+    return _model_fingerprint(str(run), _model_stamp(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

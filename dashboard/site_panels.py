@@ -15,7 +15,7 @@ from dashboard import loaders, state
 
 def stale_warning(run: Path, report: dict) -> None:
     """Say so when an external set's stored predictions were made by other weights or another calibration."""
-    if report.get("model") != sites.model_fingerprint(run):
+    if report.get("model") != loaders.model_fingerprint(run):
         st.warning(f"The predictions of `{report['name']}` were made by other weights or another calibration of this "
                    f"run (or before runs recorded which): evaluate the set again with `python train.py evaluate --run "
                    f"{run} --data LABELS.csv --images DIR --name {report['name']}`.", icon=":material/history:")
@@ -116,7 +116,7 @@ def make_profile(run: Path, set_name: str, frame: pd.DataFrame) -> None:
     the profile, or keep the reason it was refused for the page to show."""
     form = st.session_state
     report = loaders.external_sets(run)[set_name]
-    if report.get("model") != sites.model_fingerprint(run):
+    if report.get("model") != loaders.model_fingerprint(run):
         form[MADE_KEY] = ("refused", f"No site profile made: the predictions of `{set_name}` were made by other weights "
                                      f"or another calibration of `{run}`; evaluate the set again first.")
         return
