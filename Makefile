@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dashboard test split clean
+.PHONY: install dashboard test split data data-test clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+
+# Optional: the HAM10000 images (and the ISIC 2018 test set) from their public record, verified and resumable.
+data: $(STAMP)
+	$(BIN)/python train.py download ham10000
+
+data-test: $(STAMP)
+	$(BIN)/python train.py download isic2018-test
 
 split: $(STAMP)
 	$(BIN)/python train.py split --folds 5

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Command line over ``core``.
 
+    python train.py download ham10000 [--to DIR]           # HAM10000 from its Dataverse record, verified (make data)
+    python train.py download isic2018-test                 # the ISIC 2018 Task 3 test set: an external set
     python train.py split [--folds 5]                       # splits/ham10000.csv (+ a 5-fold file of train+val)
     python train.py fit --config configs/default.yaml --out runs/NAME [--epochs 3 …]   # flags override the YAML
     python train.py fit --resume runs/NAME                 # continue an interrupted run
     python train.py cv --config configs/default.yaml --out runs/cv_NAME   # 5 lesion-wise folds: mean ± sd
+    python train.py cv --by source --hold-out rosendahl --config … --out runs/loso_NAME   # a new clinic, in-house
     python train.py ensemble --members runs/A runs/B --out runs/ENS   # mean P(malignant) of trained runs
     python train.py calibrate --run runs/NAME             # Platt scaling fitted on val, then evaluate again
     python train.py evaluate --run runs/NAME [--data GT.csv --images DIR [--name SET]]
@@ -13,6 +16,7 @@
     python train.py predict --run runs/NAME --images FOLDER --out predictions.csv [--site SITE]
     python train.py explain --run runs/NAME --split test    # Grad-CAM audit: attention_test.csv, cams, summary
     python train.py stress --run runs/NAME --split test     # artifact stress test: stress_test.csv, summary
+    python train.py stress --run runs/NAME --suite acquisition   # other cameras: acquisition_test.csv, summary
     python train.py index --run runs/NAME                   # embedding index + OOD threshold (val percentile)
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from core import runs
 from core.config import TrainConfig, add_config_arguments, field_choices
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
+from core.download import add_parser as add_download_parser
 from core.fit import Interrupted
 from core.inference import DeviceError
 from core.training import TrainingError
@@ -80,9 +85,18 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
-    from core.cv import cross_validate
+    from core.cv import cross_validate, leave_source_out
 
     cfg = (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).override(args)
+    if args.by == "source":
+        table = leave_source_out(cfg, args.out, args.hold_out)
+        shown = ["held_out", "test_n", "test_malignant_share", "val_auroc", "test_auroc",
+                 "test_youden_sensitivity", "test_youden_specificity"]
+        print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"wrote {args.out}/cv_sources.csv (one row per held-out source; test = every image of that source)")
+        return
+    if args.hold_out:
+        raise ValueError("--hold-out names sources; add --by source")
     summary = cross_validate(cfg, args.out, args.folds_file, args.only_folds)
     shown = summary[summary["metric"].str.match(r"(val|test)_auroc$|test_youden_")]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -108,6 +122,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
     if any(args.run.glob(runs.stress_file("*"))):
         print(f"the stress test still lists the old probabilities: python train.py stress --run {args.run}")
+    if any(args.run.glob(runs.acquisition_file("*"))):
+        print(f"the acquisition stress test still lists the old probabilities: python train.py stress --run "
+              f"{args.run} --suite acquisition")
     if (args.run / runs.OOD_SUMMARY).is_file():
         print(f"the OOD summary's mistake rates use the old decisions: python train.py index --run {args.run}")
 
@@ -259,6 +276,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_stress(args: argparse.Namespace) -> None:
+    if args.suite == "acquisition":
+        return stress_acquisition(args)
     from core.stress import stress_split
 
     section = stress_split(args.run, args.split, args.interventions, args.limit, args.seed, args.min_delta,
@@ -273,6 +292,30 @@ def cmd_stress(args: argparse.Namespace) -> None:
     dependent = section["corner_dependent"]
     print(f"corner-dependent decisions: {dependent['n']} ({100 * dependent['rate']:.1f} %; {dependent['rule']})")
     print(f"wrote stress_{args.split}.csv and stress_summary.json in {args.run}")
+
+
+def stress_acquisition(args: argparse.Namespace) -> None:
+    from core.stress import ACQUISITION_LIMIT, acquisition_split
+
+    if args.interventions:
+        raise ValueError("--interventions names artifacts; the acquisition suite takes --edits")
+    limit = ACQUISITION_LIMIT if args.limit is None else args.limit
+    section = acquisition_split(args.run, args.split, args.edits, limit, args.seed, args.device)
+    floor, holds = section["floor"], section["holds"]
+    print(f"{section['n']} of {section['split_size']} {args.split} images at the val Youden threshold "
+          f"{section['threshold_youden_val']:.3f}: clean AUROC {section['clean']['auroc']:.4f}; floor "
+          f"{100 * floor['rate']:.1f} % ({floor['rule']}: {', '.join(floor['edits'])})")
+    print(f"{'edit':<22} {'kind':<8} {'n':>5} {'flipped (95 % CI)':>20} {'× floor':>8} {'→mal':>6} {'→ben':>6} "
+          f"{'AUROC Δ':>8}")
+    for name, row in section["edits"].items():
+        low, high = row["flipped_ci"]
+        times = f"{row['times_floor']:8.1f}" if row.get("times_floor") is not None else f"{'—' if 'times_floor' in row else '':>8}"
+        print(f"{name:<22} {row['kind']:<8} {row['n']:5d} {100 * row['flipped']:6.1f}% ({100 * low:4.1f}–"
+              f"{100 * high:4.1f}) {times} {100 * row['to_malignant']:5.1f}% {100 * row['to_benign']:5.1f}% "
+              f"{row['auroc_change']:+8.4f}")
+    verdict = "holds" if holds["passed"] else f"does not hold ({', '.join(holds['failing'])} above the limit)"
+    print(f"{holds['rule']} (≤ {100 * holds['limit']:.1f} %): {verdict}")
+    print(f"wrote {runs.acquisition_file(args.split)} and {runs.ACQUISITION_SUMMARY} in {args.run}")
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -306,6 +349,7 @@ def add_run_and_device(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_download_parser(sub)
 
     p = sub.add_parser("split", help="lesion-wise, near-duplicate-aware train/val/test split")
     data = p.add_argument_group("data")
@@ -327,8 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("cv", help="lesion-wise k-fold cross-validation over train+val: mean ± sd of every metric")
+    p = sub.add_parser("cv", help="lesion-wise k-fold cross-validation over train+val: mean ± sd of every metric; "
+                       "--by source: leave one source out (a new clinic)")
     run = p.add_argument_group("cross-validation")
+    run.add_argument("--by", choices=["fold", "source"], default="fold",
+                     help="fold: k lesion-wise folds (default); source: train on the other sources, test on each "
+                     "held-out source's every image")
+    run.add_argument("--hold-out", nargs="+", metavar="SOURCE",
+                     help="with --by source: only these sources (default: every source of the split)")
     run.add_argument("--config", type=Path, help="YAML config (e.g. configs/default.yaml); flags override it")
     run.add_argument("--out", type=Path, required=True, help="folder for fold<k>/ run directories and the summary")
     run.add_argument("--folds-file", default=DEFAULT_FOLDS_FILE,
@@ -402,15 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag attention as corner-focused when corner_fraction >= this (uniform = 0.25)")
     p.set_defaults(func=cmd_explain)
 
+    from core.acquisition import COLOUR_PREFIX, EDITS
     from core.interventions import DEFAULT_MIN_DELTA, INTERVENTIONS
     p = sub.add_parser("stress", help="artifact stress test: p before and after painting vignettes, corner fills, "
-                       "ink, rulers and hairs beside the lesion")
+                       "ink, rulers and hairs beside the lesion; --suite acquisition: before and after another "
+                       "camera's JPEG, resolution, focus, white balance, tone curve and colours")
     add_run_and_device(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--suite", default="artifacts", choices=["artifacts", "acquisition"],
+                   help="artifacts painted beside the lesion (default) or acquisition edits of the whole image, read "
+                   "against the neutral-edit floor")
     p.add_argument("--interventions", nargs="+", choices=list(INTERVENTIONS), metavar="NAME",
-                   help=f"which to run (default: all of {', '.join(INTERVENTIONS)})")
-    p.add_argument("--limit", type=int, help="only the first N images of the split (and of train, for the "
-                   "dark-corner table)")
+                   help=f"artifacts to run (default: all of {', '.join(INTERVENTIONS)})")
+    p.add_argument("--edits", nargs="+", metavar="NAME",
+                   help=f"acquisition edits to run (default: all of {', '.join(EDITS)} and {COLOUR_PREFIX}<source> "
+                   "for each source of the training split)")
+    p.add_argument("--limit", type=int, help="artifacts: only N random images of the split (and of train, for the "
+                   "dark-corner table); acquisition: N random images (default 500, 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts (ink, ruler, hair)")
     p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
                    help="|Δp| that makes a decision corner-dependent even without a flip (default: %(default)s)")

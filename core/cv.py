@@ -2,6 +2,10 @@
 
 Each fold trains on the other folds of train+val, chooses its thresholds on its own held-out fold, and is tested on
 the same held-out test split, so the spread across folds is the spread a single 70/15/15 run hides.
+
+``--by source`` is the in-house stand-in for a new clinic (:func:`leave_source_out`): each fold trains on the other
+sources' train split, chooses its thresholds on their val split, and is tested on every image of the held-out
+source, so its sensitivity at its own val threshold is what a new clinic would get without labels of its own.
 """
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import runs
+from core import metrics, runs
 from core.config import TrainConfig
-from core.data import DataError, project_path
+from core.data import DataError, project_path, read_dataset
 from core.fit import fit
 from core.io import atomic_write
 from core.split import SPLIT_COLUMNS, read_folds, read_split, write_csv
@@ -28,9 +32,25 @@ def fold_split(folds: pd.DataFrame, test: pd.DataFrame, k: int) -> pd.DataFrame:
     return pd.concat([dev[SPLIT_COLUMNS], test[SPLIT_COLUMNS]], ignore_index=True)
 
 
-def fold_row(report: dict, k: int) -> dict:
+def source_split(split: pd.DataFrame, sources: pd.Series, held_out: str) -> pd.DataFrame:
+    """The split file of a leave-one-source-out fold: every image of a lesion photographed at ``held_out`` (in any
+    split) becomes test; the other sources keep their train and val images, and their test images are left out.
+    ``sources`` maps image_id → source."""
+    source = split["image_id"].map(sources)
+    if source.isna().any():
+        raise DataError(f"{source.isna().sum()} image(s) of the split have no source (e.g. "
+                        f"{', '.join(split['image_id'][source.isna()].head(3))}); --by source needs one for each")
+    if held_out not in set(source):
+        raise DataError(f"no image of the split comes from source {held_out!r}; sources: "
+                        f"{', '.join(sorted(set(source)))}")
+    held = split["lesion_id"].isin(split.loc[source == held_out, "lesion_id"])  # a lesion never straddles the cut
+    rest = split[~held & split["split"].isin(["train", "val"])]
+    return pd.concat([rest, split[held].assign(split="test")], ignore_index=True)[SPLIT_COLUMNS]
+
+
+def fold_row(report: dict, k: int | str, key: str = "fold") -> dict:
     """One fold's metrics.json as a flat row: AUROC of val and test, and the rates at each val-chosen threshold."""
-    row: dict = {"fold": k}
+    row: dict = {key: k}
     for split in ("val", "test"):
         row[f"{split}_auroc"] = report[split]["auroc"]
         for name, at in report[split]["at_threshold"].items():
@@ -65,3 +85,49 @@ def cross_validate(cfg: TrainConfig, out_dir: str | Path, folds_file: str | Path
     atomic_write(out_dir / "cv_folds.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
     atomic_write(out_dir / "cv_summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6f"))
     return summary
+
+
+def own_test_rates(run: Path, split: pd.DataFrame, threshold: float) -> dict:
+    """The held-out source's images of the *original* test split alone: the figures to set beside a model trained
+    on every source, which is tested on the same images."""
+    predictions = runs.read_predictions(run, "test")
+    own = predictions[predictions["image_id"].isin(split.loc[split["split"] == "test", "image_id"])]
+    if not 0 < own["label"].sum() < len(own):
+        return {"own_test_n": len(own)}
+    at = metrics.binary_metrics(own["label"], own["probability"], threshold)
+    return {"own_test_n": len(own), "own_test_auroc": metrics.auroc(own["label"], own["probability"]),
+            "own_test_youden_sensitivity": at["sensitivity"], "own_test_youden_specificity": at["specificity"]}
+
+
+def leave_source_out(cfg: TrainConfig, out_dir: str | Path, held_out: list[str] | None = None) -> pd.DataFrame:
+    """Train and evaluate one fold per held-out source (``out_dir/without_<source>``; default: every source), then
+    write ``cv_sources.csv``: per held-out source its test size and malignant share, the in-source val AUROC, AUROC
+    and rates at the val thresholds on the held-out source, and the same on its images of the original test split
+    (``own_test_*``). Finished folds are reused, interrupted ones resumed."""
+    out_dir = Path(out_dir)
+    data = read_dataset(cfg.data_dir)
+    if "source" not in data or data["source"].isna().all():
+        raise DataError("--by source needs each image's source: the metadata has no dataset/source/site column")
+    sources = data.set_index("image_id")["source"].astype(str)
+    split = read_split(project_path(cfg.split_file))
+    held_out = sorted(set(split["image_id"].map(sources).dropna())) if held_out is None else held_out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out_dir / "cv_config.yaml")
+    rows = []
+    for source in held_out:
+        fold = source_split(split, sources, source)
+        run = out_dir / f"without_{runs.check_name(source, 'source')}"
+        if not (run / runs.METRICS_FILE).is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            split_path = run / "split.csv"
+            write_csv(fold, split_path)
+            fit(replace(cfg, split_file=str(split_path.resolve())), run, resume=(run / runs.STATE_FILE).is_file())
+        test = fold[fold["split"] == "test"]
+        report = runs.read_metrics(run)
+        rows.append({**fold_row(report, source, "held_out"), "test_n": len(test),
+                     "test_malignant_share": float(test["label"].mean()),
+                     "train_n": int((fold["split"] == "train").sum()),
+                     **own_test_rates(run, split, report["thresholds"]["youden"])})
+    table = pd.DataFrame(rows)
+    atomic_write(out_dir / "cv_sources.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return table

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from core import runs
+from core.acquisition import EDITS, create_edits
 from core.data import DataError
 from core.images import open_rgb
 from core.inference import Preprocess, load_run, predict_probabilities, resolve_device
@@ -108,6 +109,19 @@ class Predictor:
         through the network in the same batch. The CAM and the corner check judge the decision at ``threshold``
         (default: Youden on val)."""
         return self.predict_view(self.model_input(image), explain, method, threshold, corner_check)
+
+    def camera_check(self, image: ImageInput) -> dict[str, float]:
+        """P(malignant) of the photo as if taken by another camera: each acquisition edit that needs no source
+        (``core.acquisition``: JPEG qualities, resolution, focus, white balance, tone curve, and the neutral edits
+        that set the floor) applied to the file's own pixels, then cropped and resized as usual. Edit name → p."""
+        original = np.asarray(open_rgb(image))
+        edits = create_edits(list(EDITS))
+        views = torch.stack([self.resize(Image.fromarray(edit(original))).as_subclass(torch.Tensor) for edit in edits])
+        batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
+        with self._lock:
+            p = predict_probabilities(self.model, views, self.preprocess, self.device, batch_size,
+                                      self.config.tta_views, self.config.amp, self.config.calibration)
+        return {edit.name: float(value) for edit, value in zip(edits, p)}
 
     def predict_files(self, paths: list[Path], batch_size: int | None = None,
                       chunk: int = FILES_PER_CHUNK) -> BatchPrediction:

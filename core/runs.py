@@ -27,6 +27,7 @@ METRICS_FILE = "metrics.json"
 MEMBERS_DIR = "members"              # an ensemble's members/<name>/config.yaml (+ history.csv)
 ATTENTION_SUMMARY = "attention_summary.json"
 STRESS_SUMMARY = "stress_summary.json"
+ACQUISITION_SUMMARY = "acquisition_summary.json"  # the acquisition stress test (train.py stress --suite acquisition)
 INDEX_FILE = "index.safetensors"     # the training split's embeddings (train.py index)
 STYLE_INDEX_FILE = "index_style.safetensors"  # … and their style statistics (earlier stages), for the same guard
 OOD_SCORES = "ood_scores.csv"        # val and test: ood_score, out_of_distribution (train.py index)
@@ -59,6 +60,10 @@ def stress_file(split: str) -> str:
     return f"stress_{split}.csv"
 
 
+def acquisition_file(split: str) -> str:
+    return f"acquisition_{split}.csv"
+
+
 def external_split(name: str) -> str:
     """The split key of an evaluated external set: its predictions are ``predictions_external_<name>.csv``."""
     return EXTERNAL_PREFIX + name
@@ -74,7 +79,8 @@ def site_file(name: str) -> str:
 
 # What `evaluate`, `explain`, `stress` and `index` wrote about a run's weights: stale once they are replaced.
 DERIVED_OUTPUTS = ("metrics*.json", predictions_file("*"), attention_file("*"), ATTENTION_SUMMARY, cams_file("*"),
-                   stress_file("*"), STRESS_SUMMARY, INDEX_FILE, STYLE_INDEX_FILE, OOD_SCORES, OOD_SUMMARY, site_file("*"))
+                   stress_file("*"), STRESS_SUMMARY, acquisition_file("*"), ACQUISITION_SUMMARY, INDEX_FILE,
+                   STYLE_INDEX_FILE, OOD_SCORES, OOD_SUMMARY, site_file("*"))
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -215,6 +221,27 @@ def read_stress_summaries(run: str | Path) -> dict:
     """The whole ``stress_summary.json`` (split → section), or {} before any ``train.py stress``."""
     path = Path(run) / STRESS_SUMMARY
     return _read_json(path, _fix(Path(run), "stress")) if path.is_file() else {}
+
+
+def read_acquisition(run: str | Path, split: str = "test") -> pd.DataFrame:
+    """``acquisition_<split>.csv``: p of each sampled image before and after each acquisition edit."""
+    return _read_csv(Path(run) / acquisition_file(split), STRESS_COLUMNS,
+                     _fix(Path(run), f"stress --suite acquisition --split {split}"))
+
+
+def read_acquisition_summaries(run: str | Path) -> dict:
+    """The whole ``acquisition_summary.json`` (split → section), or {} before any acquisition stress test."""
+    path = Path(run) / ACQUISITION_SUMMARY
+    return _read_json(path, _fix(Path(run), "stress --suite acquisition")) if path.is_file() else {}
+
+
+def read_acquisition_summary(run: str | Path, split: str = "test") -> dict:
+    """This split's section of ``acquisition_summary.json``: per edit its flips against the neutral-edit floor."""
+    path, fix = Path(run) / ACQUISITION_SUMMARY, _fix(Path(run), f"stress --suite acquisition --split {split}")
+    summary = _read_json(path, fix)
+    if split not in summary or "edits" not in summary[split]:
+        raise RunError(f"{path} has no '{split}' section; {fix}")
+    return summary[split]
 
 
 def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""``train.py stress``: does the model *use* the corners? Intervene on every image and measure what moves.
+"""``train.py stress``: does the model *use* the corners, or the camera? Intervene on every image and measure what moves.
 
 For each image of a split and each intervention (``core.interventions``), P(malignant) is predicted with the run's
 own preprocessing, TTA and calibration on the clean and the intervened image, and the decision is read at the val
@@ -8,22 +8,30 @@ is only a hint (and, on the shipped model, a poor one: the summary says how poor
 
 Writes into the run directory ``stress_<split>.csv`` (image_id, intervention, p_clean, p, delta_p, flipped,
 change, …) and ``stress_summary.json`` (one section per split).
+
+``--suite acquisition`` (:func:`acquisition_split`) re-takes a sample of the split's images with the edits of
+``core.acquisition`` (another JPEG quality, resolution, focus, white balance, tone curve, another source's colours)
+and reads each edit's flip rate against the neutral-edit floor: ``acquisition_<split>.csv`` and
+``acquisition_summary.json``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from core import metrics, runs
+from core import acquisition, metrics, runs
 from core.audit import model_view_masks
 from core.config import TrainConfig
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.explain import dark_corner_score
+from core.images import open_rgb
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
@@ -35,6 +43,7 @@ from core.interventions import (
     image_key,
 )
 from core.runs import RunError, read_attention, read_metrics
+from core.transforms import resize_transform
 
 # Images per forward for the stress test's scorer. On 2 CPU cores a forward of 32 images (16 × 2 flip views) runs
 # ~1.8× faster per image than evaluation's 128: the activations of a big batch fall out of cache.
@@ -76,7 +85,7 @@ def stress_table(frame: pd.DataFrame, probabilities: dict[str, np.ndarray], thre
     """One row per image × intervention: p before and after, Δp and whether the decision at ``threshold`` flipped
     (``change``: ``to_malignant``, ``to_benign`` or ``none``)."""
     clean = probabilities["clean"]
-    base = frame[[c for c in ("image_id", "lesion_id", "dx", "label") if c in frame]].reset_index(drop=True)
+    base = frame[[c for c in ("image_id", "lesion_id", "dx", "label", "source") if c in frame]].reset_index(drop=True)
     parts = []
     for name, p in probabilities.items():
         if name == "clean":
@@ -241,4 +250,121 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
             train.assign(dark_corner_score=[dark_corner_score(view) for view in views]))
     runs.write_csv(run_dir / runs.stress_file(split), table)
     runs.write_json(run_dir / runs.STRESS_SUMMARY, runs.read_stress_summaries(run_dir) | {split: section})
+    return section
+
+
+# Images per split of the acquisition stress test. Each image goes through the network 1 + 16 times (the clean
+# image, 11 edits, a colour match to each of the 3 other sources), 2 flip views each: 500 images take ~6 min on 2 CPU
+# cores, the stress test's budget. The flip rates carry exact 95 % intervals; --limit 0 takes the whole split.
+ACQUISITION_LIMIT = 500
+COLOUR_SAMPLE = 200  # training images per source for its typical colours
+
+
+def training_colours(train: pd.DataFrame, seed: int = 0) -> dict[str, acquisition.ColourStats]:
+    """Each source's typical colours, from up to :data:`COLOUR_SAMPLE` of its training images ({} without sources)."""
+    if "source" not in train or train["source"].isna().all():
+        return {}
+    sample = train.dropna(subset=["source"]).sample(frac=1, random_state=seed).groupby("source").head(COLOUR_SAMPLE)
+    return acquisition.source_colours(load_originals(sample["path"].tolist()), sample["source"].astype(str).tolist())
+
+
+def load_originals(paths: list[str], workers: int = 4) -> list[np.ndarray]:
+    """The files' own pixels (uint8 RGB, their own size): acquisition edits act before the crop and resize."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda path: np.asarray(open_rgb(path)), paths))
+
+
+def edited_probabilities(score: Scorer, originals: Sequence[np.ndarray], sources: Sequence[str | None],
+                         edits: Sequence[acquisition.AcquisitionEdit], cfg: TrainConfig,
+                         chunk: int = 32) -> dict[str, np.ndarray]:
+    """``{"clean": p, edit name: p, …}``: each image and its edited copies cropped and resized as the run's own
+    preprocessing does, and scored together per chunk. NaN where an edit does not apply (a source's own colours)."""
+    resize = resize_transform(cfg.input_size, cfg.crop)
+    out = {name: np.full(len(originals), np.nan) for name in ["clean", *(edit.name for edit in edits)]}
+    for start in tqdm(range(0, len(originals), chunk), desc="acquisition stress test", disable=None):
+        views, slots = [], []
+        for k in range(start, min(start + chunk, len(originals))):
+            views.append(resize(Image.fromarray(originals[k])).as_subclass(torch.Tensor))
+            slots.append(("clean", k))
+            for edit in edits:
+                if edit.applies_to(sources[k]):
+                    views.append(resize(Image.fromarray(edit(originals[k], sources[k]))).as_subclass(torch.Tensor))
+                    slots.append((edit.name, k))
+        for (name, k), p in zip(slots, score(torch.stack(views))):
+            out[name][k] = p
+    return out
+
+
+def summarize_acquisition(table: pd.DataFrame, threshold: float, edits: Sequence[acquisition.AcquisitionEdit],
+                          n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per edit: flip rate (exact 95 % CI) and its multiple of the **floor** (the largest flip rate of the neutral
+    edits), flips each way, Δp, AUROC with its paired lesion-grouped change, and flips per source of the image;
+    then whether every camera edit stays within :data:`~core.acquisition.FLOOR_FACTOR` × the floor."""
+    first = table.drop_duplicates("image_id")
+    labels, clean = first["label"].to_numpy(), first["p_clean"].to_numpy()
+    report: dict = {"n": int(len(first)), "threshold_youden_val": threshold,
+                    "clean": {"auroc": metrics.auroc(labels, clean), **_at_threshold(labels, clean, threshold)},
+                    "edits": {}}
+    about = {edit.name: edit for edit in edits}
+    for name, part in table.groupby("intervention", sort=False):
+        y, p, before = part["label"].to_numpy(), part["p"].to_numpy(), part["p_clean"].to_numpy()
+        flips = int(part["flipped"].sum())
+        gain = metrics.paired_auroc_gain(y, p, before, part["lesion_id"].to_numpy() if "lesion_id" in part else None,
+                                         n_boot=n_boot, alpha=0.05, seed=seed) \
+            if 0 < y.sum() < len(y) else (float("nan"),) * 3
+        report["edits"][name] = {
+            "kind": about[name].kind, "what": about[name].what, "n": int(len(part)),
+            "flipped": flips / len(part), "flipped_ci": list(metrics.exact_interval(flips, len(part))),
+            "to_malignant": float((part["change"] == "to_malignant").mean()),
+            "to_benign": float((part["change"] == "to_benign").mean()),
+            "mean_delta_p": float(part["delta_p"].mean()), "mean_abs_delta_p": float(part["delta_p"].abs().mean()),
+            "auroc": metrics.auroc(y, p) if 0 < y.sum() < len(y) else float("nan"),
+            "auroc_change": gain[0], "auroc_change_ci": [gain[1], gain[2]],
+            **_at_threshold(y, p, threshold),
+            "flipped_by_source": ({str(s): float(g["flipped"].mean()) for s, g in part.groupby("source")}
+                                  if "source" in part else {})}
+    rows = report["edits"]
+    neutral = [name for name, row in rows.items() if row["kind"] == "neutral"]
+    floor = max((rows[name]["flipped"] for name in neutral), default=float("nan"))
+    limit = acquisition.FLOOR_FACTOR * floor
+    camera = [name for name, row in rows.items() if row["kind"] == "camera"]
+    for name in camera:
+        rows[name]["times_floor"] = rows[name]["flipped"] / floor if floor > 0 else None
+    report["floor"] = {"rule": "the largest flip rate of the neutral edits", "edits": neutral, "rate": floor}
+    failing = [name for name in camera if rows[name]["flipped"] > limit]
+    report["holds"] = {"rule": f"every camera edit flips at most {acquisition.FLOOR_FACTOR:g} × the floor",
+                       "factor": acquisition.FLOOR_FACTOR, "limit": limit, "failing": failing,
+                       "passed": bool(neutral) and not failing,
+                       "worst": max(camera, key=lambda name: rows[name]["flipped"]) if camera else None}
+    flipped = table.pivot_table(index="image_id", columns="intervention", values="flipped", aggfunc="first")
+    report["decisions"] = {
+        kind: float(flipped[names].fillna(False).astype(bool).any(axis=1).mean()) if names else float("nan")
+        for kind, names in (("changed_by_a_camera_edit", camera), ("changed_by_a_neutral_edit", neutral))}
+    return report
+
+
+def acquisition_split(run_dir: str | Path, split: str = "test", names: Sequence[str] | None = None,
+                      limit: int | None = ACQUISITION_LIMIT, seed: int = 0, device_name: str = "auto") -> dict:
+    """The acquisition stress test of a sample of one split (``limit`` images, 0 or None: all): writes
+    ``acquisition_<split>.csv`` and this split's section of ``acquisition_summary.json``. Returns that section."""
+    run_dir = Path(run_dir)
+    threshold = read_metrics(run_dir)["thresholds"]["youden"]
+    device = resolve_device(device_name)
+    score, cfg = run_scorer(run_dir, device)
+    frames = load_splits(cfg)
+    colours = training_colours(frames["train"], seed)
+    names = acquisition.default_edits(list(colours)) if names is None else list(names)
+    edits = acquisition.create_edits(names, colours)
+    if not any(edit.kind == "neutral" for edit in edits):
+        raise ValueError(f"the floor needs at least one neutral edit ({', '.join(acquisition.NEUTRAL_EDITS)})")
+    frame = _subset(frames[split], limit, seed)
+    sources = frame["source"].astype(str).tolist() if "source" in frame else [None] * len(frame)
+    probabilities = edited_probabilities(score, load_originals(frame["path"].tolist()), sources, edits, cfg)
+    table = stress_table(frame, probabilities, threshold).dropna(subset=["p"]).reset_index(drop=True)
+    section = summarize_acquisition(table, threshold, edits, seed=seed)
+    section |= {"seed": seed, "limit": limit or None, "split_size": int(len(frames[split])),
+                "edits_run": {edit.name: repr(edit) for edit in edits},
+                "source_colours": {source: vars(stats) for source, stats in colours.items()}}
+    runs.write_csv(run_dir / runs.acquisition_file(split), table)
+    runs.write_json(run_dir / runs.ACQUISITION_SUMMARY, runs.read_acquisition_summaries(run_dir) | {split: section})
     return section

@@ -217,3 +217,26 @@ def p_by_dx_source_chart(frame: pd.DataFrame) -> alt.Chart:
         color=alt.Color("source:N", legend=alt.Legend(orient="top")),
         tooltip=["dx:N", "source:N", alt.Tooltip("median(probability):Q", format=".3f")],
     ).properties(height=260, title="P(malignant) by diagnosis and source")
+
+
+def floor_chart(summary: dict) -> alt.LayerChart:
+    """Each acquisition edit's flip rate with its exact 95 % interval, neutral edits in grey; rules at the
+    neutral-edit floor and at the limit a camera edit must stay under."""
+    rows = pd.DataFrame([{"edit": name, "kind": row["kind"], "what": row["what"], "flipped": row["flipped"],
+                          "low": row["flipped_ci"][0], "high": row["flipped_ci"][1], "images": row["n"]}
+                         for name, row in summary["edits"].items()])
+    order = list(rows["edit"])
+    base = alt.Chart(rows).encode(y=alt.Y("edit:N", sort=order, title=None))
+    bars = base.mark_bar().encode(
+        x=alt.X("flipped:Q", title="decisions flipped at the val threshold", axis=alt.Axis(format="%")),
+        color=alt.Color("kind:N", scale=alt.Scale(domain=["neutral", "camera"], range=["#9e9e9e", "#1f77b4"]),
+                        title="edit"),
+        tooltip=["edit", "what", alt.Tooltip("flipped:Q", format=".1%"), alt.Tooltip("low:Q", format=".1%"),
+                 alt.Tooltip("high:Q", format=".1%"), "images"])
+    whiskers = base.mark_rule(color="black").encode(x="low:Q", x2="high:Q")
+    limits = pd.DataFrame({"x": [summary["floor"]["rate"], summary["holds"]["limit"]],
+                           "line": ["floor (largest neutral)", f"limit ({summary['holds']['factor']:g} × floor)"]})
+    rules = alt.Chart(limits).mark_rule(strokeDash=[4, 4]).encode(
+        x="x:Q", color=alt.Color("line:N", scale=alt.Scale(range=["#555555", "#d62728"]), title=None))
+    return alt.layer(bars, whiskers, rules).resolve_scale(color="independent").properties(
+        height=22 * len(rows) + 40, title="Flip rate of each acquisition edit against the neutral-edit floor")

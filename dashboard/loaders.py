@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
+from PIL import Image
 
+from core.acquisition import ColourStats, create_edits
 from core.audit import model_view_masks
 from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
@@ -36,6 +38,8 @@ from core.runs import (
     read_ood_scores,
     read_ood_summary,
     read_predictions,
+    read_acquisition,
+    read_acquisition_summary,
     read_stress,
     read_stress_summary,
     run_summary,
@@ -276,6 +280,42 @@ def stress_summary(run: Path, split: str = "test") -> dict | None:
         return _stress_summary(str(run), split, _run_stamp(run))
     except RunError:
         return None
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _acquisition(run: str, split: str, stamp: float) -> pd.DataFrame:
+    return read_acquisition(run, split)
+
+
+def acquisition_table(run: Path, split: str = "test") -> pd.DataFrame | None:
+    """The long table of the acquisition stress test (None when the run has none for ``split``)."""
+    try:
+        return _acquisition(str(run), split, _run_stamp(run))
+    except RunError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _acquisition_summary(run: str, split: str, stamp: float) -> dict:
+    return read_acquisition_summary(run, split)
+
+
+def acquisition_summary(run: Path, split: str = "test") -> dict | None:
+    try:
+        return _acquisition_summary(str(run), split, _run_stamp(run))
+    except RunError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def acquired_view(path: str, name: str, source: str | None, colours: dict[str, dict], size: int, crop: str = "square",
+                  corner_mask: float | None = None) -> np.ndarray:
+    """A photo re-taken with one acquisition edit exactly as ``train.py stress --suite acquisition`` took it (the
+    file's pixels edited, then cropped and resized as the model sees them, as :func:`model_view`)."""
+    stats = {s: ColourStats(tuple(c["mean"]), tuple(c["std"])) for s, c in colours.items()}
+    edited = create_edits([name], stats)[0](np.asarray(open_rgb(path)), source)
+    view = resize_transform(size, crop)(Image.fromarray(edited))
+    return (view if corner_mask is None else CornerMask(corner_mask)(view)).permute(1, 2, 0).numpy().copy()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -1,11 +1,12 @@
 """Error audit: the model's most confident mistakes, decisions that depend on the image corners (measured by
-painting over them), what the Grad-CAM says about it, and where the model does worse."""
+painting over them) or on the camera (measured by re-taking the image), what the Grad-CAM says about it, and where
+the model does worse."""
 import pandas as pd
 import streamlit as st
 
 from core import metrics
 from core.interventions import CORNER_INTERVENTIONS
-from dashboard import charts, gallery, loaders, state
+from dashboard import acquisition_panel, charts, gallery, loaders, state
 
 STRESS_PER_PAGE = 4
 
@@ -154,6 +155,9 @@ if has_stress and summary is not None:
         right.dataframe(by_dx.style.format(precision=3), hide_index=True, key="dark_by_dx")
         st.caption(f"AUROC of the dark-corner score alone for malignancy on the {dark['n']:,} training images: "
                    f"{dark['auroc_dark_corners_for_label']:.3f} (0.5 = no information).")
+
+if internal:
+    acquisition_panel.acquisition_section(run, split, cases, threshold, view)
 
 if has_attention:
     st.header("Grad-CAM corner attention (explanatory)")

@@ -1,5 +1,5 @@
-"""Predict: upload dermoscopic photos, get P(malignant), the decision at the shared threshold, its Grad-CAM, and
-whether the decision survives covering the corners."""
+"""Predict: upload dermoscopic photos, get P(malignant), the decision at the shared threshold, its Grad-CAM,
+whether the decision survives covering the corners, and (on request) whether it survives another camera."""
 import pandas as pd
 import streamlit as st
 
@@ -11,7 +11,7 @@ from core.overlay import cam_overlay
 from core.predictor import Prediction
 from core.runs import RunError
 from core.transforms import CROP_DESCRIPTIONS
-from dashboard import gallery, loaders, site_panels, state
+from dashboard import acquisition_panel, gallery, loaders, site_panels, state
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"]
 RESULTS_KEY = "predict_results"  # this session's predictions, by upload: uploads never leave the session
@@ -125,6 +125,8 @@ for upload in uploads or []:
     if result.similar is not None:
         st.markdown("**Most similar training cases** (by the model's own features; distance in its embedding)")
         gallery.similar_cases(result.similar, loaders.data_dir_or_none()[0], upload.file_id)
+    if not withheld:
+        acquisition_panel.camera_check(predictor, upload, result.probability, threshold)
     numbers.dataframe(pd.Series({"CAM share in the corners": f"{result.attention['corner_fraction']:.1%}",
                                  "CAM share in the border": f"{result.attention['border_fraction']:.1%}",
                                  "dark-corner score": f"{result.attention['dark_corner_score']:.3f}"},

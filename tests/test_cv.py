@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import train
-from core import cv
+from core import cv, metrics
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError
 from core.split import read_folds, read_split
@@ -83,3 +83,57 @@ def test_three_fold_cv_end_to_end(ham_dir: Path, tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(cv, "fit", no_training)  # running it again reuses the finished folds
     assert cv.cross_validate(TrainConfig.from_yaml(out / "cv_config.yaml"), out, folds_file).shape[0] == len(summary)
+
+
+def test_source_split_holds_out_every_image_of_the_source() -> None:
+    split = pd.DataFrame({"image_id": list("ABCDEFG"), "lesion_id": ["L1", "L1", "L2", "L3", "L4", "L5", "L6"],
+                          "dx": "nv", "label": 0, "split": ["train", "train", "val", "test", "train", "test", "val"]})
+    sources = pd.Series({"A": "x", "B": "y", "C": "y", "D": "y", "E": "x", "F": "x", "G": "x"})
+    fold = cv.source_split(split, sources, "y").set_index("image_id")
+    # B, C, D are y's; A shares lesion L1 with B, so it goes with it; F is another source's test image: left out.
+    assert fold["split"].to_dict() == {"E": "train", "G": "val", "A": "test", "B": "test", "C": "test", "D": "test"}
+    with pytest.raises(DataError, match="no image of the split comes from source 'z'"):
+        cv.source_split(split, sources, "z")
+    with pytest.raises(DataError, match="have no source"):
+        cv.source_split(split, sources.drop("G"), "y")
+
+
+def test_leave_one_source_out_end_to_end(ham_dir: Path, ham: pd.DataFrame, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny real fold: trained without Rosendahl, tested on every Rosendahl image of the split, its row in
+    cv_sources.csv; run again, the finished fold is reused."""
+    split = read_split(PROJECT_ROOT / "splits" / "ham10000.csv").merge(ham[["image_id", "source"]], on="image_id")
+    parts = [split[(split["source"] == source) & (split["label"] == label) & (split["split"] == name)].head(n)
+             for source in ("rosendahl", "vidir_modern") for label in (0, 1)
+             for name, n in (("train", 8), ("val", 5), ("test", 4))]
+    small = pd.concat(parts).drop(columns="source")
+    small_split = tmp_path / "split.csv"
+    small.to_csv(small_split, index=False)
+    out = tmp_path / "loso"
+    code = train.main(["cv", "--by", "source", "--hold-out", "rosendahl", "--out", str(out), "--split-file",
+                       str(small_split), "--data-dir", str(ham_dir),
+                       *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]])
+    assert code == 0
+    fold = read_split(out / "without_rosendahl" / "split.csv").merge(ham[["image_id", "source"]], on="image_id")
+    assert (fold[fold["split"] == "test"]["source"] == "rosendahl").all()
+    assert not (fold[fold["split"] != "test"]["source"] == "rosendahl").any()
+    assert (fold["split"] == "test").sum() == 2 * (8 + 5 + 4)  # every Rosendahl image of the split
+    report = json.loads((out / "without_rosendahl" / "metrics.json").read_text())
+    assert report["test"]["n"] == 34 and report["val"]["n"] == 10
+    table = pd.read_csv(out / "cv_sources.csv")
+    assert list(table["held_out"]) == ["rosendahl"] and table.loc[0, "test_n"] == 34
+    assert table.loc[0, "test_auroc"] == pytest.approx(report["test"]["auroc"], abs=1e-6)
+    assert table.loc[0, "test_malignant_share"] == pytest.approx(0.5)
+    # Its images of the original test split alone, to set beside a model trained on every source.
+    predictions = pd.read_csv(out / "without_rosendahl" / "predictions_test.csv", dtype={"image_id": str})
+    own = predictions[predictions["image_id"].isin(small[small["split"] == "test"]["image_id"])]
+    assert table.loc[0, "own_test_n"] == len(own) == 8
+    assert table.loc[0, "own_test_auroc"] == pytest.approx(metrics.auroc(own["label"], own["probability"]), abs=1e-6)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(cv, "fit", no_training)
+    again = cv.leave_source_out(TrainConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl"])
+    pd.testing.assert_frame_equal(again, table, check_exact=False, atol=1e-6, check_dtype=False)
+    assert train.main(["cv", "--hold-out", "rosendahl", "--out", str(out)]) == 2  # --hold-out without --by source

@@ -11,16 +11,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import metrics, sites
+from core.acquisition import EDITS
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
 from core.runs import (
     DEFAULT_RUN,
+    read_acquisition,
+    read_acquisition_summary,
     read_metrics,
     read_ood_scores,
     read_predictions,
@@ -545,3 +549,63 @@ def test_per_source_rows_and_the_source_filter(ham_dir: Path) -> None:
     at.switch_page(str(PROJECT_ROOT / "pages" / "browse.py")).run()
     at.multiselect(key="f_source").set_value(["vienna_dias"]).run()
     assert _match_line(at).startswith(f"**{expected['vienna_dias']['n']} of 1,500 images match**")
+
+
+def test_audit_shows_the_acquisition_stress_test_and_retakes_what_it_measured(ham_dir: Path) -> None:
+    at = open_page("audit", threshold=0.3, chart_threshold=0.3)
+    assert not at.exception and not at.error
+    summary = read_acquisition_summary(DEFAULT_RUN, "test")
+    table = _table_with(at, "× floor")
+    assert list(table["edit"]) == list(summary["edits"])
+    worst = summary["holds"]["worst"]
+    assert table.set_index("edit").loc[worst, "flipped"] == summary["edits"][worst]["flipped"]
+    assert any("of the split's 1,500 images" in m.value and f"{summary['floor']['rate']:.1%}" in m.value
+               for m in at.markdown)
+    # The decisions the worst edit flips at 0.3 (the sidebar's threshold, not the summary's), largest |Δp| first.
+    stored = read_acquisition(DEFAULT_RUN, "test")
+    part = stored[stored["intervention"] == worst]
+    flips = part[(part["p"] >= 0.3) != (part["p_clean"] >= 0.3)]
+    assert any(f"**{len(flips):,}** of the {len(part):,} sampled decisions flip at 0.300" in m.value
+               for m in at.markdown)
+    assert any(c.startswith("re-taken: ") for image in at.get("image") for c in image.captions)
+    at.selectbox(key="acquisition_edit").set_value("jpeg_90").run()
+    part = stored[stored["intervention"] == "jpeg_90"]
+    flips = part[(part["p"] >= 0.3) != (part["p_clean"] >= 0.3)]
+    assert any(f"**{len(flips):,}** of the {len(part):,} sampled decisions flip at 0.300 with `jpeg_90`" in m.value
+               for m in at.markdown)
+
+
+def test_the_retaken_view_scores_what_the_acquisition_test_stored(ham_dir: Path) -> None:
+    """The dashboard re-takes an image the way ``train.py stress --suite acquisition`` did: the shipped Predictor
+    gives that copy the stored p."""
+    summary = read_acquisition_summary(DEFAULT_RUN, "test")
+    stored = read_acquisition(DEFAULT_RUN, "test")
+    predictor = Predictor(DEFAULT_RUN)
+    size, crop = predictor.config.input_size, predictor.config.crop
+    for name in ("jpeg_30", "colour_vidir_molemax"):
+        row = stored[stored["intervention"] == name].iloc[0]
+        view = loaders.acquired_view(str(ham_dir / "images" / f"{row['image_id']}.jpg"), name, row["source"],
+                                     summary["source_colours"], size, crop)
+        p = predictor.predict_view(torch.from_numpy(view).permute(2, 0, 1)).probability
+        assert p == pytest.approx(row["p"], abs=1e-4), name
+
+
+def test_predict_camera_check_retakes_the_upload(ham_dir: Path) -> None:
+    path = ham_dir / "images" / f"{IMAGE_ID}.jpg"
+    at = open_page("predict")
+    at.file_uploader[0].upload(path.name, path.read_bytes(), "image/jpeg")
+    at.run()
+    key = next(t.key for t in at.toggle if str(t.key).startswith("camera_"))
+    assert not any("decision flips" in d.value.columns for d in at.dataframe)  # off until asked: a second of passes
+    at.toggle(key=key).set_value(True).run()
+    assert not at.exception and not at.error
+    table = _table_with(at, "decision flips")
+    assert list(table["edit"]) == list(EDITS)
+    # The same photo saved by hand as a JPEG of quality 30 and predicted afresh gets the check's p.
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=30)
+    expected = Predictor.load(DEFAULT_RUN).predict(buffer.getvalue()).probability
+    assert table.set_index("edit").loc["jpeg_30", "P(malignant)"] == pytest.approx(expected, abs=1e-5)
+    p = Predictor.load(DEFAULT_RUN).predict(path).probability
+    threshold = at.session_state["threshold"]
+    assert (table["decision flips"] == ((table["P(malignant)"] >= threshold) != (p >= threshold))).all()

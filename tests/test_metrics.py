@@ -245,3 +245,24 @@ def test_source_report_by_hand() -> None:
     assert report["pooled_auroc"] == pytest.approx(metrics.auroc(frame["label"], frame["probability"]))
     cell = next(r for r in report["p_by_dx_source"] if r["dx"] == "nv" and r["source"] == "a")
     assert cell["n"] == 2 and cell["median"] == pytest.approx(0.4)
+
+
+def test_the_paired_stratified_gain_is_the_mean_within_source_gain_with_an_interval_around_it() -> None:
+    from core.metrics import auroc, paired_stratified_auroc_gain
+
+    rng = np.random.default_rng(0)
+    n = 400
+    strata = np.repeat(["a", "b"], n // 2)
+    labels = rng.integers(0, 2, n)
+    old_score = labels * 0.5 + rng.normal(0, 0.5, n)
+    old, new = 1 / (1 + np.exp(-old_score)), 1 / (1 + np.exp(-(labels * 0.8 + rng.normal(0, 0.5, n))))
+    gain, low, high = paired_stratified_auroc_gain(labels, new, old, strata, n_boot=300)
+    expected = np.mean([auroc(labels[strata == s], new[strata == s]) - auroc(labels[strata == s], old[strata == s])
+                        for s in ("a", "b")])
+    assert gain == pytest.approx(expected) and low < gain < high and low > 0
+    # A model that only moves each source's scores by a constant ranks each source as before: no stratified gain.
+    shifted = 1 / (1 + np.exp(-(old_score + np.where(strata == "a", 2.0, -2.0))))
+    gain, low, high = paired_stratified_auroc_gain(labels, shifted, old, strata, n_boot=100)
+    assert gain == 0 and low == 0 and high == 0
+    with pytest.raises(ValueError, match="strata"):
+        paired_stratified_auroc_gain(labels, new, old, strata[:-1])

@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import corner_rule
+from core import acquisition
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
@@ -89,3 +90,34 @@ def test_the_readme_reports_the_committed_test_stress_figures() -> None:
         assert to_benign == f"{100 * figures['to_benign']:.1f} %", name
     dependent = summary["corner_dependent"]
     assert f"{dependent['n']} of {summary['n']:,} test decisions ({100 * dependent['rate']:.1f} %)" in section
+
+
+def test_the_shipped_model_carries_its_acquisition_stress_test() -> None:
+    """Issue 31: val and test re-taken with every acquisition edit (500 images each, seed 0); the summary is what
+    the per-image table says."""
+    summaries = json.loads((RUN / "acquisition_summary.json").read_text())
+    for split in ("val", "test"):
+        section = summaries[split]
+        assert section["n"] == 500 and section["seed"] == 0
+        assert list(section["edits"]) == acquisition.default_edits(list(section["source_colours"]))
+        table = pd.read_csv(RUN / f"acquisition_{split}.csv")
+        for name, row in section["edits"].items():
+            assert table.loc[table["intervention"] == name, "flipped"].mean() == pytest.approx(row["flipped"]), name
+        neutral = [row["flipped"] for row in section["edits"].values() if row["kind"] == "neutral"]
+        assert section["floor"]["rate"] == max(neutral)
+
+
+def test_the_readme_reports_the_committed_acquisition_figures() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("### Does it use the camera? The acquisition stress test of the test split")[1]
+    section = section.split("\n## ")[0].split("\n### ")[0]
+    summary = json.loads((RUN / "acquisition_summary.json").read_text())["test"]
+    rows = {line.split("|")[1].strip(" `*"): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| `") or line.startswith("| **`")}
+    assert set(rows) == set(summary["edits"])
+    for name, figures in summary["edits"].items():
+        flipped = rows[name][2].split(" (")[0].strip("*")
+        assert flipped == f"{100 * figures['flipped']:.1f} %", name
+        assert rows[name][4] == f"{100 * figures['to_malignant']:.1f} %", name
+        assert rows[name][5] == f"{100 * figures['to_benign']:.1f} %", name
+    assert f"floor **{100 * summary['floor']['rate']:.1f} %**" in section

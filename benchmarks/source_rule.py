@@ -1,0 +1,121 @@
+"""Issue 31's selection rule for a model that holds across sources, as written in ``benchmarks/experiments.md``
+(fixed 2026-12-06, before any candidate), applied on **val** and on the held-out sources; test AUROC is printed for
+the record, never read.
+
+A candidate qualifies when all four hold:
+
+1. **Source-stratified val AUROC not below the incumbent's**: the 5th percentile of the paired gain (lesions
+   resampled whole within their source, ``core.metrics.paired_stratified_auroc_gain``, 2,000 resamples, 90 %
+   interval) is ≥ −0.005.
+2. **Acquisition**: on its val acquisition stress test (``train.py stress --split val --suite acquisition``, seed 0,
+   500 images, every edit) each camera edit flips at most 1.5 × the floor (the largest neutral-edit flip rate).
+3. **Corners**: issue 15's rule still met (``benchmarks/corner_rule.py``: every corner intervention ≤ 3 % on val,
+   ≤ 4 network passes, ≤ 25 MB).
+4. **Held-out sources**: its recipe's ``train.py cv --by source`` folds (at least rosendahl and vidir_modern held
+   out) give a higher mean sensitivity at each fold's own val Youden threshold than the incumbent recipe's, with
+   the mean held-out AUROC at most 0.01 lower.
+
+Among those that qualify, the best stratified val AUROC is taken.
+
+    python -m benchmarks.source_rule --incumbent models/default [--incumbent-loso runs/loso_inc]
+        [--candidates runs/A runs/B --loso runs/loso_A runs/loso_B]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks import corner_rule
+from core import metrics, runs
+
+MIN_GAIN_LOW = -0.005    # step 1
+MAX_AUROC_DROP = 0.01    # step 4
+LOSO_SOURCES = ("rosendahl", "vidir_modern")
+
+
+def stratified(run: Path, split: str = "val") -> float:
+    """The mean of the within-source AUROCs (over the sources with both classes), as ``evaluate`` reports it."""
+    frame = runs.read_predictions(run, split)
+    scored = [metrics.auroc(part["label"], part["probability"]) for _, part in frame.groupby("source")
+              if 0 < part["label"].sum() < len(part)]
+    return sum(scored) / len(scored)
+
+
+def held_out(loso: Path | None) -> dict | None:
+    """Mean sensitivity at the val Youden threshold and mean AUROC over the held-out sources of ``cv_sources.csv``."""
+    if loso is None:
+        return None
+    table = pd.read_csv(Path(loso) / "cv_sources.csv")
+    missing = set(LOSO_SOURCES) - set(table["held_out"])
+    if missing:
+        raise runs.RunError(f"{loso}/cv_sources.csv lacks {', '.join(sorted(missing))}; run `python train.py cv "
+                            f"--by source --hold-out {' '.join(LOSO_SOURCES)}` with the candidate's recipe")
+    table = table[table["held_out"].isin(LOSO_SOURCES)]
+    return {"sensitivity": float(table["test_youden_sensitivity"].mean()), "auroc": float(table["test_auroc"].mean())}
+
+
+def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | None) -> dict:
+    """One run against the four steps: its figures and the reasons it fails (empty: it qualifies)."""
+    new, old = runs.read_predictions(run, "val"), runs.read_predictions(incumbent, "val")
+    both = new.merge(old[["image_id", "probability"]], on="image_id", suffixes=("", "_old"), validate="one_to_one")
+    gain = metrics.paired_stratified_auroc_gain(both["label"], both["probability"], both["probability_old"],
+                                                both["source"], both["lesion_id"], n_boot=2000, alpha=0.10)
+    acquisition = runs.read_acquisition_summary(run, "val")
+    corners = corner_rule.read_candidate(run)
+    mine = held_out(loso)
+    failures = []
+    if gain[1] < MIN_GAIN_LOW:
+        failures.append(f"stratified val AUROC gain 5th percentile {gain[1]:+.4f} < {MIN_GAIN_LOW}")
+    if not acquisition["holds"]["passed"]:
+        failures.append(f"camera edits above {acquisition['holds']['factor']:g} × the floor "
+                        f"({acquisition['floor']['rate']:.1%}): {', '.join(acquisition['holds']['failing'])}")
+    failures += corners.failures()
+    if mine is None or incumbent_loso is None:
+        failures.append("no held-out-source result to compare (train.py cv --by source, for it and the incumbent)")
+    elif not (mine["sensitivity"] > incumbent_loso["sensitivity"]
+              and mine["auroc"] >= incumbent_loso["auroc"] - MAX_AUROC_DROP):
+        failures.append(f"held-out sources: sensitivity {mine['sensitivity']:.3f} vs {incumbent_loso['sensitivity']:.3f}"
+                        f", AUROC {mine['auroc']:.3f} vs {incumbent_loso['auroc']:.3f}")
+    test = runs.read_predictions(run, "test")
+    return {"run": str(run), "stratified_val_auroc": stratified(run), "gain": gain,
+            "worst_camera_edit": acquisition["holds"]["worst"],
+            "worst_times_floor": acquisition["edits"][acquisition["holds"]["worst"]].get("times_floor"),
+            "floor": acquisition["floor"]["rate"], "held_out": mine,
+            "test_auroc": metrics.auroc(test["label"], test["probability"]), "failures": failures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--incumbent", type=Path, default=runs.DEFAULT_RUN)
+    parser.add_argument("--incumbent-loso", type=Path, help="the incumbent recipe's `cv --by source` folder")
+    parser.add_argument("--candidates", type=Path, nargs="*", default=[])
+    parser.add_argument("--loso", type=Path, nargs="*", default=[], help="each candidate's `cv --by source` folder")
+    args = parser.parse_args(argv)
+    if args.loso and len(args.loso) != len(args.candidates):
+        parser.error(f"{len(args.candidates)} candidates but {len(args.loso)} --loso folders")
+    incumbent_loso = held_out(args.incumbent_loso)
+    results = [judge(run, args.incumbent, loso, incumbent_loso)
+               for run, loso in zip([args.incumbent, *args.candidates], [args.incumbent_loso, *args.loso]
+                                    if args.loso else [args.incumbent_loso, *[None] * len(args.candidates)])]
+    for result in results:
+        gain, low, high = result["gain"]
+        held = result["held_out"]
+        print(f"{result['run']}: stratified val AUROC {result['stratified_val_auroc']:.4f} (gain {gain:+.4f}, 90 % CI "
+              f"{low:+.4f} to {high:+.4f}); worst camera edit {result['worst_camera_edit']} at "
+              f"{result['worst_times_floor'] or float('nan'):.1f} × the floor ({result['floor']:.1%}); held-out "
+              + (f"sensitivity {held['sensitivity']:.3f}, AUROC {held['auroc']:.3f}" if held else "n/a")
+              + f"; test AUROC {result['test_auroc']:.4f} (not used)")
+        print("  qualifies" if not result["failures"] else "  fails: " + "; ".join(result["failures"]))
+    qualified = [r for r in results[1:] if not r["failures"]]
+    if qualified:
+        best = max(qualified, key=lambda r: r["stratified_val_auroc"])
+        print(f"ship {best['run']}: it qualifies with the best stratified val AUROC")
+    else:
+        print("no candidate qualifies: the incumbent stays")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
