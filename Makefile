@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dashboard test split data data-test clean
+.PHONY: install dashboard test lint split data data-test clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ data: $(STAMP)
 
 data-test: $(STAMP)
 	$(BIN)/python train.py download isic2018-test
+
+# ruff (style, imports, bugbear, pyupgrade; pyproject.toml) over the project, mypy over core.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 split: $(STAMP)
 	$(BIN)/python train.py split --folds 5

@@ -27,8 +27,6 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from core import runs
 from core.config import TrainConfig, add_config_arguments, field_choices
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
@@ -38,12 +36,12 @@ from core.inference import DeviceError
 from core.training import TrainingError
 
 
-
 def cmd_split(args: argparse.Namespace) -> None:
     from core import split
 
     data = read_dataset(args.data_dir, args.images)
-    print(f"{len(data)} images, {data['lesion_id'].nunique()} lesions from {args.data_dir or 'the default data folder'}")
+    where = args.data_dir or "the default data folder"
+    print(f"{len(data)} images, {data['lesion_id'].nunique()} lesions from {where}")
     print("hashing images for near-duplicates …", flush=True)
     hashes = split.perceptual_hashes(data["path"].tolist())
     clusters = split.near_duplicate_clusters(data["lesion_id"], hashes)
@@ -116,7 +114,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     before, after = calibrate_run(args.run, args.device)
     a, b = after["run"]["calibration"]
     was = f"{before['calibration_test']['ece']:.4f} → " if before else ""
-    print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); test ECE {was}{after['calibration_test']['ece']:.4f}; "
+    print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); "
+          f"test ECE {was}{after['calibration_test']['ece']:.4f}; "
           f"test AUROC {after['test']['auroc']:.4f} (calibration keeps the ranking)")
     if any(args.run.glob(runs.attention_file("*"))):
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
@@ -204,8 +203,8 @@ def cmd_site(args: argparse.Namespace) -> None:
           f"({profile['n_malignant']} malignant), rule {profile['rule']}: {profile['guarantee']}")
     print(f"expected sensitivity {profile['expected_sensitivity']:.3f} (95 % interval {low:.3f}–{high:.3f}); "
           f"specificity {profile['expected_specificity']:.3f} ({s_low:.3f}–{s_high:.3f}, on the sample's benign cases)")
-    print(f"wrote {path}; use it with `python train.py predict --run {args.run} --site {args.name} …` or pick it on the "
-          "dashboard's Predict page")
+    print(f"wrote {path}; use it with `python train.py predict --run {args.run} --site {args.name} …` or pick it on "
+          "the dashboard's Predict page")
 
 
 def cmd_shift(args: argparse.Namespace) -> None:
@@ -269,8 +268,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
                             device_name=args.device)
     flagged, by = summary["flagged"], summary["by_correctness"]
     print(f"{summary['n']} {args.split} images, {args.method}: {flagged['flagged']} corner-focused "
-          f"({100 * flagged['rate']:.1f} %; rule {summary['corner_flag_rule']}); correct {100 * by['correct']['rate']:.1f} %"
-          f" vs incorrect {100 * by['incorrect']['rate']:.1f} % flagged; AUROC flagged {summary['auroc']['flagged']:.3f}"
+          f"({100 * flagged['rate']:.1f} %; rule {summary['corner_flag_rule']}); "
+          f"correct {100 * by['correct']['rate']:.1f} % vs incorrect {100 * by['incorrect']['rate']:.1f} % flagged; "
+          f"AUROC flagged {summary['auroc']['flagged']:.3f}"
           f" vs unflagged {summary['auroc']['unflagged']:.3f}")
     print(f"wrote attention_{args.split}.csv, cams_{args.split}.npz and attention_summary.json in {args.run}")
 
@@ -309,7 +309,8 @@ def stress_acquisition(args: argparse.Namespace) -> None:
           f"{'AUROC Δ':>8}")
     for name, row in section["edits"].items():
         low, high = row["flipped_ci"]
-        times = f"{row['times_floor']:8.1f}" if row.get("times_floor") is not None else f"{'—' if 'times_floor' in row else '':>8}"
+        times = (f"{row['times_floor']:8.1f}" if row.get("times_floor") is not None
+                 else f"{'—' if 'times_floor' in row else '':>8}")
         print(f"{name:<22} {row['kind']:<8} {row['n']:5d} {100 * row['flipped']:6.1f}% ({100 * low:4.1f}–"
               f"{100 * high:4.1f}) {times} {100 * row['to_malignant']:5.1f}% {100 * row['to_benign']:5.1f}% "
               f"{row['auroc_change']:+8.4f}")
@@ -356,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="HAM10000 folder, or a label CSV (ISIC 2018/2019 ground truth, image,label)")
     data.add_argument("--images", help="image folder, when --data-dir is a label CSV")
     out = p.add_argument_group("split")
-    out.add_argument("--out", type=Path, default=Path(DEFAULT_SPLIT_FILE), help="split file to write (default: %(default)s)")
+    out.add_argument("--out", type=Path, default=Path(DEFAULT_SPLIT_FILE),
+                     help="split file to write (default: %(default)s)")
     out.add_argument("--fractions", type=float, nargs=3, default=[0.70, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
     out.add_argument("--seed", type=int, default=0)
     out.add_argument("--folds", type=int, default=0, help="also write an N-fold assignment of train+val")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from core import metrics
 from core.config import TrainConfig
+from core.ensemble import check_compatible
 from core.inference import (
     FLIP_DIMS,
     Preprocess,
@@ -34,7 +35,6 @@ from core.inference import (
     preload_images,
     resolve_device,
 )
-from core.ensemble import check_compatible
 from core.runs import fp16_megabytes, read_config
 
 

@@ -143,8 +143,8 @@ async def run(args: argparse.Namespace, url: str, server_pid: int | None) -> dic
             "threshold_preset": summary(record["threshold"]), "errors": record["errors"][:10],
             "n_errors": len(record["errors"]), "wall_s": round(wall, 1),
             "server_cpu_s": round(cpu_used, 1),
-            "server_cpu_per_action_ms": round(1000 * cpu_used / max(1, len(record["upload"]) + len(record["threshold"])),
-                                              1),
+            "server_cpu_per_action_ms": round(
+                1000 * cpu_used / max(1, len(record["upload"]) + len(record["threshold"])), 1),
             "server_rss_mb": {"first": round(memory[0][1], 1) if memory else None,
                               "after_warmup": round(warm[0], 1) if warm else None,
                               "last": round(memory[-1][1], 1) if memory else None,

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     for shift in args.shifts:
         frame = pool(args.run, "val", shift, args.cache)["frame"]
         at = metrics.binary_metrics(frame["label"], frame["probability"], youden)
-        print(f"site = val / {shift}: {len(frame)} images, AUROC {metrics.auroc(frame['label'], frame['probability']):.3f}; "
+        auroc = metrics.auroc(frame["label"], frame["probability"])
+        print(f"site = val / {shift}: {len(frame)} images, AUROC {auroc:.3f}; "
               f"at the run's val threshold {youden:.3f}: sensitivity {at['sensitivity']:.3f}, "
               f"specificity {at['specificity']:.3f}", flush=True)
         for n in args.sizes:

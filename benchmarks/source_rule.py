@@ -76,8 +76,9 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
         failures.append("no held-out-source result to compare (train.py cv --by source, for it and the incumbent)")
     elif not (mine["sensitivity"] > incumbent_loso["sensitivity"]
               and mine["auroc"] >= incumbent_loso["auroc"] - MAX_AUROC_DROP):
-        failures.append(f"held-out sources: sensitivity {mine['sensitivity']:.3f} vs {incumbent_loso['sensitivity']:.3f}"
-                        f", AUROC {mine['auroc']:.3f} vs {incumbent_loso['auroc']:.3f}")
+        failures.append(f"held-out sources: sensitivity {mine['sensitivity']:.3f} vs "
+                        f"{incumbent_loso['sensitivity']:.3f}, AUROC {mine['auroc']:.3f} vs "
+                        f"{incumbent_loso['auroc']:.3f}")
     test = runs.read_predictions(run, "test")
     return {"run": str(run), "stratified_val_auroc": stratified(run), "gain": gain,
             "worst_camera_edit": acquisition["holds"]["worst"],

@@ -147,7 +147,7 @@ def _lab(image: np.ndarray) -> np.ndarray:
 
 
 def _inside(shape: tuple[int, ...]) -> np.ndarray:
-    return (transforms.ellipse_radius(*shape[:2]) <= 1).numpy()
+    return (transforms.ellipse_radius(shape[0], shape[1]) <= 1).numpy()
 
 
 def image_colour(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +162,9 @@ def source_colours(images: Sequence[np.ndarray], sources: Sequence[str]) -> dict
     out = {}
     for source in sorted(set(sources)):
         mine = [stats for stats, s in zip(per_image, sources) if s == source]
-        out[source] = ColourStats(tuple(float(v) for v in np.median([m for m, _ in mine], axis=0)),
-                                  tuple(float(v) for v in np.median([s for _, s in mine], axis=0)))
+        mean, std = (np.median([stats[i] for stats in mine], axis=0) for i in (0, 1))
+        out[source] = ColourStats((float(mean[0]), float(mean[1]), float(mean[2])),
+                                  (float(std[0]), float(std[1]), float(std[2])))
     return out
 
 

@@ -30,7 +30,7 @@ TSCHANDL_RATIO = {"akiec": 0.48, "bcc": 0.32, "bkl": 0.32, "df": 0.32, "mel": 0.
 def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") -> list[np.ndarray | None]:
     """Lesion masks through the same crop + resize as their images (nearest-neighbour)."""
     resize = resize_transform(size, crop)
-    out = []
+    out: list[np.ndarray | None] = []
     for path in paths:
         if path is None or (isinstance(path, float) and np.isnan(path)):
             out.append(None)
@@ -102,7 +102,8 @@ def summarize(table: pd.DataFrame, threshold: float, method: str, corner_thresho
     ratio = table.replace([np.inf], np.nan).groupby("dx")["background_lesion_ratio"]
     ratio_median = table.groupby("dx")["background_lesion_ratio"].median()
     return {
-        "method": method, "threshold_youden_val": threshold, "corner_flag_rule": f"corner_fraction >= {corner_threshold}",
+        "method": method, "threshold_youden_val": threshold,
+        "corner_flag_rule": f"corner_fraction >= {corner_threshold}",
         "n": int(len(table)), "flagged": rate(table),
         "by_correctness": {"correct": rate(table[table["correct"]]), "incorrect": rate(table[~table["correct"]])},
         "by_dx": {dx: rate(part) for dx, part in table.groupby("dx")},

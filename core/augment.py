@@ -1,14 +1,16 @@
 """Training augmentation for a whole batch at once, on whatever device the batch is on.
 
 The per-image torchvision pipeline (``core.transforms.create_transform(train=True)``) runs in Python per image on
-the CPU, which caps what a GPU can be fed (experiments.md, "Lab notes"). This module draws *per-sample* parameters for the same recipe — random resized
-crop (scale 0.9–1.0), zoom up to 1.1×, flips, rotation ±15°, colour jitter 0.1 — and applies them as one
-``affine_grid``/``grid_sample`` and a few tensor ops, so augmentation stays a small fraction of a training step.
+the CPU, which caps what a GPU can be fed (experiments.md, "Lab notes"). This module draws *per-sample* parameters
+for the same recipe — random resized crop (scale 0.9–1.0), zoom up to 1.1×, flips, rotation ±15°, colour jitter
+0.1 — and applies them as one ``affine_grid``/``grid_sample`` and a few tensor ops, so augmentation stays a small
+fraction of a training step.
 """
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,9 @@ class BatchAugment(nn.Module):
     Randomness comes only from ``generator`` so a run is reproducible (and resumable) from its seed.
     """
 
-    def __init__(self, rotation: float = 15.0, jitter: float = 0.1, crop_scale: tuple[float, float] = (0.9, 1.0),
-                 zoom: tuple[float, float] = (1.0, 1.1), corner_artifacts: float = 0.0,
-                 ring_start: tuple[float, float] = (0.75, 1.05), fill_share: float = 0.25) -> None:
+    def __init__(self, rotation: float = 15.0, jitter: float = 0.1, crop_scale: Sequence[float] = (0.9, 1.0),
+                 zoom: Sequence[float] = (1.0, 1.1), corner_artifacts: float = 0.0,
+                 ring_start: Sequence[float] = (0.75, 1.05), fill_share: float = 0.25) -> None:
         super().__init__()
         self.rotation, self.jitter, self.crop_scale, self.zoom = rotation, jitter, crop_scale, zoom
         self.corner_artifacts, self.ring_start, self.fill_share = corner_artifacts, ring_start, fill_share
@@ -74,7 +76,7 @@ class BatchAugment(nn.Module):
         return ((images - gray) * u(1 - j, 1 + j).view(shape) + gray).clamp(0, 1)
 
 
-def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: tuple[float, float] = (0.75, 1.05),
+def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: Sequence[float] = (0.75, 1.05),
                      fill_share: float = 0.25) -> torch.Tensor:
     """With probability ``p`` per image, whatever its class, a random dermoscope ring or a corner fill, so that dark
     or covered corners carry no information about the label. The stress test's ``vignette`` and ``corner_fill``

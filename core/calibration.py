@@ -8,6 +8,8 @@ are re-chosen on the recalibrated val probabilities, so the same cases fall on e
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
@@ -47,7 +49,7 @@ def fit_platt(labels: ArrayLike, probs: ArrayLike) -> tuple[float, float]:
     return a, b
 
 
-def apply_platt(probs: torch.Tensor, calibration: tuple[float, float]) -> torch.Tensor:
+def apply_platt(probs: torch.Tensor, calibration: Sequence[float]) -> torch.Tensor:
     """σ(a·logit(p) + b); the identity (1, 0) returns ``probs`` untouched."""
     a, b = calibration
     if (a, b) == IDENTITY:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -175,6 +176,12 @@ def field_choices() -> dict[str, tuple]:
 NOT_FLAGS = {"ensemble", "calibration"}  # written by `train.py ensemble` / `calibrate`, not training options
 
 
+def _factory_default(f: dataclasses.Field) -> Any:
+    """A field's ``default_factory()`` (a list default), or None for a field without one."""
+    factory = f.default_factory
+    return factory() if callable(factory) else None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, in its group, with its help sentence; flags default to None so that only the
     given ones override the YAML file."""
@@ -187,7 +194,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
         group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else _factory_default(f)
         help_text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         choices = field_choices().get(f.name)
         base = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None → X
@@ -196,7 +203,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, list):
             group.add_argument(flag, type=float, nargs=2, default=None, help=help_text)
         else:
-            kind = {bool: parse_bool, int: int, float: float}.get(base, str)
+            kinds: dict[object, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float}
+            kind = kinds.get(base, str)
             group.add_argument(flag, type=kind, default=None, help=help_text)
 
 

@@ -13,7 +13,7 @@ from core import checkpoint
 from core.inference import resolve_device
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distributed:
     rank: int = 0
     world_size: int = 1
@@ -24,11 +24,14 @@ class Distributed:
         return self.rank == 0
 
 
+SINGLE_PROCESS = Distributed()  # one process, rank 0: the default of every caller that is not under torchrun
+
+
 def setup_distributed(device_name: str) -> Distributed:
     """Under ``torchrun`` (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Distributed()
+        return SINGLE_PROCESS
     backend = "nccl" if resolve_device(device_name).type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)

@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -330,7 +330,7 @@ def download(dataset: str, to: Path | None = None, server: str = DEFAULT_SERVER,
     shutil.rmtree(tree, ignore_errors=True)
     unpack(paths, tree, out)
     record = {"dataset": dataset, "doi": DOI, "server": server, "version": _version(version),
-              "downloaded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "downloaded": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "files": [{"name": f.name, "id": f.id, "size": f.size, "checksum": f"{f.checksum_type}:{f.checksum}"}
                         for f, _ in files]}
     (tree / MARKER).write_text(json.dumps(record, indent=2) + "\n")

@@ -32,6 +32,7 @@ from torch import nn
 from core.config import TrainConfig
 from core.data import project_path
 from core.io import atomic_write
+from core.model import classifier
 from core.runs import INDEX_FILE, MODEL_FILE, RunError
 
 
@@ -39,7 +40,7 @@ def feature_layers(model: nn.Module) -> list[nn.Module]:
     """The classifier of each network (one, or one per ensemble member): its input is the pooled feature vector."""
     members = getattr(model, "members", None)
     networks = list(members) if members is not None else [model]
-    return [network.get_classifier() for network in networks]
+    return [classifier(network) for network in networks]
 
 
 @contextmanager
@@ -169,9 +170,9 @@ class EmbeddingIndex:
         the Euclidean distance of ``[coords, residual]``. It never exceeds the full-feature distance and is 0 for an
         image and itself. Non-dermoscopic images differ mostly *outside* the axes that spread the training images,
         so dropping the residual would hide them (``benchmarks/ood_scores.py``)."""
-        coords, residuals = torch.from_numpy(np.atleast_2d(coords)), torch.from_numpy(np.atleast_1d(residuals))
-        squared = ((coords ** 2).sum(1) + residuals ** 2)[:, None] + self._train_sq[None, :] \
-            - 2 * (coords @ self._train.T + residuals[:, None] * self._residuals[None, :])
+        points, rest = torch.from_numpy(np.atleast_2d(coords)), torch.from_numpy(np.atleast_1d(residuals))
+        squared = ((points ** 2).sum(1) + rest ** 2)[:, None] + self._train_sq[None, :] \
+            - 2 * (points @ self._train.T + rest[:, None] * self._residuals[None, :])
         return squared.clamp_min(0).sqrt().numpy()
 
     def points(self, features: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,7 +27,6 @@ from core import checkpoint
 from core.config import TrainConfig
 from core.data import project_path
 from core.model import malignant_probability, model_from_config, resolve_normalization
-from core.transforms import CORNER_FILL, CornerMask, normalize_transform
 from core.runs import (
     CONFIG_FILE,
     HISTORY_FILE,
@@ -39,6 +39,7 @@ from core.runs import (
     remove_derived_outputs,
     write_config,
 )
+from core.transforms import CORNER_FILL, CornerMask, normalize_transform
 
 LOGIT_EPS = 1e-6  # keeps the log-odds of a mean probability of exactly 0 or 1 finite
 
@@ -81,6 +82,7 @@ def member_input_masks(configs: list[TrainConfig], shared: float | None) -> list
             continue
         fill = torch.tensor(CORNER_FILL, dtype=torch.uint8).view(3, 1, 1)
         normalised = normalize_transform(resolve_normalization(cfg))(tv_tensors.Image(fill))
+        assert cfg.corner_mask is not None  # a masked member beside an unmasked shared view (else it equals shared)
         out.append(CornerMask(cfg.corner_mask, normalised.as_subclass(torch.Tensor).view(3)))
     return out
 
@@ -138,7 +140,7 @@ def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
                              "other's training set)")
 
 
-def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: int | None = None,
+def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: Literal[1, 2, 3, 4] | None = None,
                     overwrite: bool = False) -> Path:
     """Build an ensemble run directory from trained runs (``train.py ensemble``); then ``train.py evaluate`` it.
     TTA is the ensemble's own setting (default: the first member's)."""

@@ -56,7 +56,7 @@ def target_layer(model: torch.nn.Module, stride: int = TARGET_STRIDE) -> torch.n
     stages = [info["module"] for info in model.feature_info if info["reduction"] == stride]
     if not stages:
         raise ValueError(f"{type(model).__name__} has no stride-{stride} stage in its feature_info")
-    return model.get_submodule(stages[-1])
+    return model.get_submodule(str(stages[-1]))
 
 
 def target_layers(model: torch.nn.Module, stride: int = TARGET_STRIDE) -> list[torch.nn.Module]:

@@ -16,11 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 from core import checkpoint, metrics, runs
 from core.augment import BatchAugment
@@ -40,8 +44,13 @@ from core.inference import (
 from core.io import remove_stale_temp_files
 from core.losses import create_loss
 from core.sampler import BalancedSampler
-from core.training import TrainingError, create_training_parts, set_backbone_trainable, train_one_epoch, \
-    training_targets
+from core.training import (
+    TrainingError,
+    create_training_parts,
+    set_backbone_trainable,
+    train_one_epoch,
+    training_targets,
+)
 from core.transforms import view_shape
 
 
@@ -63,7 +72,7 @@ class TrainingData:
 class TrainingParts:
     model: nn.Module              # what the optimiser updates (DDP-wrapped under torchrun)
     train_model: nn.Module        # what the step runs (``torch.compile``d with --compile)
-    ema: nn.Module | None
+    ema: ModelEmaV3 | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: BalancedSampler | None
@@ -183,7 +192,7 @@ def build_training_parts(cfg: TrainConfig, device: torch.device, dist_info: Dist
         # Head-only warm-up leaves the frozen backbone without gradients: DDP must be told to expect that.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=cfg.head_warmup_epochs > 0)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BalancedSampler(data.train_labels, cfg.positive_fraction, seed=cfg.seed, rank=dist_info.rank,
                               world_size=dist_info.world_size) if cfg.positive_fraction > 0 else None
@@ -248,7 +257,7 @@ def restore(run_dir: Path, parts: TrainingParts, dist_info: Distributed) -> Prog
     return progress
 
 
-def restore_state(run_dir: Path, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
+def restore_state(run_dir: Path, model: nn.Module, ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
     """Load the last committed epoch into model, EMA, optimiser and scheduler; returns its counters."""
     path = run_dir / runs.STATE_FILE

@@ -22,12 +22,12 @@ from core import checkpoint, embedding
 from core.calibration import IDENTITY, apply_platt
 from core.config import TrainConfig
 from core.data import project_path, read_dataset
-from core.images import open_rgb
 from core.ensemble import model_for_run
+from core.images import open_rgb
 from core.model import malignant_probability, resolve_normalization
 from core.runs import MODEL_FILE, read_config
 from core.split import apply_split, read_split
-from core.transforms import Crop, CornerMask, normalize_transform, resize_transform, view_shape
+from core.transforms import CornerMask, Crop, normalize_transform, resize_transform, view_shape
 
 
 class DeviceError(RuntimeError):

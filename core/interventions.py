@@ -18,7 +18,7 @@ Every intervention:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -219,7 +219,7 @@ CORNER_CHECK = ("corner_fill", "vignette")
 DEFAULT_MIN_DELTA = 0.2  # |Δp| that counts as dependence without a flip: a fifth of the probability scale
 
 
-def corner_dependent(p_clean: np.ndarray | float, p_checked: dict[str, np.ndarray | float], threshold: float,
+def corner_dependent(p_clean: np.ndarray | float, p_checked: Mapping[str, np.ndarray | float], threshold: float,
                      min_delta: float = DEFAULT_MIN_DELTA) -> np.ndarray:
     """Per image: does any of the :data:`~core.interventions.CORNER_CHECK` interventions flip the decision at
     ``threshold`` or move p by ``min_delta`` or more? One rule for the stress test, the Predictor and the pages."""
@@ -231,7 +231,7 @@ def corner_dependent(p_clean: np.ndarray | float, p_checked: dict[str, np.ndarra
     return flags
 
 
-def corner_delta_p(p_clean: np.ndarray | float, p_checked: dict[str, np.ndarray | float]) -> np.ndarray:
+def corner_delta_p(p_clean: np.ndarray | float, p_checked: Mapping[str, np.ndarray | float]) -> np.ndarray:
     """Per image, the largest |Δp| over the :data:`CORNER_CHECK` interventions."""
     clean = np.asarray(p_clean, dtype=float)
     return np.max([np.abs(np.asarray(p_checked[name], dtype=float) - clean) for name in CORNER_CHECK], axis=0)

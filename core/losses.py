@@ -1,6 +1,8 @@
 """Binary focal loss (Lin et al. 2017) on logits, as in the reference recipe (α = 0.6, γ = 2)."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,8 @@ class SoftmaxFocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=-1)
         focal = (1 - log_p.exp()).pow(self.gamma)
-        return -(self.weight * targets.float() * focal * log_p).sum(-1).mean()
+        weight = cast(torch.Tensor, self.weight)  # a registered buffer
+        return -(weight * targets.float() * focal * log_p).sum(-1).mean()
 
 
 def output_distribution(logits: torch.Tensor) -> torch.Tensor:

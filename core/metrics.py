@@ -11,6 +11,7 @@ Everything is scikit-learn underneath; this module fixes the conventions so ever
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -124,8 +125,8 @@ def paired_auroc_gain(labels: ArrayLike, probs_new: ArrayLike, probs_old: ArrayL
     for counts in _resample_counts(np.random.default_rng(seed), n_groups, n_boot, len(y)):
         weights = counts[:, group_index]  # an image weighs what its lesion was drawn
         gains.append(_weighted_auroc_rows(y, new, weights) - _weighted_auroc_rows(y, old, weights))
-    gains = np.concatenate(gains)
-    low, high = np.quantile(gains[~np.isnan(gains)], [alpha / 2, 1 - alpha / 2])
+    every = np.concatenate(gains)
+    low, high = np.quantile(every[~np.isnan(every)], [alpha / 2, 1 - alpha / 2])
     return auroc(y, new) - auroc(y, old), float(low), float(high)
 
 
@@ -315,7 +316,7 @@ def source_report(frame: pd.DataFrame, thresholds: dict[str, float], n_boot: int
     val thresholds; the **source-stratified AUROC** (the mean of the within-source AUROCs, over the sources with
     both classes: a pooled AUROC can be carried by one easy source, or by sources whose malignant shares differ);
     and P(malignant) by diagnosis × source (median, mean, n), where a camera shows as nevi scored apart."""
-    per_source = {}
+    per_source: dict[str, dict[str, Any]] = {}
     for source, part in frame.groupby("source", sort=True):
         labels, probs = part["label"].to_numpy(), part["probability"].to_numpy()
         both = _both_classes(labels)
@@ -326,7 +327,7 @@ def source_report(frame: pd.DataFrame, thresholds: dict[str, float], n_boot: int
             "at_threshold": {name: {key: binary_metrics(labels, probs, t)[key] for key in ("sensitivity",
                                                                                            "specificity")}
                              for name, t in thresholds.items()}}
-    scored = [row["auroc"] for row in per_source.values() if row["auroc"] is not None]
+    scored = [float(row["auroc"]) for row in per_source.values() if row["auroc"] is not None]
     by_dx = frame.groupby(["dx", "source"], dropna=False)["probability"].agg(["median", "mean", "size"]).reset_index()
     return {"sources": per_source,
             "stratified_auroc": float(np.mean(scored)) if scored else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -75,10 +76,16 @@ def resolve_normalization(cfg: TrainConfig) -> Normalization:
     return cfg.normalization
 
 
+def classifier(network: torch.nn.Module) -> torch.nn.Module:
+    """A timm network's classifier head: its ``get_classifier()``, typed (``nn.Module`` attributes are not)."""
+    get: Callable[[], torch.nn.Module] = getattr(network, "get_classifier")  # noqa: B009
+    return get()
+
+
 def init_head(model: torch.nn.Module) -> None:
     """Small weights, zero bias: the fresh head starts near p = 0.5. timm's EfficientNet init scales a Linear by
     1/sqrt(out_features), which for one output gives weights up to ±1 and first logits of ±10 over 1280 features."""
-    head = model.get_classifier()
+    head = classifier(model)
     if isinstance(head, torch.nn.Linear):
         torch.nn.init.normal_(head.weight, std=0.01)
         torch.nn.init.zeros_(head.bias)
@@ -114,8 +121,9 @@ def load_lite_weights(model: torch.nn.Module, name: str) -> None:
     """
     source = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
     target = model.state_dict()
-    with_head = model.num_classes == IMAGENET_CLASSES
-    head = model.pretrained_cfg["classifier"] + "."
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg")  # noqa: B009  (timm's, untyped)
+    with_head = getattr(model, "num_classes") == IMAGENET_CLASSES  # noqa: B009
+    head = str(pretrained_cfg["classifier"]) + "."
     src = [k for k in source if _learned(k) and (with_head or not k.startswith(PACKAGE_HEAD))]
     dst = [k for k in target if _learned(k) and (with_head or not k.startswith(head))]
     if len(src) != len(dst):
@@ -127,7 +135,7 @@ def load_lite_weights(model: torch.nn.Module, name: str) -> None:
                 f"{tuple(target[d].shape)}; the package and timm architectures disagree")
     target.update({d: source[s] for s, d in zip(src, dst)})
     model.load_state_dict(target)
-    model.pretrained_cfg = {**model.pretrained_cfg, **_lite_normalization(name)}
+    setattr(model, "pretrained_cfg", {**pretrained_cfg, **_lite_normalization(name)})  # noqa: B010
 
 
 def _learned(key: str) -> bool:
@@ -139,6 +147,8 @@ def _lite_normalization(name: str) -> dict[str, Any]:
     if name not in LITE_TWINS:
         return {}
     twin = timm.models.get_pretrained_cfg(LITE_TWINS[name])
+    if twin is None:
+        raise WeightMappingError(f"timm has no config {LITE_TWINS[name]!r} for {name}'s normalisation")
     return {"mean": twin.mean, "std": twin.std}
 
 
@@ -151,7 +161,7 @@ def _download_pretrained(name: str, num_outputs: int, drop_rate: float) -> torch
     hint = (f"pass pretrained=False for random init, or use one of {', '.join(LITE_PACKAGES)}, "
             "whose weights ship with pip packages")
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        host = urlparse(huggingface_hub.constants.ENDPOINT if cfg.hf_hub_id else cfg.url).hostname
+        host = urlparse(huggingface_hub.constants.ENDPOINT if cfg.hf_hub_id else str(cfg.url)).hostname
         if not _reachable(host):
             raise PretrainedWeightsUnavailable(
                 f"no pretrained weights for {name!r} offline: {host} is unreachable ({hint}; "

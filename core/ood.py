@@ -26,8 +26,16 @@ from sklearn.metrics import roc_auc_score
 from core import metrics
 from core.embedding import EmbeddingIndex, run_fingerprint
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
-from core.runs import (INDEX_FILE, OOD_SCORES, OOD_SUMMARY, STYLE_INDEX_FILE, read_metrics, read_predictions,
-                       write_csv, write_json)
+from core.runs import (
+    INDEX_FILE,
+    OOD_SCORES,
+    OOD_SUMMARY,
+    STYLE_INDEX_FILE,
+    read_metrics,
+    read_predictions,
+    write_csv,
+    write_json,
+)
 
 DEFAULT_DIMS = 256
 DEFAULT_K = 10
@@ -40,7 +48,7 @@ class OODScore:
 
     name = "score"
 
-    def fit(self, train: np.ndarray, labels: np.ndarray) -> OODScore:
+    def fit(self, train: EmbeddingIndex, labels: np.ndarray) -> OODScore:
         raise NotImplementedError
 
     def __call__(self, coords: np.ndarray, residuals: np.ndarray) -> np.ndarray:
@@ -194,7 +202,7 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
     table = table[["image_id", "split", "ood_score", "style_score", "out_of_distribution"]]
     summary = summarize(table, run_dir, thresholds["youden"], index.meta)
     index.save(run_dir)
-    if style is not None:
+    if guard.style is not None:
         guard.style.save(run_dir, STYLE_INDEX_FILE)
     write_csv(run_dir / OOD_SCORES, table, float_format=None)
     write_json(run_dir / OOD_SUMMARY, summary)
@@ -203,8 +211,9 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
 
 def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) -> dict:
     """Flag rates per split, and whether the test mistakes (at the val Youden threshold) lie farther out."""
-    summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold", "union_percentile",
-                                          "style_dims", "style_raw_dims", "style_threshold") if key in meta}
+    summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold",
+                                          "union_percentile", "style_dims", "style_raw_dims", "style_threshold")
+               if key in meta}
     summary["flag_rate"] = {name: float(part["out_of_distribution"].mean()) for name, part in table.groupby("split")}
     test = read_predictions(run_dir, "test").merge(table[table["split"] == "test"], on="image_id", validate="1:1")
     wrong = ((test["probability"] >= threshold).astype(int) != test["label"]).to_numpy()

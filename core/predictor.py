@@ -149,7 +149,8 @@ class Predictor:
 
         with ThreadPoolExecutor(4) as pool:
             decoded = list(pool.map(decode, paths))
-        kept = [k for k, item in enumerate(decoded) if not isinstance(item, str)]
+        images = {k: item for k, item in enumerate(decoded) if not isinstance(item, str)}
+        kept = list(images)
         failed = [item for item in decoded if isinstance(item, str)]
         if not kept:
             return pd.DataFrame(columns=PREDICTION_COLUMNS), None, failed
@@ -157,9 +158,9 @@ class Predictor:
         features: list[np.ndarray] | None = [] if self.ood is not None else None
         with self._lock:
             frame["probability"] = predict_probabilities(
-                self.model, torch.stack([decoded[k] for k in kept]), self.preprocess, self.device, batch_size,
+                self.model, torch.stack(list(images.values())), self.preprocess, self.device, batch_size,
                 self.config.tta_views, self.config.amp, self.config.calibration, features=features)
-        if self.ood is None:
+        if self.ood is None or features is None:
             return frame.assign(ood_score=np.nan, style_score=np.nan, out_of_distribution=False,
                                 unlike_in_content=False), None, failed
         return pd.concat([frame, self.ood.assess(features)], axis=1), features, failed
@@ -183,7 +184,7 @@ class Predictor:
                                               calibration=self.config.calibration, features=features)
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
-        if self.ood is not None:  # the features came with the prediction's own forward pass
+        if self.ood is not None and features is not None:  # they came with the prediction's own forward pass
             verdict = self.ood.assess([part[:1] for part in features]).iloc[0]
             result.ood_score, result.style_score = float(verdict["ood_score"]), float(verdict["style_score"])
             result.out_of_distribution = bool(verdict["out_of_distribution"])

@@ -53,14 +53,17 @@ def perceptual_hashes(paths: list[str], workers: int = 4) -> np.ndarray:
 
 
 def hamming_distances(hashes: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs ``i < j`` with their Hamming distance at most ``NEAR_DUPLICATE_DISTANCE`` (blocked: O(n·block) memory)."""
+    """All pairs ``i < j`` with their Hamming distance at most ``NEAR_DUPLICATE_DISTANCE`` (blocked: O(n·block)
+    memory)."""
     rows, cols, dists = [], [], []
     for start in range(0, len(hashes), block):
         chunk = hashes[start:start + block]
         d = np.bitwise_count(chunk[:, None, :] ^ hashes[None, :, :]).sum(axis=2, dtype=np.int32)
         i, j = np.nonzero(d <= NEAR_DUPLICATE_DISTANCE)
         keep = start + i < j
-        rows.append(start + i[keep]), cols.append(j[keep]), dists.append(d[i[keep], j[keep]])
+        rows.append(start + i[keep])
+        cols.append(j[keep])
+        dists.append(d[i[keep], j[keep]])
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(dists)
 
 
@@ -90,8 +93,8 @@ def near_duplicate_clusters(lesion_ids: pd.Series, hashes: np.ndarray) -> Duplic
     return DuplicateClusters(cluster, len(merged), int(merged.sum()), int(cross.sum()))
 
 
-def lesion_wise_split(frame: pd.DataFrame, groups: np.ndarray, fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
-                      seed: int = 0) -> pd.Series:
+def lesion_wise_split(frame: pd.DataFrame, groups: np.ndarray,
+                      fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), seed: int = 0) -> pd.Series:
     """Assign every image to train/val/test so that no group (near-duplicate cluster) straddles two splits.
 
     ``StratifiedGroupKFold`` cuts the data into 20 stratified, group-disjoint folds of ~5 % each; the fractions
@@ -215,7 +218,8 @@ def plot_class_distribution(frame: pd.DataFrame, path: str | os.PathLike) -> Pat
     summary = split_summary(frame)
     for k, name in enumerate(SPLITS):
         bars = ax.bar(x + (k - 1) * width, 100 * share[name], width,
-                      label=f"{name} (n={summary.loc[name, 'images']}, malignant {summary.loc[name, 'malignant_%']:.1f} %)")
+                      label=f"{name} (n={summary.loc[name, 'images']}, "
+                            f"malignant {summary.loc[name, 'malignant_%']:.1f} %)")
         for bar, dx in zip(bars, order):
             if dx in MALIGNANT_DX:
                 bar.set_hatch("//")

@@ -1,4 +1,4 @@
-"""``train.py stress``: does the model *use* the corners, or the camera? Intervene on every image and measure what moves.
+"""``train.py stress``: does the model *use* the corners, or the camera? Intervene on every image, see what moves.
 
 For each image of a split and each intervention (``core.interventions``), P(malignant) is predicted with the run's
 own preprocessing, TTA and calibration on the clean and the intervened image, and the decision is read at the val
@@ -29,9 +29,9 @@ from tqdm import tqdm
 from core import acquisition, metrics, runs
 from core.audit import model_view_masks
 from core.config import TrainConfig
-from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.explain import dark_corner_score
 from core.images import open_rgb
+from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
@@ -73,7 +73,8 @@ def intervened_probabilities(score: Scorer, images: torch.Tensor, masks: Sequenc
     interventions = [create_intervention(name, seed) for name in names]
     out: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *names]}
     for start in tqdm(range(0, len(images), chunk), desc="stress test", disable=None):
-        batch, part_masks, part_keys = images[start:start + chunk], masks[start:start + chunk], keys[start:start + chunk]
+        part = slice(start, start + chunk)
+        batch, part_masks, part_keys = images[part], masks[part], keys[part]
         versions = [batch] + [intervention(batch, part_masks, part_keys) for intervention in interventions]
         p = score(torch.cat(versions)).reshape(len(versions), len(batch))
         for name, row in zip(out, p):

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from core import checkpoint
 from core.augment import BatchAugment
 from core.config import TrainConfig
-from core.distributed import Distributed
+from core.distributed import SINGLE_PROCESS, Distributed
 from core.inference import Preprocess, autocast
 from core.losses import create_loss, jensen_shannon
-from core.model import DX_CLASSES, create_model, head_outputs
+from core.model import DX_CLASSES, classifier, create_model, head_outputs
 from core.sampler import BalancedSampler
 
 LOSS_CHECK_STEPS = 20  # on a GPU, how often the running loss is read back (and checked for NaN)
@@ -43,7 +47,7 @@ def training_targets(frame: pd.DataFrame, head: str) -> torch.Tensor:
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     """Head-only warm-up: freeze everything but the classifier, so a fresh head does not wreck pretrained features."""
     plain = checkpoint._unwrap(model)
-    head = {id(p) for p in plain.get_classifier().parameters()}
+    head = {id(p) for p in classifier(plain).parameters()}
     for p in plain.parameters():
         p.requires_grad_(trainable or id(p) in head)
 
@@ -89,8 +93,8 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sampler: BalancedSampler | None,
                     augment: BatchAugment, preprocess: Preprocess, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    cfg: TrainConfig, device: torch.device, epoch: int, ema: nn.Module | None = None,
-                    dist_info: Distributed = Distributed()) -> dict[str, float]:
+                    cfg: TrainConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
+                    dist_info: Distributed = SINGLE_PROCESS) -> dict[str, float]:
     """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput."""
     model.train()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
@@ -107,8 +111,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
     loss_sum, seen, checked, start = torch.zeros((), device=device), 0, 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if dist_info.main else True,
-               dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=None if dist_info.main else True, dynamic_ncols=True)
     for step in bar:
         index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         mixup_lam = float(np.random.default_rng([cfg.seed, epoch, step]).beta(cfg.mixup, cfg.mixup)) \

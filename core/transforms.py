@@ -114,7 +114,8 @@ class CornerMask(_ImageOnly):
         self.fill = fill
 
     def apply(self, image: torch.Tensor) -> torch.Tensor:
-        outside = ellipse_radius(*image.shape[-2:], device=image.device) > self.radius
+        height, width = image.shape[-2:]
+        outside = ellipse_radius(height, width, device=image.device) > self.radius
         if self.fill is not None:
             fill = self.fill.to(image.device, image.dtype).view(3, 1, 1)
         else:

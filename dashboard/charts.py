@@ -90,7 +90,8 @@ def pr_chart(frame: pd.DataFrame, base: alt.Chart) -> alt.Chart:
     precision, recall, _ = precision_recall_curve(frame["label"], frame["probability"])
     curve = alt.Chart(pd.DataFrame({"recall": recall, "precision": precision})).mark_line(
         interpolate="step-before").encode(x=alt.X("recall:Q", title="sensitivity (recall)"),
-                                          y=alt.Y("precision:Q", title="PPV (precision)", scale=alt.Scale(domain=[0, 1])))
+                                          y=alt.Y("precision:Q", title="PPV (precision)",
+                                                  scale=alt.Scale(domain=[0, 1])))
     prevalence = float(frame["label"].mean())
     floor = alt.Chart(pd.DataFrame({"p": [prevalence]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="p:Q")
     point = _rates(base).mark_point(size=160, filled=True, color="#e45756").encode(

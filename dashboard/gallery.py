@@ -20,8 +20,8 @@ OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
                 "FN": "malignant, called benign", "TN": "benign, called benign"}
 METADATA = ["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "source"]
-SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "style_score", "corner_dependent", "p_corner_fill",
-          "p_vignette", "corner_delta_p",
+SCORES = ["probability", "outcome", "out_of_distribution", "ood_score", "style_score", "corner_dependent",
+          "p_corner_fill", "p_vignette", "corner_delta_p",
           "corner_fraction", "border_fraction", "outside_lesion_fraction", "background_lesion_ratio",
           "dark_corner_score", "flag"]
 

@@ -28,7 +28,8 @@ from core.runs import (
     SITES_DIR,
     STYLE_INDEX_FILE,
     RunError,
-    external_sets as read_external_sets,
+    read_acquisition,
+    read_acquisition_summary,
     read_attention,
     read_cams,
     read_config,
@@ -38,15 +39,17 @@ from core.runs import (
     read_ood_scores,
     read_ood_summary,
     read_predictions,
-    read_acquisition,
-    read_acquisition_summary,
     read_stress,
     read_stress_summary,
     run_summary,
 )
-from core.sites import model_fingerprint as core_model_fingerprint, usable_profiles
-from core.stress import wide
+from core.runs import (
+    external_sets as read_external_sets,
+)
+from core.sites import model_fingerprint as core_model_fingerprint
+from core.sites import usable_profiles
 from core.split import read_split
+from core.stress import wide
 from core.transforms import CornerMask, resize_transform
 from dashboard import charts
 

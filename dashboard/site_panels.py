@@ -88,7 +88,7 @@ def profile_form(run: Path, set_name: str, frame: pd.DataFrame) -> None:
                 "want to judge it on.")
     with st.form("site_profile"):
         columns = st.columns(4)
-        name = columns[0].text_input("Site name", value=set_name, key="site_name")
+        columns[0].text_input("Site name", value=set_name, key="site_name")
         target = columns[1].number_input("Target sensitivity", 0.5, 0.99, sites.DEFAULT_TARGET, 0.01,
                                          key="site_target")
         rule = columns[2].selectbox("Rule", sites.RULES, index=sites.RULES.index(sites.DEFAULT_RULE),
@@ -117,8 +117,8 @@ def make_profile(run: Path, set_name: str, frame: pd.DataFrame) -> None:
     form = st.session_state
     report = loaders.external_sets(run)[set_name]
     if report.get("model") != loaders.model_fingerprint(run):
-        form[MADE_KEY] = ("refused", f"No site profile made: the predictions of `{set_name}` were made by other weights "
-                                     f"or another calibration of `{run}`; evaluate the set again first.")
+        form[MADE_KEY] = ("refused", f"No site profile made: the predictions of `{set_name}` were made by other "
+                                     f"weights or another calibration of `{run}`; evaluate the set again first.")
         return
     try:
         source = {"set": set_name, **{k: report.get(k) for k in ("data", "images")}}

@@ -43,8 +43,8 @@ if sources:
     selection = selection[selection["source"].astype(str).isin(sources)]
 if only_dependent and has_stress:
     selection = selection[selection["corner_dependent"]]
-columns = [c for c in ["image_id", "outcome", "dx", "source", "probability", "mistake_confidence", "out_of_distribution",
-                       "ood_score", "corner_dependent",
+columns = [c for c in ["image_id", "outcome", "dx", "source", "probability", "mistake_confidence",
+                       "out_of_distribution", "ood_score", "corner_dependent",
                        "p_corner_fill", "p_vignette", "corner_fraction", "dark_corner_score", "age", "sex",
                        "localization"] if c in selection]
 st.markdown(f"**{len(selection):,} mistakes** at threshold {threshold:.3f} (of {len(errors):,}: "
@@ -73,7 +73,8 @@ if ood is not None and "out_of_distribution" in cases:
         f"`train.py index`; flagged above {ood['threshold']:.3f}"
         + (f", or when its style statistics are farther than {ood['style_threshold']:.3f}: together "
            f"{100 - ood['percentile']:g} % of val" if "style_threshold" in ood else
-           f", the val split's {ood['percentile']:g}th percentile") + f"). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
+           f", the val split's {ood['percentile']:g}th percentile")
+        + f"). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
         f"of the mistakes** are flagged against {cases['out_of_distribution'][~wrong].mean():.1%} of the correct "
         f"decisions; median distance {cases['ood_score'][wrong].median():.3f} vs "
         f"{cases['ood_score'][~wrong].median():.3f}.")
@@ -171,7 +172,8 @@ if has_attention:
 st.header("Where the model does worse")
 subgroups = metrics.subgroup_auroc(cases)
 if subgroups.empty:
-    st.info(f"The {label} carries no metadata (age, sex, localization, how the diagnosis was made) to group the images by.")
+    st.info(f"The {label} carries no metadata (age, sex, localization, how the diagnosis was made) to group the "
+            "images by.")
 else:
     st.altair_chart(charts.subgroup_chart(subgroups), width="stretch")
     with st.expander("Subgroup table"):

@@ -84,8 +84,8 @@ if "source" in frame and frame["source"].nunique() > 1:
     if report["stratified_auroc"] is not None:
         st.markdown(f"Source-stratified AUROC (the mean of the within-source AUROCs, over "
                     f"{len(report['stratified_over'])} sources with both classes): "
-                    f"**{report['stratified_auroc']:.3f}**, against {report['pooled_auroc']:.3f} pooled: a pooled AUROC "
-                    "can be carried by one easy source, or by sources whose malignant shares differ.")
+                    f"**{report['stratified_auroc']:.3f}**, against {report['pooled_auroc']:.3f} pooled: a pooled "
+                    "AUROC can be carried by one easy source, or by sources whose malignant shares differ.")
     st.vega_lite_chart(loaders.p_by_dx_source_spec(run, split, loaders.data_dir_or_none()[0]), width="stretch")
 
 if external is not None:

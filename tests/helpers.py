@@ -61,8 +61,8 @@ def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0) -> 
 def make_ham(root: Path, rows: list[tuple[str, str, str]], images: list[str] | None = None) -> Path:
     """A tiny HAM10000-shaped folder: rows of (lesion_id, image_id, dx)."""
     (root / "images").mkdir(parents=True)
-    frame = pd.DataFrame([{"lesion_id": l, "image_id": i, "dx": dx, "dx_type": "histo", "age": 50.0, "sex": "male",
-                           "localization": "back"} for l, i, dx in rows])
+    frame = pd.DataFrame([{"lesion_id": lesion, "image_id": i, "dx": dx, "dx_type": "histo", "age": 50.0,
+                           "sex": "male", "localization": "back"} for lesion, i, dx in rows])
     frame.to_csv(root / "HAM10000_metadata.csv", index=False)
     for k, image_id in enumerate(images if images is not None else frame["image_id"]):
         write_image(root / "images" / f"{image_id}.jpg", seed=k)

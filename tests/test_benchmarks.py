@@ -8,13 +8,19 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-import pandas as pd
-
-from benchmarks import (bench_predict, bench_stress, bench_train, cam_vs_stress, corner_rule, corner_screen,
-                        ensemble_search,
-                        ood_scores)
+from benchmarks import (
+    bench_predict,
+    bench_stress,
+    bench_train,
+    cam_vs_stress,
+    corner_rule,
+    corner_screen,
+    ensemble_search,
+    ood_scores,
+)
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from tests.helpers import run_main

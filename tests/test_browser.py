@@ -13,8 +13,8 @@ from PIL import Image
 
 from core import metrics
 from core.data import PROJECT_ROOT
-from core.predictor import Predictor
 from core.interventions import CORNER_CHECK
+from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, read_metrics, read_predictions
 from tests.helpers import ARTIFACTS, DashboardServer, corner_dependence
 
@@ -68,7 +68,8 @@ def open_page(tab, app_url: str, path: str) -> None:
 
 
 def no_exceptions(tab) -> None:
-    assert tab.locator("[data-testid=stException]").count() == 0, tab.locator("[data-testid=stException]").all_inner_texts()
+    exceptions = tab.locator("[data-testid=stException]")
+    assert exceptions.count() == 0, exceptions.all_inner_texts()
 
 
 def shot(tab, name: str) -> None:

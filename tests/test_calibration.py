@@ -16,11 +16,11 @@ from sklearn.metrics import log_loss
 
 import train
 from core.calibration import IDENTITY, apply_platt, fit_platt
-from core.runs import RunError
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
 from core.evaluation import calibrate_run, evaluate_run
 from core.predictor import Predictor
+from core.runs import RunError
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -7,13 +7,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.data import (HAM10000_COLUMNS, DataError, read_dataset, read_ham10000, read_isic_groundtruth,
-                       read_labelled_csv, resolve_data_dir)
+from core.data import (
+    HAM10000_COLUMNS,
+    DataError,
+    read_dataset,
+    read_ham10000,
+    read_isic_groundtruth,
+    read_labelled_csv,
+    resolve_data_dir,
+)
 from core.images import open_mask, open_rgb
 from tests.helpers import ROWS, make_ham, write_image
-
-
-
 
 # --- the real data ------------------------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.fit import fit
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images
-from core.training import TrainingError, out_of_memory_advice, train_one_epoch
 from core.losses import create_loss
 from core.predictor import Predictor
+from core.training import TrainingError, out_of_memory_advice, train_one_epoch
 from tests.helpers import SMALL_SPLIT
 
 
@@ -98,7 +98,7 @@ def test_evaluate_command_on_an_external_labelled_csv(tiny_run: Path, ham: pd.Da
                                                       name: str) -> None:
     rows = ham.groupby("label").head(10)
     own_val = (tiny_run / "predictions_val.csv").read_bytes()
-    (tmp_path / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{l}\n" for i, l in
+    (tmp_path / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{y}\n" for i, y in
                                                                     zip(rows["image_id"], rows["label"])))
     images = Path(rows["path"].iloc[0]).parent
     assert train.main(["evaluate", "--run", str(tiny_run), "--data", str(tmp_path / f"{name}.csv"),
@@ -186,8 +186,9 @@ def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Si
     tiny_config().to_yaml(tmp_path / "tiny.yaml")
     run = tmp_path / "run"
     with (tmp_path / "stderr.txt").open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", HELD_AFTER_EPOCH_1, "fit", "--config", str(tmp_path / "tiny.yaml"),
-                                 "--out", str(run)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", HELD_AFTER_EPOCH_1, "fit", "--config",
+                                 str(tmp_path / "tiny.yaml"), "--out", str(run)], cwd=PROJECT_ROOT,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
             while (line := proc.stdout.readline()) and line != "EPOCH 1 COMMITTED\n":
                 pass

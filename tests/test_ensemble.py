@@ -14,8 +14,8 @@ import train
 from core import checkpoint, explain, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.inference import FLIP_DIMS, Preprocess, load_run, predict_frame, predict_probabilities
 from core.ensemble import Ensemble, create_ensemble
+from core.inference import FLIP_DIMS, Preprocess, load_run, predict_frame, predict_probabilities
 from core.model import create_model, head_outputs, malignant_probability
 from core.predictor import Predictor
 from core.runs import MEMBERS_DIR, read_members, run_summary

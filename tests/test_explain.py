@@ -205,7 +205,8 @@ def test_attention_scores_refuse_bad_shapes() -> None:
 
 def test_dark_corner_score_is_zero_for_an_evenly_lit_image() -> None:
     assert explain.dark_corner_score(np.full((160, 160, 3), 180, np.uint8)) == pytest.approx(0.0, abs=1e-9)
-    assert abs(explain.dark_corner_score(scene(160, None))) < 0.05  # noise only: the 75th-percentile reference sits a little above the mean
+    # Noise only: the 75th-percentile reference sits a little above the mean.
+    assert abs(explain.dark_corner_score(scene(160, None))) < 0.05
 
 
 def test_dark_corner_score_is_high_for_a_vignette() -> None:

@@ -20,10 +20,10 @@ from torch import nn
 
 import core.io
 from core import checkpoint, runs, split
-from core.fit import restore_state
-from core.inference import load_run
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
+from core.fit import restore_state
+from core.inference import load_run
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
 
 
@@ -94,7 +94,7 @@ def test_stale_temp_files_of_other_names_are_kept(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.json.y.tmp", "last.safetensors"]
 
 
-# --- every writer of the project goes through atomic_write -------------------------------------------------------------
+# --- every writer of the project goes through atomic_write ------------------------------------------------------
 
 def _frame() -> pd.DataFrame:
     return pd.DataFrame({"image_id": ["I1", "I2"], "lesion_id": ["L1", "L2"], "dx": ["mel", "nv"], "label": [1, 0],

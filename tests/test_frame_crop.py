@@ -14,8 +14,8 @@ import train
 from core import audit
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.images import open_rgb
 from core.fit import fit
+from core.images import open_rgb
 from core.inference import load_splits, preload_images
 from core.predictor import Predictor
 from core.transforms import view_shape
@@ -41,7 +41,8 @@ def test_fit_trains_and_evaluates_on_the_whole_frame(frame_run: Path) -> None:
     images = preload_images(load_splits(cfg)["test"]["path"].head(3).tolist(), cfg.input_size, cfg.crop)
     assert images.shape == (3, 3, *SHAPE)
     report = json.loads((frame_run / "metrics.json").read_text())
-    assert 0 <= report["test"]["auroc"] <= 1 and len(pd.read_csv(frame_run / "predictions_test.csv")) == SMALL_SPLIT["test"]
+    assert 0 <= report["test"]["auroc"] <= 1
+    assert len(pd.read_csv(frame_run / "predictions_test.csv")) == SMALL_SPLIT["test"]
 
 
 def test_predictor_sees_and_explains_the_frame(frame_run: Path, ham: pd.DataFrame) -> None:

@@ -8,8 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
-                             recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from core import metrics
 
@@ -234,7 +242,8 @@ def test_subgroups() -> None:
 
 
 def test_source_report_by_hand() -> None:
-    frame = pd.DataFrame({"source": ["a"] * 4 + ["b"] * 4 + ["c"] * 2, "dx": ["mel", "nv", "nv", "mel"] * 2 + ["nv"] * 2,
+    frame = pd.DataFrame({"source": ["a"] * 4 + ["b"] * 4 + ["c"] * 2,
+                          "dx": ["mel", "nv", "nv", "mel"] * 2 + ["nv"] * 2,
                           "label": [1, 0, 0, 1, 1, 0, 0, 1, 0, 0],
                           "probability": [0.9, 0.2, 0.6, 0.4, 0.8, 0.1, 0.3, 0.7, 0.05, 0.5]})
     report = metrics.source_report(frame, {"t": 0.5}, n_boot=50)

@@ -16,8 +16,13 @@ from skimage.data import astronaut, chelsea, coffee, rocket
 from timm.data import create_transform, resolve_model_data_config
 
 import core.model
-from core.model import (PretrainedWeightsUnavailable, WeightMappingError, create_model, lite_weights_path,
-                        pretrained_config)
+from core.model import (
+    PretrainedWeightsUnavailable,
+    WeightMappingError,
+    create_model,
+    lite_weights_path,
+    pretrained_config,
+)
 
 CAT_CLASSES = [281, 282, 285]  # ImageNet tabby, tiger cat, Egyptian cat
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}

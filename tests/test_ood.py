@@ -19,8 +19,8 @@ from benchmarks import ood_probes
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.embedding import INDEX_FILE, EmbeddingIndex, captured_features, feature_layers
-from core.inference import Preprocess, predict_probabilities
 from core.ensemble import Ensemble
+from core.inference import Preprocess, predict_probabilities
 from core.model import create_model
 from core.ood import KNNDistance, Mahalanobis
 from core.predictor import Predictor
@@ -42,7 +42,8 @@ def test_features_come_with_the_prediction_and_do_not_change_it(crop: str) -> No
     shape = (SIZE, SIZE) if crop == "square" else (SIZE, 64)
     images = torch.randint(0, 256, (5, 3, *shape), dtype=torch.uint8)
     features: list[np.ndarray] = []
-    p = predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"), batch_size=4, tta_views=2, features=features)
+    p = predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"), batch_size=4, tta_views=2,
+                              features=features)
     assert np.array_equal(p, predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"),
                                                    batch_size=4, tta_views=2))
     assert features[0].shape == (5, 2 * members[0].num_features)

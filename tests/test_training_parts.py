@@ -22,7 +22,6 @@ from core.training import create_training_parts, training_loss
 from core.transforms import ellipse_radius
 from tests.helpers import l_shaped_mask
 
-
 # --- focal loss ---------------------------------------------------------------------------------------------------
 
 def test_focal_loss_matches_hand_computed_values() -> None:
@@ -193,8 +192,8 @@ def test_corner_consistency_adds_its_weight_times_a_positive_divergence() -> Non
 
 
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
-    from core.inference import load_run
     from core.ensemble import init_weights
+    from core.inference import load_run
     from core.model import model_from_config
 
     cfg, ensemble = load_run("models/default")

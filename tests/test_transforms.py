@@ -9,10 +9,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.images import open_mask, open_rgb
-from tests.helpers import l_shaped_mask
 from core.augment import BatchAugment
 from core.config import TrainConfig
+from core.images import open_mask, open_rgb
 from core.transforms import (
     IMAGENET_MEAN,
     CenterFrameCrop,
@@ -22,6 +21,7 @@ from core.transforms import (
     resize_transform,
     view_shape,
 )
+from tests.helpers import l_shaped_mask
 
 
 def encode(mask: np.ndarray) -> tuple[Image.Image, tv_tensors.Mask]:
