@@ -192,7 +192,7 @@ def cmd_site(args: argparse.Namespace) -> None:
     if (args.run / runs.site_file(args.name)).exists() and not args.overwrite:
         raise ValueError(f"{args.run / runs.site_file(args.name)} already holds the site profile '{args.name}'; "
                          "choose another --name or pass --overwrite")
-    frame, _ = predict_labelled(args.run, args.data, args.images, args.device, with_guard=False)
+    frame, _, _ = predict_labelled(args.run, args.data, args.images, args.device, with_guard=False)
     source = {"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve())}
     profile = sites.make_profile(args.run, args.name, frame, source, args.target_sensitivity, args.rule,
                                  args.confidence, args.sample_date)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from core.audit import model_view_masks
-from core.inference import load_splits, preload_images
 from core.interventions import INTERVENTIONS, image_key
+from core.run import load
 from core.runs import model_label
 from core.stress import intervened_probabilities, run_scorer
 
@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> None:
                         default=["vignette", "vignette_strong", "corner_fill", "ink", "ruler"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    score, cfg = run_scorer(args.run, torch.device("cpu"))
-    frame = load_splits(cfg)["test"].head(args.images)
+    run = load(args.run, "cpu")
+    score, cfg = run_scorer(run), run.config
+    frame = run.splits()["test"].head(args.images)
     start = time.perf_counter()
-    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    images = run.load_images(frame["path"].tolist())
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     decode = time.perf_counter() - start
     keys = [image_key(i) for i in frame["image_id"]]

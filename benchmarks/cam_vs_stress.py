@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from core import explain, metrics
-from core.inference import Preprocess, load_run, load_splits, preload_images
+from core.run import load
 from core.runs import read_metrics, read_stress
 from core.stress import image_flags
 
@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     threshold = read_metrics(args.run)["thresholds"]["youden"]
     flags = image_flags(read_stress(args.run, "test"), threshold)
-    cfg, model = load_run(args.run)
-    frame = load_splits(cfg)["test"].merge(flags, on="image_id")
+    run = load(args.run)
+    model = run.model
+    frame = run.splits()["test"].merge(flags, on="image_id")
     frame = frame.sample(n=min(args.images, len(frame)), random_state=args.seed).reset_index(drop=True)
     flipped = (frame["p_corner_fill"] >= threshold) != (frame["p_clean"] >= threshold)
-    inputs = Preprocess(cfg)(preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop))
+    inputs = run.preprocess(run.load_images(frame["path"].tolist()))
     decided = (frame["p_clean"] >= threshold).astype(int).tolist()
     rows = []
     for spec in args.maps:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                                for i in range(0, len(inputs), 16)])
         fraction = np.array([explain.attention_scores(cam)["corner_fraction"] for cam in cams])
         keep = np.isfinite(fraction)
-        rows.append({"map": spec, "cells": f"{cfg.input_size // int(stride)}²",
+        rows.append({"map": spec, "cells": f"{run.config.input_size // int(stride)}²",
                      "spearman_corner_delta_p": pd.Series(fraction[keep]).corr(
                          frame["corner_delta_p"][keep].reset_index(drop=True), method="spearman"),
                      "auroc_corner_dependent": metrics.auroc(frame["corner_dependent"][keep].astype(int),

@@ -24,8 +24,9 @@ from benchmarks.corner_rule import MAX_FLIP, MAX_FORWARDS, MAX_MB, MIN_GAIN_LOW,
 from benchmarks.ensemble_search import compatible_pairs
 from core import metrics, runs
 from core.audit import model_view_masks
-from core.inference import FLIP_DIMS, Preprocess, load_run, load_splits, predict_probabilities, preload_images
+from core.inference import FLIP_DIMS, load_splits
 from core.interventions import CORNER_INTERVENTIONS, image_key
+from core.run import load
 from core.stress import STRESS_BATCH, intervened_probabilities
 
 VERSIONS = ("clean", *CORNER_INTERVENTIONS)
@@ -41,15 +42,14 @@ def corner_view_probabilities(run: Path, views: int, cache: Path | None = None) 
             if f["stamp"] == stamp and f["clean"].shape[0] >= views:
                 return {k: f[k] for k in VERSIONS}
     device = torch.device("cpu")
-    cfg, model = load_run(run, device)
-    frame = load_splits(cfg)["val"]
-    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    loaded = load(run, device)
+    cfg = loaded.config
+    frame = loaded.splits()["val"]
+    images = loaded.load_images(frame["path"].tolist())
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     keys = [image_key(i) for i in frame["image_id"]]
-    preprocess = Preprocess(cfg)
     per_view = [intervened_probabilities(
-        lambda batch, dims=dims: predict_probabilities(model, batch.flip(dims) if dims else batch, preprocess,
-                                                       device, STRESS_BATCH, amp=False),
+        lambda batch, dims=dims: loaded.view_probabilities(batch, dims, STRESS_BATCH),
         images, masks, keys, CORNER_INTERVENTIONS) for dims in FLIP_DIMS[:views]]
     out = {version: np.stack([p[version] for p in per_view]) for version in VERSIONS}
     if stored:

@@ -26,15 +26,8 @@ import pandas as pd
 from core import metrics
 from core.config import TrainConfig
 from core.ensemble import check_compatible
-from core.inference import (
-    FLIP_DIMS,
-    Preprocess,
-    load_run,
-    load_splits,
-    predict_probabilities,
-    preload_images,
-    resolve_device,
-)
+from core.inference import FLIP_DIMS, load_splits
+from core.run import load
 from core.runs import fp16_megabytes, read_config
 
 
@@ -47,14 +40,11 @@ def view_probabilities(run: Path, cache: Path | None = None, device: str = "cpu"
         with np.load(stored) as f:
             if f["stamp"] == stamp:
                 return {k: f[k] for k in f.files if k != "stamp"}
-    device = resolve_device(device)
-    cfg, model = load_run(run, device)
-    frames = load_splits(cfg)
-    preprocess, out = Preprocess(cfg), {}
+    loaded = load(run, device)
+    frames, out = loaded.splits(), {}
     for split in ("val", "test"):
-        images = preload_images(frames[split]["path"].tolist(), cfg.input_size, cfg.crop)
-        out[split] = np.stack([predict_probabilities(model, images.flip(dims) if dims else images, preprocess,
-                                                     device, cfg.eval_batch_size, amp=False)
+        images = loaded.load_images(frames[split]["path"].tolist())
+        out[split] = np.stack([loaded.view_probabilities(images, dims, loaded.config.eval_batch_size)
                                for dims in FLIP_DIMS])
         out[f"{split}_labels"] = frames[split]["label"].to_numpy()
     if stored:

@@ -23,25 +23,22 @@ from PIL import Image
 from benchmarks import ood_probes
 from benchmarks.site_shifts import SHIFTS, pool
 from core.data import read_ham10000
-from core.inference import load_run, predict_probabilities
 from core.ood import DEFAULT_PERCENTILE, KNNDistance, OODGuard, union_percentile
 from core.predictor import Predictor
+from core.runs import read_config
 
 
 def probe_features(run: Path, cache: Path) -> dict[str, list[np.ndarray]]:
     """Penultimate and style features of every probe kind (and of 24 altered HAM test images)."""
     predictor = Predictor(run)
-    cfg = predictor.config
     sets = {kind: list(images.values()) for kind, images in ood_probes.non_dermoscopic().items()}
     ham = pool(run, "test", "none", cache)["frame"].head(24)
     paths = read_ham10000().set_index("image_id").loc[ham["image_id"], "path"]
     sets["ham_altered"] = list(ood_probes.ham_altered([Image.open(p) for p in paths], ham["image_id"]).values())
     out = {}
     for kind, images in sets.items():
-        features: list[np.ndarray] = []
-        predict_probabilities(predictor.model, torch.stack([predictor.model_input(i) for i in images]),
-                              predictor.preprocess, torch.device("cpu"), 64, cfg.tta_views, cfg.amp, features=features)
-        out[kind] = features
+        out[kind] = predictor.run.predict(torch.stack([predictor.model_input(i) for i in images]), features=True,
+                                          batch_size=64).features
     return out
 
 
@@ -51,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/.site_pools"))
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
     args = parser.parse_args(argv)
-    cfg, _ = load_run(args.run, torch.device("cpu"))
-    guard = OODGuard.load(args.run, cfg)
+    guard = OODGuard.load(args.run, read_config(args.run))
     if guard.style is None:
         parser.error(f"{args.run}'s index has no style statistics: rebuild it with `python train.py index`")
     k = guard.index.meta.get("k", 10)

@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import ood_probes
 from core.embedding import EmbeddingIndex
-from core.inference import Preprocess, load_run, load_splits, predict_probabilities
 from core.ood import create_score, split_features
+from core.run import Run, load
 from core.transforms import resize_transform
 
 METHODS = (("knn", 1), ("knn", 10), ("knn", 50), ("mahalanobis", 0))
@@ -31,30 +31,28 @@ DIMS = (64, 128, 256, None)  # None: no reduction (capped by the number of train
 PROBE_KINDS = ("photos", "noise", "flat", "text")
 
 
-def image_features(cfg, model, images) -> tuple[np.ndarray, np.ndarray]:
-    resize = resize_transform(cfg.input_size, cfg.crop)
-    batch = torch.stack([resize(image).as_subclass(torch.Tensor) for image in images])
-    features: list[np.ndarray] = []
-    p = predict_probabilities(model, batch, Preprocess(cfg), torch.device("cpu"), 32, cfg.tta_views, cfg.amp,
-                              cfg.calibration, features=features)
-    return features[0], p
+def image_features(run: Run, images) -> tuple[np.ndarray, np.ndarray]:
+    resize = resize_transform(run.config.input_size, run.config.crop)
+    predictions = run.predict(torch.stack([resize(image).as_subclass(torch.Tensor) for image in images]),
+                              features=True, batch_size=32)
+    return predictions.features[0], predictions.probability
 
 
 def all_features(run: Path, cache: Path | None, altered: int, limit: int | None) -> dict[str, np.ndarray]:
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             return dict(stored)
-    cfg, model = load_run(run)
-    frames = load_splits(cfg)
+    loaded = load(run)
+    frames = loaded.splits()
     if limit:  # a quick look: the first N images of each split
         frames = {name: frame.head(limit) for name, frame in frames.items()}
-    out = {name: split_features(cfg, model, frames[name], torch.device("cpu"))[0] for name in ("train", "val", "test")}
+    out = {name: split_features(loaded, frames[name])[0] for name in ("train", "val", "test")}
     from PIL import Image
     sample = frames["test"].sample(altered, random_state=0)
     probes = ood_probes.non_dermoscopic() | {"ham_altered": ood_probes.ham_altered(
         [Image.open(p) for p in sample["path"]], sample["image_id"].tolist())}
     for kind, images in probes.items():
-        out[kind], out[f"p_{kind}"] = image_features(cfg, model, list(images.values()))
+        out[kind], out[f"p_{kind}"] = image_features(loaded, list(images.values()))
     out["train_label"] = frames["train"]["label"].to_numpy()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from benchmarks.site_shifts import SHIFTS, pool
 from core import shift
-from core.inference import load_run
 from core.ood import OODGuard
-from core.runs import read_ood_scores, read_predictions
+from core.runs import read_config, read_ood_scores, read_predictions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmd-draws", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=shift.DEFAULT_ALPHA)
     args = parser.parse_args(argv)
-    cfg, _ = load_run(args.run, torch.device("cpu"))
-    guard = OODGuard.load(args.run, cfg)
+    guard = OODGuard.load(args.run, read_config(args.run))
     reference = read_ood_scores(args.run, "val")
     reference_p = read_predictions(args.run, "val")["probability"].to_numpy()
     thresholds = {"ood_score": guard.threshold, "style_score": guard.style_threshold}

@@ -19,7 +19,7 @@ from PIL import Image
 
 from core import metrics
 from core.images import open_rgb
-from core.inference import Preprocess, load_run, load_splits, predict_probabilities
+from core.run import load
 from core.transforms import resize_transform
 
 
@@ -58,14 +58,13 @@ def pool(run: Path, split: str, shift: str, cache: Path | None = None) -> dict:
         stored = np.load(path)
         return {"frame": pd.read_csv(frame_path, dtype={"image_id": str, "lesion_id": str}),
                 "features": [stored["penultimate"], stored["style"]]}
-    cfg, model = load_run(run, torch.device("cpu"))
-    frame = load_splits(cfg)[split]
-    resize = resize_transform(cfg.input_size, cfg.crop)
+    loaded = load(run)
+    frame = loaded.splits()[split]
+    resize = resize_transform(loaded.config.input_size, loaded.config.crop)
     images = torch.stack([resize(SHIFTS[shift](open_rgb(p))).as_subclass(torch.Tensor) for p in frame["path"]])
-    features: list[np.ndarray] = []
     start = time.perf_counter()
-    probability = predict_probabilities(model, images, Preprocess(cfg), torch.device("cpu"), cfg.eval_batch_size,
-                                        cfg.tta_views, cfg.amp, cfg.calibration, features=features)
+    predictions = loaded.predict(images, features=True, batch_size=loaded.config.eval_batch_size)
+    probability, features = predictions.probability, predictions.features
     print(f"{split} / {shift}: {len(images)} images predicted in {time.perf_counter() - start:.0f} s", flush=True)
     out = frame[["image_id", "lesion_id", "label"]].assign(probability=probability)
     if path is not None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import explain, metrics, runs
 from core.images import open_mask
-from core.inference import Preprocess, load_run, load_splits, preload_images, resolve_device
+from core.run import load
 from core.transforms import Crop, resize_transform
 
 CAM_STORE_SIZE = 56
@@ -43,16 +43,16 @@ def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") 
 def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradcam", limit: int | None = None,
                   batch_size: int = 16, corner_threshold: float = 0.5, device_name: str = "auto") -> dict:
     run_dir = Path(run_dir)
-    cfg, model = load_run(run_dir, resolve_device(device_name))
-    frame = load_splits(cfg)[split]
+    run = load(run_dir, device_name)
+    cfg, model, preprocess = run.config, run.model, run.preprocess
+    frame = run.splits()[split]
     if limit:
         frame = frame.head(limit).reset_index(drop=True)
     predictions = runs.read_predictions(run_dir, split)
     frame = frame.merge(predictions[["image_id", "probability"]], on="image_id", how="left", validate="one_to_one")
     threshold = runs.read_metrics(run_dir)["thresholds"]["youden"]
-    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    images = run.load_images(frame["path"].tolist())
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
-    preprocess = Preprocess(cfg)
     rows, store = [], []
     height, width = images.shape[-2:]  # stored with the view's aspect, the longer side CAM_STORE_SIZE
     store_shape = tuple(round(CAM_STORE_SIZE * side / max(height, width)) for side in (height, width))

@@ -7,25 +7,24 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from core import metrics, ood, runs, shift, sites
-from core.calibration import IDENTITY, apply_platt, fit_platt
+from core.calibration import apply_platt, fit_platt
 from core.data import read_dataset
-from core.inference import device_description, load_run, load_splits, predict_frame, resolve_device
+from core.inference import device_description
+from core.run import Predictions, load
 
 
 def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
-                     features: list[np.ndarray] | None = None,
-                     with_guard: bool = True) -> tuple[pd.DataFrame, ood.OODGuard | None]:
-    """A labelled set (any format ``core.data.read_dataset`` reads) predicted by the run, and (``with_guard``) the
-    run's OOD guard (None without an index); given a list, ``features`` gets the images' raw features."""
-    device = resolve_device(device_name)
-    cfg, model = load_run(run_dir, device)
-    guard = ood.OODGuard.load_if_built(run_dir, cfg) if with_guard else None
-    return predict_frame(cfg, model, read_dataset(data, images), device, features), guard
+                     with_guard: bool = True) -> tuple[pd.DataFrame, Predictions, ood.OODGuard | None]:
+    """A labelled set (any format ``core.data.read_dataset`` reads) predicted by the run, its predictions (with the
+    images' features when there is a guard) and (``with_guard``) the run's OOD guard (None without an index)."""
+    run = load(run_dir, device_name)
+    guard = ood.OODGuard.load_if_built(run_dir, run.config) if with_guard else None
+    frame, predictions = run.predict_frame(read_dataset(data, images), features=guard is not None)
+    return frame, predictions, guard
 
 
 def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
@@ -43,8 +42,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
         if given:
             raise
         raise runs.RunError(f"{err}; give the set a name with --name") from err
-    features: list[np.ndarray] = []
-    frame, guard = predict_labelled(run_dir, data, images, device_name, features)
+    frame, predictions, guard = predict_labelled(run_dir, data, images, device_name)
     # Every reader lists one folder (core.data.attach_image_paths): the file name finds the image there again.
     image_root = Path(frame["path"].iloc[0]).parent.resolve()
     frame["file"] = [Path(path).name for path in frame["path"]]
@@ -58,10 +56,10 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     if "source" in frame.columns:
         report["sources"] = metrics.source_report(frame, thresholds)
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
-        frame = pd.concat([frame.reset_index(drop=True), guard.assess(features)], axis=1)
+        frame = pd.concat([frame.reset_index(drop=True), guard.assess(predictions.features)], axis=1)
         report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
     if guard is not None and len(frame) >= shift.MIN_IMAGES:
-        report["shift"] = shift.against_val(run_dir, probs, features, guard)
+        report["shift"] = shift.against_val(run_dir, probs, predictions.features, guard)
     runs.write_predictions(frame, run_dir / runs.predictions_file(runs.external_split(name)))
     runs.write_json(run_dir / runs.external_metrics_file(name), report)
     return report
@@ -73,10 +71,10 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool
     val probabilities and written into config.yaml as well; everything is computed before anything is written, so
     a failure (no data here, Ctrl-C) leaves the run as it was."""
     run_dir = Path(run_dir)
-    device = resolve_device(device_name)
-    cfg, model = load_run(run_dir, device)
-    frames = load_splits(cfg)
-    raw = {name: predict_frame(dataclasses.replace(cfg, calibration=list(IDENTITY)), model, frames[name], device)
+    run = load(run_dir, device_name)
+    cfg, frames = run.config, run.splits()
+    raw = {name: frames[name].assign(probability=run.predict(run.load_images(frames[name]["path"].tolist()),
+                                                             calibrated=False).probability)
            for name in ("val", "test")}
     if calibrate:
         cfg = dataclasses.replace(cfg, calibration=list(fit_platt(raw["val"]["label"], raw["val"]["probability"])))
@@ -96,7 +94,7 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool
         "run": {"model": cfg.model, "ensemble": cfg.ensemble, "input_size": cfg.input_size,
                 "tta_views": cfg.tta_views,
                 "calibration": list(cfg.calibration),
-                "n_val": len(val), "n_test": len(test), "evaluated_on": device_description(device),
+                "n_val": len(val), "n_test": len(test), "evaluated_on": device_description(run.device),
                 "date": time.strftime("%Y-%m-%d")},
     }
     for name, frame in predictions.items():

@@ -148,13 +148,3 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[T
     return cfg, model
 
 
-def predict_frame(cfg: TrainConfig, model: nn.Module, frame: pd.DataFrame, device: torch.device,
-                  features: list[np.ndarray] | None = None) -> pd.DataFrame:
-    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
-    probs = predict_probabilities(model, images, Preprocess(cfg), device, cfg.eval_batch_size, cfg.tta_views,
-                                  cfg.amp, cfg.calibration, features=features)
-    out = frame.copy()
-    out["probability"] = probs
-    return out
-
-

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from core import metrics
 from core.embedding import EmbeddingIndex, run_fingerprint
-from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
+from core.run import Run, load
 from core.runs import (
     INDEX_FILE,
     OOD_SCORES,
@@ -156,12 +155,9 @@ class OODGuard:
         return self.index.nearest(*self.index.project(features[:1]), k)[0]
 
 
-def split_features(cfg, model, frame: pd.DataFrame, device: torch.device) -> list[np.ndarray]:
+def split_features(run: Run, frame: pd.DataFrame) -> list[np.ndarray]:
     """Raw penultimate and style features of a split's images, from the forward passes that predict them."""
-    features: list[np.ndarray] = []
-    predict_probabilities(model, preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop), Preprocess(cfg),
-                          device, cfg.eval_batch_size, cfg.tta_views, cfg.amp, features=features)
-    return features
+    return run.predict(run.load_images(frame["path"].tolist()), features=True).features
 
 
 def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "knn", dims: int = DEFAULT_DIMS,
@@ -173,10 +169,9 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
     run_dir = Path(run_dir)
     create_score(method, k)  # refuses an unknown method before minutes of features
     thresholds = read_metrics(run_dir)["thresholds"]  # the decision the mistakes are judged at
-    device = resolve_device(device_name)
-    cfg, model = load_run(run_dir, device)
-    frames = load_splits(cfg)
-    raw = {name: split_features(cfg, model, frames[name], device) for name in ("train", "val", "test")}
+    run = load(run_dir, device_name)
+    cfg, frames = run.config, run.splits()
+    raw = {name: split_features(run, frames[name]) for name in ("train", "val", "test")}
     meta = {"fingerprint": run_fingerprint(run_dir, cfg), "method": method, "k": k, "dims": dims,
             "percentile": percentile, "raw_dims": int(raw["train"][0].shape[1])}
     index = EmbeddingIndex.fit(raw["train"][0], frames["train"], dims, meta)

@@ -12,13 +12,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from core import runs
 from core.acquisition import EDITS, create_edits
 from core.data import DataError
 from core.images import open_rgb
-from core.inference import Preprocess, load_run, predict_probabilities, resolve_device
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
 from core.ood import OODGuard
+from core.run import load
 from core.transforms import resize_transform
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -82,14 +81,13 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str = "cpu") -> None:
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(device)
-        self.config, self.model = load_run(self.run_dir, self.device)
+        self.run = load(self.run_dir, device)
+        self.device, self.config, self.model, self.preprocess = (self.run.device, self.run.config, self.run.model,
+                                                                 self.run.preprocess)
         self.resize = resize_transform(self.config.input_size, self.config.crop)
-        self.preprocess = Preprocess(self.config)
         # An index built for other weights or another split is refused here (RunError), never used silently.
         self.ood = OODGuard.load_if_built(self.run_dir, self.config)
-        self.thresholds: dict[str, float] = (runs.read_metrics(self.run_dir)["thresholds"]
-                                             if (self.run_dir / runs.METRICS_FILE).is_file() else {})
+        self.thresholds = self.run.thresholds
         # Grad-CAM hooks live on the shared model and record every forward that runs while they are attached:
         # one call at a time, or concurrent callers (dashboard sessions are threads) would feed each other's CAMs.
         self._lock = threading.Lock()
@@ -117,11 +115,12 @@ class Predictor:
         original = np.asarray(open_rgb(image))
         edits = create_edits(list(EDITS))
         views = torch.stack([self.resize(Image.fromarray(edit(original))).as_subclass(torch.Tensor) for edit in edits])
-        batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
         with self._lock:
-            p = predict_probabilities(self.model, views, self.preprocess, self.device, batch_size,
-                                      self.config.tta_views, self.config.amp, self.config.calibration)
+            p = self.run.predict(views, batch_size=self._batch_size()).probability
         return {edit.name: float(value) for edit, value in zip(edits, p)}
+
+    def _batch_size(self) -> int:
+        return self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
 
     def predict_files(self, paths: list[Path], batch_size: int | None = None,
                       chunk: int = FILES_PER_CHUNK) -> BatchPrediction:
@@ -129,7 +128,7 @@ class Predictor:
         network in batches (one image at a time costs a forward pass each), ``chunk`` files at a time so that memory
         does not grow with the folder; unreadable files are skipped and named."""
         if batch_size is None:
-            batch_size = self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
+            batch_size = self._batch_size()
         frames, parts, failed = [], [], []
         for start in range(0, len(paths), chunk):
             frame, features, errors = self._predict_chunk(list(paths[start:start + chunk]), batch_size)
@@ -155,15 +154,14 @@ class Predictor:
         if not kept:
             return pd.DataFrame(columns=PREDICTION_COLUMNS), None, failed
         frame = pd.DataFrame({"image": [Path(paths[k]).name for k in kept]})
-        features: list[np.ndarray] | None = [] if self.ood is not None else None
         with self._lock:
-            frame["probability"] = predict_probabilities(
-                self.model, torch.stack(list(images.values())), self.preprocess, self.device, batch_size,
-                self.config.tta_views, self.config.amp, self.config.calibration, features=features)
-        if self.ood is None or features is None:
+            predictions = self.run.predict(torch.stack(list(images.values())), features=self.ood is not None,
+                                           batch_size=batch_size)
+        frame["probability"] = predictions.probability
+        if self.ood is None:
             return frame.assign(ood_score=np.nan, style_score=np.nan, out_of_distribution=False,
                                 unlike_in_content=False), None, failed
-        return pd.concat([frame, self.ood.assess(features)], axis=1), features, failed
+        return pd.concat([frame, self.ood.assess(predictions.features)], axis=1), predictions.features, failed
 
     def predict_view(self, pixels: torch.Tensor, explain: bool = False, method: str = "gradcam",
                      threshold: float | None = None, corner_check: bool = False) -> Prediction:
@@ -178,13 +176,12 @@ class Predictor:
                  corner_check: bool) -> Prediction:
         batch = pixels.unsqueeze(0)
         versions = [batch] + ([create_intervention(name)(batch) for name in CORNER_CHECK] if corner_check else [])
-        features: list[np.ndarray] | None = [] if self.ood is not None else None
-        probabilities = predict_probabilities(self.model, torch.cat(versions), self.preprocess, self.device,
-                                              tta_views=self.config.tta_views, amp=self.config.amp,
-                                              calibration=self.config.calibration, features=features)
+        predictions = self.run.predict(torch.cat(versions), features=self.ood is not None)
+        probabilities = predictions.probability
         view = self.preprocess.view(pixels).permute(1, 2, 0).numpy().copy()
         result = Prediction(float(probabilities[0]), view, dict(self.thresholds))
-        if self.ood is not None and features is not None:  # they came with the prediction's own forward pass
+        if self.ood is not None:  # the features came with the prediction's own forward pass
+            features = predictions.features
             verdict = self.ood.assess([part[:1] for part in features]).iloc[0]
             result.ood_score, result.style_score = float(verdict["ood_score"]), float(verdict["style_score"])
             result.out_of_distribution = bool(verdict["out_of_distribution"])

@@ -31,7 +31,6 @@ from core.audit import model_view_masks
 from core.config import TrainConfig
 from core.explain import dark_corner_score
 from core.images import open_rgb
-from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
@@ -42,6 +41,7 @@ from core.interventions import (
     create_intervention,
     image_key,
 )
+from core.run import Run, load
 from core.runs import RunError, read_attention, read_metrics
 from core.transforms import resize_transform
 
@@ -51,16 +51,10 @@ STRESS_BATCH = 32
 Scorer = Callable[[torch.Tensor], np.ndarray]  # uint8 images (N, 3, H, W) → P(malignant) (N,)
 
 
-def run_scorer(run_dir: str | Path, device: torch.device) -> tuple[Scorer, TrainConfig]:
-    """P(malignant) of a run exactly as evaluation computes it (preprocessing, TTA views, calibration)."""
-    cfg, model = load_run(run_dir, device)
-    preprocess = Preprocess(cfg)
-
-    def score(images: torch.Tensor) -> np.ndarray:
-        return predict_probabilities(model, images, preprocess, device, STRESS_BATCH, cfg.tta_views, cfg.amp,
-                                     cfg.calibration)
-
-    return score, cfg
+def run_scorer(run: Run) -> Scorer:
+    """P(malignant) of a run exactly as evaluation computes it (preprocessing, TTA views, calibration), in the
+    stress test's batches."""
+    return lambda images: run.predict(images, batch_size=STRESS_BATCH).probability
 
 
 def intervened_probabilities(score: Scorer, images: torch.Tensor, masks: Sequence[np.ndarray | None] | None,
@@ -229,11 +223,10 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
     for name in names:
         create_intervention(name)  # unknown names refused before any work
     threshold = read_metrics(run_dir)["thresholds"]["youden"]
-    device = resolve_device(device_name)
-    score, cfg = run_scorer(run_dir, device)
-    frames = load_splits(cfg)
+    run = load(run_dir, device_name)
+    score, cfg, frames = run_scorer(run), run.config, run.splits()
     frame = _subset(frames[split], limit, seed)
-    images = preload_images(frame["path"].tolist(), cfg.input_size, cfg.crop)
+    images = run.load_images(frame["path"].tolist())
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     probabilities = intervened_probabilities(score, images, masks, [image_key(i) for i in frame["image_id"]], names,
                                              seed)
@@ -246,7 +239,7 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
     section |= {"seed": seed, "interventions_run": {name: repr(create_intervention(name, seed)) for name in names}}
     if train_corners:
         train = _subset(frames["train"], limit, seed)
-        views = preload_images(train["path"].tolist(), cfg.input_size, cfg.crop).permute(0, 2, 3, 1).numpy()
+        views = run.load_images(train["path"].tolist()).permute(0, 2, 3, 1).numpy()
         section["dark_corners_train"] = dark_corners_by_class(
             train.assign(dark_corner_score=[dark_corner_score(view) for view in views]))
     runs.write_csv(run_dir / runs.stress_file(split), table)
@@ -350,9 +343,8 @@ def acquisition_split(run_dir: str | Path, split: str = "test", names: Sequence[
     ``acquisition_<split>.csv`` and this split's section of ``acquisition_summary.json``. Returns that section."""
     run_dir = Path(run_dir)
     threshold = read_metrics(run_dir)["thresholds"]["youden"]
-    device = resolve_device(device_name)
-    score, cfg = run_scorer(run_dir, device)
-    frames = load_splits(cfg)
+    run = load(run_dir, device_name)
+    score, cfg, frames = run_scorer(run), run.config, run.splits()
     colours = training_colours(frames["train"], seed)
     names = acquisition.default_edits(list(colours)) if names is None else list(names)
     edits = acquisition.create_edits(names, colours)

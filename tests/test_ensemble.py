@@ -15,9 +15,10 @@ from core import checkpoint, explain, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.ensemble import Ensemble, create_ensemble
-from core.inference import FLIP_DIMS, Preprocess, load_run, predict_frame, predict_probabilities
+from core.inference import FLIP_DIMS, Preprocess, load_run, predict_probabilities
 from core.model import create_model, head_outputs, malignant_probability
 from core.predictor import Predictor
+from core.run import load
 from core.runs import MEMBERS_DIR, read_members, run_summary
 
 SIZE = 64
@@ -104,13 +105,12 @@ def test_tta_views_is_checked() -> None:
 
 def test_predictor_and_predict_frame_on_real_images(ensemble_run: Path, members: list[Path], ham) -> None:
     frame = ham.head(8).reset_index(drop=True)
-    cfg, model = load_run(ensemble_run)
-    ens = predict_frame(cfg, model, frame, torch.device("cpu"))["probability"].to_numpy()
+    ens = load(ensemble_run).predict_frame(frame)[0]["probability"].to_numpy()
     parts = []
     for run in members:
-        member_cfg, member_model = load_run(run)
-        member_cfg.tta_views = 2
-        parts.append(predict_frame(member_cfg, member_model, frame, torch.device("cpu"))["probability"].to_numpy())
+        member = load(run)
+        member.config.tta_views = 2
+        parts.append(member.predict_frame(frame)[0]["probability"].to_numpy())
     np.testing.assert_allclose(ens, np.mean(parts, axis=0), atol=2e-3)
     predictor = Predictor.load(ensemble_run)
     result = predictor.predict(frame.loc[0, "path"], explain=True)

@@ -26,6 +26,7 @@ from core.interventions import (
     unmasked_region,
 )
 from core.predictor import Predictor
+from core.run import load
 from core.runs import DEFAULT_RUN, RunError, read_stress, read_stress_summary
 from core.stress import image_flags, intervened_probabilities, run_scorer, stress_table, summarize
 from core.transforms import view_shape
@@ -220,7 +221,7 @@ def test_the_predictor_checks_the_corners_in_one_batch(ham_dir: Path) -> None:
     result = predictor.predict(path, corner_check=True, threshold=0.3)
     plain = predictor.predict(path)
     assert result.probability == pytest.approx(plain.probability, abs=1e-6)
-    score, _ = run_scorer(DEFAULT_RUN, torch.device("cpu"))
+    score = run_scorer(load(DEFAULT_RUN))
     expected = intervened_probabilities(score, predictor.model_input(path).unsqueeze(0), [None], [0], CORNER_CHECK)
     for name in CORNER_CHECK:
         assert result.corner_probabilities[name] == pytest.approx(float(expected[name][0]), abs=1e-5)
