@@ -133,12 +133,20 @@ def calibration_chart(calibration: dict) -> alt.LayerChart:
 
 
 def history_charts(history: pd.DataFrame) -> alt.HConcatChart:
+    """Loss and val AUROC per epoch: whole epochs on the x axis (padded, so one epoch is not a lone dot at an edge),
+    three decimals on the y axes, the legend below the plot where it is never clipped."""
     losses = history.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="loss", value_name="value")
+    losses["loss"] = losses["loss"].map({"train_loss": "train", "val_loss": "val"})
+    first, last = int(history["epoch"].min()), int(history["epoch"].max())
+    epoch = alt.X("epoch:Q", title="epoch", scale=alt.Scale(domain=[first - 0.5, last + 0.5], nice=False),
+                  axis=alt.Axis(format="d", tickMinStep=1, values=list(range(first, last + 1))))
     loss = alt.Chart(losses).mark_line(point=True).encode(
-        x="epoch:Q", y=alt.Y("value:Q", title="focal loss"), color="loss:N", tooltip=["epoch", "loss", "value"])
+        x=epoch, y=alt.Y("value:Q", title="focal loss", axis=alt.Axis(format=".3f"), scale=alt.Scale(zero=False)),
+        color=alt.Color("loss:N", title=None, legend=alt.Legend(orient="bottom")),
+        tooltip=["epoch", "loss", alt.Tooltip("value:Q", format=".4f")])
     best = int(history.loc[history["val_auroc"].idxmax(), "epoch"])
     auroc = alt.Chart(history).mark_line(point=True).encode(
-        x="epoch:Q", y=alt.Y("val_auroc:Q", title="val AUROC", scale=alt.Scale(zero=False)),
+        x=epoch, y=alt.Y("val_auroc:Q", title="val AUROC", scale=alt.Scale(zero=False), axis=alt.Axis(format=".3f")),
         tooltip=["epoch", alt.Tooltip("val_auroc:Q", format=".4f")])
     marker = alt.Chart(pd.DataFrame({"epoch": [best]})).mark_rule(strokeDash=[4, 4]).encode(x="epoch:Q")
     return alt.hconcat(loss.properties(width=380, title="Loss"),

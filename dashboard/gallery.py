@@ -15,6 +15,7 @@ from core.data import DX_NAMES, DataError
 from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_delta_p, corner_dependent
 from core.overlay import cam_overlay, outline_mask
 from dashboard import loaders, state
+from dashboard.labels import readable_index
 
 OPACITY_KEY = "cam_opacity"
 OUTCOME_HELP = {"TP": "malignant, called malignant", "FP": "benign, called malignant",
@@ -173,8 +174,9 @@ def case_detail(row: pd.Series, run: Path, split: str, view_geometry: tuple[int,
         st.info("Images not found, so only the numbers are shown. " + state.images_hint())
     scores, metadata = st.columns(2)
     shown = [c for c in SCORES if c in row.index]
-    scores.dataframe(row[shown].astype(str).rename("value"), width="stretch")
-    metadata.dataframe(row[[c for c in METADATA if c in row.index]].astype(str).rename("value"), width="stretch")
+    scores.dataframe(readable_index(row[shown].astype(str).rename("value")), width="stretch")
+    metadata.dataframe(readable_index(row[[c for c in METADATA if c in row.index]].astype(str).rename("value")),
+                       width="stretch")
     st.caption(f"{row['outcome']}: {OUTCOME_HELP[row['outcome']]} at threshold {state.threshold():.3f}.")
 
 

@@ -7,6 +7,7 @@ import streamlit as st
 from core import metrics
 from core.interventions import CORNER_INTERVENTIONS
 from dashboard import acquisition_panel, charts, gallery, loaders, state
+from dashboard.labels import readable
 
 STRESS_PER_PAGE = 4
 
@@ -50,7 +51,7 @@ columns = [c for c in ["image_id", "outcome", "dx", "source", "probability", "mi
 st.markdown(f"**{len(selection):,} mistakes** at threshold {threshold:.3f} (of {len(errors):,}: "
             f"{(errors['outcome'] == 'FP').sum()} FP, {(errors['outcome'] == 'FN').sum()} FN), most confident first. "
             "Select rows to compare them below.")
-event = st.dataframe(selection[columns].style.format(precision=3), hide_index=True, key="audit_table",
+event = st.dataframe(readable(selection[columns]).style.format(precision=3), hide_index=True, key="audit_table",
                      on_select="rerun", selection_mode="multi-row", height=300)
 st.download_button("Export this selection as CSV", selection[columns].to_csv(index=False).encode(),
                    file_name=f"audit_{run.name}_t{threshold:.3f}.csv", mime="text/csv", key="audit_export")
@@ -166,7 +167,7 @@ if has_attention:
     st.markdown(f"**{len(flagged)}** of {len(cases):,} CAMs put ≥ 50 % of their mass in the four corner squares "
                 "(twice a uniform map's share). The CAM is a hint where the model looks; whether a decision "
                 "*depends* on the corners is what the stress test above measures.")
-    st.dataframe(flagged[columns].style.format(precision=3), hide_index=True, key="flagged_table")
+    st.dataframe(readable(flagged[columns]).style.format(precision=3), hide_index=True, key="flagged_table")
     st.altair_chart(charts.corner_vs_dark_chart(cases), width="stretch")
 
 st.header("Where the model does worse")

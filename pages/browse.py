@@ -6,6 +6,7 @@ import streamlit as st
 from core import metrics
 from core.data import DX_NAMES
 from dashboard import gallery, state
+from dashboard.labels import readable
 
 CASE_KEY = "browse_case"
 PER_PAGE = 24
@@ -82,7 +83,7 @@ def open_case(image_id: str) -> None:
 if not gallery.has_images(cases):
     hint = "" if state.external_name(split) else f"\n\n{state.images_hint()}"
     st.info(f"Images not found, so the grid shows no thumbnails.\n\n{problem}{hint}")
-    st.dataframe(shown[[c for c in gallery.METADATA + gallery.SCORES if c in shown]], hide_index=True,
+    st.dataframe(readable(shown[[c for c in gallery.METADATA + gallery.SCORES if c in shown]]), hide_index=True,
                  key="browse_table")
 elif len(shown):
     gallery.thumbnail_grid(gallery.page_of(shown, "browse_page", PER_PAGE), open_case)

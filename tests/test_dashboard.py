@@ -266,12 +266,12 @@ def test_audit_ranks_mistakes_and_exports(ham_dir: Path) -> None:
     outcome = metrics.outcomes(frame["label"], frame["probability"], 0.5)
     table = at.dataframe(key="audit_table").value
     assert len(table) == np.isin(outcome, ["FP", "FN"]).sum()
-    assert table["mistake_confidence"].is_monotonic_decreasing
-    assert (table["mistake_confidence"] >= 0.5).all()  # a mistake at 0.5 is at least half sure of itself
+    assert table["how sure of the mistake"].is_monotonic_decreasing  # the columns carry human labels
+    assert (table["how sure of the mistake"] >= 0.5).all()  # a mistake at 0.5 is at least half sure of itself
     at.multiselect(key="audit_kinds").set_value(["FN"]).run()
     assert len(at.dataframe(key="audit_table").value) == (outcome == "FN").sum()
     assert at.get("download_button")  # export of the current selection
-    flagged = _table_with(at, "corner_fraction", skip=1)
+    flagged = _table_with(at, "CAM share in corners", skip=1)
     assert len(flagged) == pd.read_csv(DEFAULT_RUN / "attention_test.csv")["flag"].sum()
 
 
@@ -313,7 +313,7 @@ def test_browser_and_audit_carry_the_distance_to_training(ham_dir: Path) -> None
     assert _match_line(at).startswith(f"**{scores['out_of_distribution'].sum():,} of 1,500")
     at = open_page("audit", threshold=0.5, chart_threshold=0.5)
     assert not at.exception
-    assert "ood_score" in at.dataframe(key="audit_table").value.columns
+    assert "distance to training" in at.dataframe(key="audit_table").value.columns
     frame = read_predictions(DEFAULT_RUN, "test").merge(scores, on="image_id")
     wrong = np.isin(metrics.outcomes(frame["label"], frame["probability"], 0.5), ["FP", "FN"])
     rate = frame["out_of_distribution"][wrong].mean()
