@@ -207,6 +207,11 @@ def test_bench_stress_reports_a_median_and_a_projection(ham_dir: Path) -> None:
     found = re.search(r"2 interventions .* 4 images: median ([\d.]+) s over 2 repeats", out)
     assert found and float(found[1]) > 0
     assert re.search(r"projected for the 1,500 test images: [\d.]+ min", out)
+    code, out, err = run_main(bench_stress.main, "--suite", "acquisition", "--images", "3", "--repeats", "2")
+    assert code == 0, err
+    found = re.search(r"acquisition stress test, .* 15 edits \+ clean, .* 3 images: median ([\d.]+) s", out)
+    assert found and float(found[1]) > 0
+    assert re.search(r"projected for its 500 images: [\d.]+ min", out)
 
 
 def test_cam_vs_stress_compares_maps_with_the_interventions(ham_dir: Path) -> None:
