@@ -23,6 +23,7 @@ Among those that qualify, the best stratified val AUROC is taken.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -96,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.loso and len(args.loso) != len(args.candidates):
         parser.error(f"{len(args.candidates)} candidates but {len(args.loso)} --loso folders")
-    incumbent_loso = held_out(args.incumbent_loso)
-    results = [judge(run, args.incumbent, loso, incumbent_loso)
-               for run, loso in zip([args.incumbent, *args.candidates], [args.incumbent_loso, *args.loso]
-                                    if args.loso else [args.incumbent_loso, *[None] * len(args.candidates)])]
+    try:
+        incumbent_loso = held_out(args.incumbent_loso)
+        results = [judge(run, args.incumbent, loso, incumbent_loso)
+                   for run, loso in zip([args.incumbent, *args.candidates], [args.incumbent_loso, *args.loso]
+                                        if args.loso else [args.incumbent_loso, *[None] * len(args.candidates)])]
+    except (runs.RunError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for result in results:
         gain, low, high = result["gain"]
         held = result["held_out"]

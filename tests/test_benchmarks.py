@@ -20,6 +20,7 @@ from benchmarks import (
     corner_screen,
     ensemble_search,
     ood_scores,
+    source_rule,
 )
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
@@ -219,3 +220,20 @@ def test_cam_vs_stress_compares_maps_with_the_interventions(ham_dir: Path) -> No
     assert code == 0, err
     assert re.search(r"12 test images of models/default \(\d+ corner-dependent", out)
     assert re.search(r"gradcam@16 +10²", out) and re.search(r"gradcam@8 +20²", out)
+
+
+def test_the_source_rule_judges_the_incumbent_by_its_own_files(tmp_path: Path) -> None:
+    """Issue 31's rule on the shipped model against itself: no stratified gain, the camera edits that break the
+    1.5 × floor named (from its val acquisition test), and no held-out-source result to compare."""
+    code, out, err = run_main(source_rule.main, "--incumbent", "models/default")
+    assert code == 0, err
+    summary = pd.read_json(PROJECT_ROOT / "models" / "default" / "acquisition_summary.json")["val"]
+    assert "gain +0.0000" in out and f"{summary['floor']['rate']:.1%}" in out
+    assert ", ".join(summary["holds"]["failing"]) in out
+    assert "no held-out-source result" in out and "no candidate qualifies" in out
+    loso = tmp_path / "loso"
+    loso.mkdir()
+    pd.DataFrame({"held_out": ["rosendahl"], "test_youden_sensitivity": [0.5], "test_auroc": [0.8]}).to_csv(
+        loso / "cv_sources.csv", index=False)
+    code, out, err = run_main(source_rule.main, "--incumbent-loso", str(loso))
+    assert code == 2 and "lacks vidir_modern" in err
