@@ -278,6 +278,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
 def cmd_stress(args: argparse.Namespace) -> None:
     if args.suite == "acquisition":
         return stress_acquisition(args)
+    if args.edits:
+        raise ValueError("--edits names acquisition edits; add --suite acquisition")
     from core.stress import stress_split
 
     section = stress_split(args.run, args.split, args.interventions, args.limit, args.seed, args.min_delta,
@@ -471,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for each source of the training split)")
     p.add_argument("--limit", type=int, help="artifacts: only N random images of the split (and of train, for the "
                    "dark-corner table); acquisition: N random images (default 500, 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts (ink, ruler, hair)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts (ink, ruler, hair), of the random "
+                   "--limit sample, and of the training images that give each source's colours")
     p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
                    help="|Δp| that makes a decision corner-dependent even without a flip (default: %(default)s)")
     p.add_argument("--no-train-corners", action="store_true",

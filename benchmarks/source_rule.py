@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import corner_rule
+from core import acquisition as acquisition_module
 from core import metrics, runs
 
 MIN_GAIN_LOW = -0.005    # step 1
@@ -64,6 +65,10 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
     gain = metrics.paired_stratified_auroc_gain(both["label"], both["probability"], both["probability_old"],
                                                 both["source"], both["lesion_id"], n_boot=2000, alpha=0.10)
     acquisition = runs.read_acquisition_summary(run, "val")
+    expected = acquisition_module.default_edits(list(acquisition["source_colours"]))
+    if (acquisition["seed"], acquisition["limit"], list(acquisition["edits_run"])) != (0, 500, expected):
+        raise runs.RunError(f"{run}'s val acquisition test is not the rule's (seed 0, 500 images, every edit): run "
+                            f"`python train.py stress --run {run} --split val --suite acquisition`")
     corners = corner_rule.read_candidate(run)
     mine = held_out(loso)
     failures = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from core import transforms
@@ -180,7 +181,7 @@ class ColourMatch(AcquisitionEdit):
         self.target, self.colours = target, dict(colours)
 
     def applies_to(self, source):
-        return source != self.target
+        return source in self.colours and source != self.target  # an unknown source: nothing to map from
 
     def apply(self, image, source):
         if source not in self.colours:
@@ -242,7 +243,7 @@ def create_edits(names: Sequence[str], colours: Mapping[str, ColourStats] | None
             edit.name, edit.what = name, f"colours of {source}'s camera (CIELAB mean/std of the source)"
             out.append(edit)
         else:
-            choices = [*EDITS, *(COLOUR_PREFIX + s for s in colours)] or list(EDITS)
+            choices = [*EDITS, *(COLOUR_PREFIX + s for s in colours)]
             raise ValueError(f"unknown acquisition edit {name!r}; choose from {', '.join(choices)}")
     return out
 
@@ -250,3 +251,12 @@ def create_edits(names: Sequence[str], colours: Mapping[str, ColourStats] | None
 def default_edits(sources: Sequence[str]) -> list[str]:
     """Every registered edit, then one colour match per source."""
     return [*EDITS, *(COLOUR_PREFIX + s for s in sorted(set(sources)))]
+
+
+def retaken_view(original: np.ndarray, edit: AcquisitionEdit | None, source: str | None,
+                 resize: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """The photo re-taken with ``edit`` (None: as it is), then cropped and resized by the run's ``resize``
+    (``core.transforms.resize_transform``): uint8 ``(3, H, W)``, the model's view. The one road from a file's
+    pixels to a re-taken view, for the stress test, the Predictor's camera check and the dashboard."""
+    pixels = original if edit is None else edit(original, source)
+    return resize(Image.fromarray(pixels)).as_subclass(torch.Tensor)

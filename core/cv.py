@@ -88,8 +88,9 @@ def cross_validate(cfg: TrainConfig, out_dir: str | Path, folds_file: str | Path
 
 
 def own_test_rates(run: Path, split: pd.DataFrame, threshold: float) -> dict:
-    """The held-out source's images of the *original* test split alone: the figures to set beside a model trained
-    on every source, which is tested on the same images."""
+    """The fold's test images that were in the *original* test split (the held-out source's, and the few images of
+    its lesions taken elsewhere): the figures to set beside a model trained on every source, tested on the same
+    images."""
     predictions = runs.read_predictions(run, "test")
     own = predictions[predictions["image_id"].isin(split.loc[split["split"] == "test", "image_id"])]
     if not 0 < own["label"].sum() < len(own):
@@ -108,9 +109,13 @@ def leave_source_out(cfg: TrainConfig, out_dir: str | Path, held_out: list[str] 
     data = read_dataset(cfg.data_dir)
     if "source" not in data or data["source"].isna().all():
         raise DataError("--by source needs each image's source: the metadata has no dataset/source/site column")
-    sources = data.set_index("image_id")["source"].astype(str)
+    sources = data.set_index("image_id")["source"].dropna().astype(str)
     split = read_split(project_path(cfg.split_file))
-    held_out = sorted(set(split["image_id"].map(sources).dropna())) if held_out is None else held_out
+    known = set(split["image_id"].map(sources).dropna())
+    held_out = sorted(known) if held_out is None else held_out
+    if unknown := [source for source in held_out if source not in known]:  # before hours of training, not after
+        raise DataError(f"no image of the split comes from {', '.join(map(repr, unknown))}; sources: "
+                        f"{', '.join(sorted(known))}")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out_dir / "cv_config.yaml")
     rows = []

@@ -154,8 +154,9 @@ def paired_stratified_auroc_gain(labels: ArrayLike, probs_new: ArrayLike, probs_
         rows.append(_weighted_auroc_rows(y[mine], new[mine], counts) - _weighted_auroc_rows(y[mine], old[mine], counts))
     if not rows:
         raise ValueError("the stratified AUROC gain needs a stratum with both classes")
-    gains = np.nanmean(np.stack(rows), axis=0)
-    low, high = np.quantile(gains[~np.isnan(gains)], [alpha / 2, 1 - alpha / 2])
+    per_stratum = np.stack(rows)
+    gains = per_stratum[:, ~np.isnan(per_stratum).any(axis=0)].mean(axis=0)  # every stratum scored, as the point
+    low, high = np.quantile(gains, [alpha / 2, 1 - alpha / 2])
     return float(np.mean(point)), float(low), float(high)
 
 

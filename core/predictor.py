@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from core.acquisition import EDITS, create_edits
+from core.acquisition import EDITS, create_edits, retaken_view
 from core.data import DataError
 from core.images import open_rgb
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
@@ -114,7 +114,7 @@ class Predictor:
         that set the floor) applied to the file's own pixels, then cropped and resized as usual. Edit name → p."""
         original = np.asarray(open_rgb(image))
         edits = create_edits(list(EDITS))
-        views = torch.stack([self.resize(Image.fromarray(edit(original))).as_subclass(torch.Tensor) for edit in edits])
+        views = torch.stack([retaken_view(original, edit, None, self.resize) for edit in edits])
         with self._lock:
             p = self.run.predict(views, batch_size=self._batch_size()).probability
         return {edit.name: float(value) for edit, value in zip(edits, p)}

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from core import acquisition, metrics, runs
@@ -247,7 +246,7 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
     return section
 
 
-# Images per split of the acquisition stress test. Each image goes through the network 1 + 16 times (the clean
+# Images per split of the acquisition stress test. Each image goes through the network 1 + 14 times (the clean
 # image, 11 edits, a colour match to each of the 3 other sources), 2 flip views each: 500 images take ~6 min on 2 CPU
 # cores, the stress test's budget. The flip rates carry exact 95 % intervals; --limit 0 takes the whole split.
 ACQUISITION_LIMIT = 500
@@ -278,12 +277,9 @@ def edited_probabilities(score: Scorer, originals: Sequence[np.ndarray], sources
     for start in tqdm(range(0, len(originals), chunk), desc="acquisition stress test", disable=None):
         views, slots = [], []
         for k in range(start, min(start + chunk, len(originals))):
-            views.append(resize(Image.fromarray(originals[k])).as_subclass(torch.Tensor))
-            slots.append(("clean", k))
-            for edit in edits:
-                if edit.applies_to(sources[k]):
-                    views.append(resize(Image.fromarray(edit(originals[k], sources[k]))).as_subclass(torch.Tensor))
-                    slots.append((edit.name, k))
+            for edit in [None, *(e for e in edits if e.applies_to(sources[k]))]:
+                views.append(acquisition.retaken_view(originals[k], edit, sources[k], resize))
+                slots.append(("clean" if edit is None else edit.name, k))
         for (name, k), p in zip(slots, score(torch.stack(views))):
             out[name][k] = p
     return out
@@ -319,21 +315,34 @@ def summarize_acquisition(table: pd.DataFrame, threshold: float, edits: Sequence
                                   if "source" in part else {})}
     rows = report["edits"]
     neutral = [name for name, row in rows.items() if row["kind"] == "neutral"]
-    floor = max((rows[name]["flipped"] for name in neutral), default=float("nan"))
-    limit = acquisition.FLOOR_FACTOR * floor
     camera = [name for name, row in rows.items() if row["kind"] == "camera"]
-    for name in camera:
-        rows[name]["times_floor"] = rows[name]["flipped"] / floor if floor > 0 else None
-    report["floor"] = {"rule": "the largest flip rate of the neutral edits", "edits": neutral, "rate": floor}
-    failing = [name for name in camera if rows[name]["flipped"] > limit]
-    report["holds"] = {"rule": f"every camera edit flips at most {acquisition.FLOOR_FACTOR:g} × the floor",
-                       "factor": acquisition.FLOOR_FACTOR, "limit": limit, "failing": failing,
-                       "passed": bool(neutral) and not failing,
-                       "worst": max(camera, key=lambda name: rows[name]["flipped"]) if camera else None}
-    flipped = table.pivot_table(index="image_id", columns="intervention", values="flipped", aggfunc="first")
+    # Per image and edit: flipped or not, NaN where the edit was not scored (a source's own colours).
+    flipped = table.pivot(index="image_id", columns="intervention", values="flipped").astype(float)
+    for name in camera:  # each camera edit against the neutral edits' flips on the *same* images
+        scored = flipped[name].notna()
+        floor = max((float(flipped.loc[scored, n].mean()) for n in neutral), default=float("nan"))
+        rows[name] |= {"floor": floor, "times_floor": rows[name]["flipped"] / floor if floor > 0 else None,
+                       "holds": bool(rows[name]["flipped"] <= acquisition.FLOOR_FACTOR * floor)}
+    floor = max((rows[name]["flipped"] for name in neutral), default=float("nan"))
+    report["floor"] = {"rule": "the largest flip rate of the neutral edits, on the images each edit was scored on",
+                       "edits": neutral, "rate": floor}
+    failing = [name for name in camera if not rows[name]["holds"]]
+
+    def severity(name: str) -> float:
+        times = rows[name]["times_floor"]
+        return times if times is not None else (float("inf") if rows[name]["flipped"] > 0 else 0.0)
+
+    report["holds"] = {"rule": f"every camera edit flips at most {acquisition.FLOOR_FACTOR:g} × the floor of its "
+                               "images (a point estimate: one flip in 500 is 0.2 %)",
+                       "factor": acquisition.FLOOR_FACTOR, "limit": acquisition.FLOOR_FACTOR * floor,
+                       "failing": failing, "passed": bool(neutral) and not failing,
+                       "worst": max(camera, key=severity) if camera else None}
+    # A union over 12 camera edits grows by itself against one over 3 neutral ones: the mean per edit beside it.
     report["decisions"] = {
-        kind: float(flipped[names].fillna(False).astype(bool).any(axis=1).mean()) if names else float("nan")
-        for kind, names in (("changed_by_a_camera_edit", camera), ("changed_by_a_neutral_edit", neutral))}
+        "changed_by_a_camera_edit": float((flipped[camera] == 1).any(axis=1).mean()) if camera else float("nan"),
+        "changed_by_a_neutral_edit": float((flipped[neutral] == 1).any(axis=1).mean()) if neutral else float("nan"),
+        "mean_camera_edit": float(np.mean([rows[n]["flipped"] for n in camera])) if camera else float("nan"),
+        "mean_neutral_edit": float(np.mean([rows[n]["flipped"] for n in neutral])) if neutral else float("nan")}
     return report
 
 
@@ -345,13 +354,15 @@ def acquisition_split(run_dir: str | Path, split: str = "test", names: Sequence[
     threshold = read_metrics(run_dir)["thresholds"]["youden"]
     run = load(run_dir, device_name)
     score, cfg, frames = run_scorer(run), run.config, run.splits()
-    colours = training_colours(frames["train"], seed)
+    wants_colours = names is None or any(name.startswith(acquisition.COLOUR_PREFIX) for name in names)
+    colours = training_colours(frames["train"], seed) if wants_colours else {}
     names = acquisition.default_edits(list(colours)) if names is None else list(names)
     edits = acquisition.create_edits(names, colours)
     if not any(edit.kind == "neutral" for edit in edits):
         raise ValueError(f"the floor needs at least one neutral edit ({', '.join(acquisition.NEUTRAL_EDITS)})")
     frame = _subset(frames[split], limit, seed)
-    sources = frame["source"].astype(str).tolist() if "source" in frame else [None] * len(frame)
+    sources = ([None if pd.isna(s) else str(s) for s in frame["source"]] if "source" in frame
+               else [None] * len(frame))
     probabilities = edited_probabilities(score, load_originals(frame["path"].tolist()), sources, edits, cfg)
     table = stress_table(frame, probabilities, threshold).dropna(subset=["p"]).reset_index(drop=True)
     section = summarize_acquisition(table, threshold, edits, seed=seed)

@@ -23,7 +23,9 @@ def edit_rows(summary: dict) -> pd.DataFrame:
         change_low, change_high = row["auroc_change_ci"]
         rows.append({"edit": name, "kind": row["kind"], "what it does": row["what"], "images": row["n"],
                      "flipped": row["flipped"], "95 % CI": f"{low:.1%} – {high:.1%}",
-                     "× floor": row.get("times_floor"), "benign → malignant": row["to_malignant"],
+                     # text: Streamlit draws a missing number as "None", whatever the Styler says
+                     "× floor": "—" if row.get("times_floor") is None else f"{row['times_floor']:.2f}",
+                     "benign → malignant": row["to_malignant"],
                      "malignant → benign": row["to_benign"], "mean Δp": row["mean_delta_p"],
                      "AUROC change (95 % CI)": f"{row['auroc_change']:+.3f} ({change_low:+.3f} to {change_high:+.3f})"})
     return pd.DataFrame(rows)
@@ -58,7 +60,7 @@ def acquisition_section(run: Path, split: str, cases: pd.DataFrame, threshold: f
         f"at the val Youden threshold ({summary['threshold_youden_val']:.3f}).")
     rows = edit_rows(summary)
     st.dataframe(rows.style.format({"flipped": "{:.1%}", "benign → malignant": "{:.1%}", "malignant → benign": "{:.1%}",
-                                    "× floor": "{:.1f}", "mean Δp": "{:+.3f}"}, na_rep="—"),
+                                    "mean Δp": "{:+.3f}"}),
                  hide_index=True, key="acquisition_table")
     left, right = st.columns([3, 2])
     left.altair_chart(charts.floor_chart(summary), width="stretch")
@@ -82,17 +84,18 @@ def changed_cases(run: Path, split: str, cases: pd.DataFrame, summary: dict, thr
     name = st.selectbox("Edit", names, key="acquisition_edit", index=names.index(summary["holds"]["worst"])
                         if summary["holds"].get("worst") in names else 0,
                         format_func=lambda n: f"{n}: {summary['edits'][n]['what']}")
-    part = table[table["intervention"] == name][["image_id", "p"]].rename(columns={"p": "p_edited"})
+    # Both p from the test's own table: its clean p came the same road as the edited one.
+    part = table[table["intervention"] == name][["image_id", "p_clean", "p"]].rename(columns={"p": "p_edited"})
     changed = cases.merge(part, on="image_id", how="inner")
-    changed = changed[(changed["p_edited"] >= threshold) != (changed["probability"] >= threshold)]
-    changed = changed.reindex((changed["p_edited"] - changed["probability"]).abs().sort_values(ascending=False).index)
+    changed = changed[(changed["p_edited"] >= threshold) != (changed["p_clean"] >= threshold)]
+    changed = changed.reindex((changed["p_edited"] - changed["p_clean"]).abs().sort_values(ascending=False).index)
     st.markdown(f"**{len(changed):,}** of the {len(table[table['intervention'] == name]):,} sampled decisions flip at "
                 f"{threshold:.3f} with `{name}`.")
     for _, row in gallery.page_of(changed, "acquisition_page", PER_PAGE).iterrows():
         with st.container(border=True):
             st.markdown(f"**{row['image_id']}** — {DX_NAMES.get(row['dx'], row['dx'])}"
                         + (f" · source `{row['source']}`" if isinstance(row.get("source"), str) else "")
-                        + f" · P(malignant) {row['probability']:.3f} → **{row['p_edited']:.3f}** with `{name}`")
+                        + f" · P(malignant) {row['p_clean']:.3f} → **{row['p_edited']:.3f}** with `{name}`")
             if not isinstance(row.get("path"), str):
                 st.info("Images not found, so only the numbers are shown. " + state.images_hint())
                 continue
@@ -103,7 +106,7 @@ def changed_cases(run: Path, split: str, cases: pd.DataFrame, summary: dict, thr
                              caption=f"re-taken: {summary['edits'][name]['what']}", width="stretch")
 
 
-def camera_check(predictor, upload, probability: float, threshold: float) -> None:
+def camera_check(predictor, upload, probability: float, threshold: float, run: Path) -> None:
     """On Predict, behind a toggle: the upload re-taken with every acquisition edit that needs no source, each p and
     whether the decision at ``threshold`` would flip; the neutral edits say how much moves for nothing."""
     if not st.toggle("Camera check: would another camera change this decision?", key=f"camera_{upload.file_id}",
@@ -111,9 +114,10 @@ def camera_check(predictor, upload, probability: float, threshold: float) -> Non
                           f"curve would (core.acquisition; {len(EDITS)} network passes, about a second)."):
         return
     checks = st.session_state.setdefault(CAMERA_KEY, {})
-    if upload.file_id not in checks:
-        checks[upload.file_id] = predictor.camera_check(upload.getvalue())
-    p = checks[upload.file_id]
+    key = (str(run), upload.file_id)  # another run's check is another model's numbers
+    if key not in checks:
+        checks[key] = predictor.camera_check(upload.getvalue())
+    p = checks[key]
     decided = probability >= threshold
     rows = pd.DataFrame([{"edit": name, "kind": edit.kind, "what it does": edit.what, "P(malignant)": p[name],
                           "Δp": p[name] - probability, "decision flips": (p[name] >= threshold) != decided}

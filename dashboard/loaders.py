@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
-from PIL import Image
 
-from core.acquisition import ColourStats, create_edits
+from core.acquisition import ColourStats, create_edits, retaken_view
 from core.audit import model_view_masks
 from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
@@ -316,8 +315,8 @@ def acquired_view(path: str, name: str, source: str | None, colours: dict[str, d
     """A photo re-taken with one acquisition edit exactly as ``train.py stress --suite acquisition`` took it (the
     file's pixels edited, then cropped and resized as the model sees them, as :func:`model_view`)."""
     stats = {s: ColourStats(tuple(c["mean"]), tuple(c["std"])) for s, c in colours.items()}
-    edited = create_edits([name], stats)[0](np.asarray(open_rgb(path)), source)
-    view = resize_transform(size, crop)(Image.fromarray(edited))
+    view = retaken_view(np.asarray(open_rgb(path)), create_edits([name], stats)[0], source,
+                        resize_transform(size, crop))
     return (view if corner_mask is None else CornerMask(corner_mask)(view)).permute(1, 2, 0).numpy().copy()
 
 

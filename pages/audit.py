@@ -154,7 +154,8 @@ if has_stress and summary is not None:
         left, right = st.columns(2)
         left.dataframe(quantiles.style.format({"dark-corner score from": "{:.3f}", "to": "{:.3f}",
                                                "malignant share": "{:.1%}"}), hide_index=True, key="dark_quantiles")
-        right.dataframe(by_dx.style.format(precision=3), hide_index=True, key="dark_by_dx")
+        right.dataframe(by_dx.style.format({"n": "{:,.0f}", "mean": "{:.3f}", "median": "{:.3f}"}), hide_index=True,
+                        key="dark_by_dx")
         st.caption(f"AUROC of the dark-corner score alone for malignancy on the {dark['n']:,} training images: "
                    f"{dark['auroc_dark_corners_for_label']:.3f} (0.5 = no information).")
 

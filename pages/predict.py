@@ -67,6 +67,9 @@ def predict(upload) -> Prediction | str:
 # that moves the threshold many times does not pile up CAMs.
 current = {(upload.file_id, method, threshold) for upload in uploads or []}
 st.session_state[RESULTS_KEY] = {k: v for k, v in st.session_state.get(RESULTS_KEY, {}).items() if k in current}
+shown = {(str(run), upload.file_id) for upload in uploads or []}
+st.session_state[acquisition_panel.CAMERA_KEY] = {
+    k: v for k, v in st.session_state.get(acquisition_panel.CAMERA_KEY, {}).items() if k in shown}
 if not uploads:
     st.info("Upload one or more photos of a skin lesion (dermoscopy, lesion centred) to see a prediction.")
 for upload in uploads or []:
@@ -126,7 +129,7 @@ for upload in uploads or []:
         st.markdown("**Most similar training cases** (by the model's own features; distance in its embedding)")
         gallery.similar_cases(result.similar, loaders.data_dir_or_none()[0], upload.file_id)
     if not withheld:
-        acquisition_panel.camera_check(predictor, upload, result.probability, threshold)
+        acquisition_panel.camera_check(predictor, upload, result.probability, threshold, run)
     numbers.dataframe(pd.Series({"CAM share in the corners": f"{result.attention['corner_fraction']:.1%}",
                                  "CAM share in the border": f"{result.attention['border_fraction']:.1%}",
                                  "dark-corner score": f"{result.attention['dark_corner_score']:.3f}"},

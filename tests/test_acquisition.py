@@ -136,11 +136,30 @@ def test_the_summary_reads_each_edit_against_the_neutral_floor() -> None:
     assert edits["warmer"]["flipped_by_source"] == {"a": pytest.approx(0.2), "b": pytest.approx(0.2)}
     # Images 0–3 flip under some camera edit, images 0–1 under some neutral one.
     assert summary["decisions"] == {"changed_by_a_camera_edit": pytest.approx(0.2),
-                                    "changed_by_a_neutral_edit": pytest.approx(0.1)}
+                                    "changed_by_a_neutral_edit": pytest.approx(0.1),
+                                    "mean_camera_edit": pytest.approx(0.175), "mean_neutral_edit": pytest.approx(0.075)}
     held = summarize_acquisition(acquisition_table({k: flips[k] for k in ("jpeg_90", "shift_2px", "jpeg_30")},
                                                    labels), 0.5, create_edits(["jpeg_90", "shift_2px", "jpeg_30"]),
                                  n_boot=50)
     assert held["holds"]["passed"] and held["holds"]["failing"] == []
+
+
+def test_a_colour_match_is_read_against_the_floor_of_the_images_it_was_scored_on() -> None:
+    """A colour match skips its own source's images: its floor is the neutral flips on the others. Here source "a"
+    (even images) holds every neutral flip, so a colour match scored on "b" alone has a floor of 0 and fails with a
+    single flip, where against all images' floor it would have passed."""
+    labels = [0, 1] * 10
+    flips = {"jpeg_90": [True, False, True, False] + [False] * 16,  # 10 %, all on source "a"
+             "colour_a": [False, True] + [False] * 18}                # one flip of a "b" image
+    table = acquisition_table(flips, labels)
+    table = table[~((table["intervention"] == "colour_a") & (table["source"] == "a"))]  # as the test scores it
+    colours = {s: ColourStats((50.0, 10.0, 10.0), (10.0, 5.0, 5.0)) for s in ("a", "b")}
+    summary = summarize_acquisition(table, 0.5, create_edits(["jpeg_90", "colour_a"], colours), n_boot=50)
+    row = summary["edits"]["colour_a"]
+    assert row["n"] == 10 and row["flipped"] == pytest.approx(0.1)
+    assert row["floor"] == 0 and row["times_floor"] is None and not row["holds"]
+    assert summary["floor"]["rate"] == pytest.approx(0.1)  # the floor on all images, for the edits scored on all
+    assert summary["holds"]["failing"] == ["colour_a"] and summary["holds"]["worst"] == "colour_a"
 
 
 def test_edited_copies_are_scored_as_the_run_sees_them_and_own_colours_are_skipped() -> None:
@@ -202,5 +221,7 @@ def test_cli_writes_the_table_and_a_summary_that_matches_it(acquired_run: Path) 
 def test_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train.main(["stress", "--run", str(DEFAULT_RUN), "--suite", "acquisition", "--interventions", "ink"]) == 2
     assert "--edits" in capsys.readouterr().err
+    assert train.main(["stress", "--run", str(DEFAULT_RUN), "--edits", "jpeg_30"]) == 2
+    assert "add --suite acquisition" in capsys.readouterr().err
     with pytest.raises(RunError, match="stress --suite acquisition --split val"):
         read_acquisition_summary(tmp_path, "val")

@@ -15,7 +15,7 @@ from core import metrics
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, read_metrics, read_predictions
+from core.runs import DEFAULT_RUN, read_acquisition_summary, read_metrics, read_predictions
 from tests.helpers import ARTIFACTS, DashboardServer, corner_dependence
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -196,6 +196,24 @@ def test_the_audit_shows_the_stress_test(page, app_url: str) -> None:
     no_exceptions(page)
     page.get_by_text("Decisions an artifact changes").scroll_into_view_if_needed()
     shot(page, "audit_stress")
+
+
+def test_the_audit_shows_the_acquisition_stress_test(page, app_url: str) -> None:
+    """The camera section in a real browser: its verdict, the chart against the floor, and the worst edit's changed
+    decisions, each photo as taken beside it re-taken."""
+    summary = read_acquisition_summary(DEFAULT_RUN, "test")
+    open_page(page, app_url, "audit")
+    heading = page.get_by_role("heading", name="Acquisition stress test: would another camera change the decision?")
+    heading.scroll_into_view_if_needed()
+    page.get_by_text(f"{summary['decisions']['changed_by_a_camera_edit']:.1%} of the decisions change").wait_for()
+    page.locator("svg text", has_text="Flip rate of each acquisition edit against the neutral-edit floor").wait_for()
+    page.get_by_text("re-taken: ").first.wait_for()
+    settle(page)
+    no_exceptions(page)
+    heading.scroll_into_view_if_needed()
+    shot(page, "audit_acquisition")
+    page.get_by_text("Flip rate by the image's own source").scroll_into_view_if_needed()
+    shot(page, "audit_acquisition_cases")
 
 
 def choose(tab, label: str, option: str) -> None:

@@ -137,3 +137,5 @@ def test_leave_one_source_out_end_to_end(ham_dir: Path, ham: pd.DataFrame, tmp_p
     again = cv.leave_source_out(TrainConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl"])
     pd.testing.assert_frame_equal(again, table, check_exact=False, atol=1e-6, check_dtype=False)
     assert train.main(["cv", "--hold-out", "rosendahl", "--out", str(out)]) == 2  # --hold-out without --by source
+    with pytest.raises(DataError, match="no image of the split comes from 'rosendhal'"):  # a typo: refused up front
+        cv.leave_source_out(TrainConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl", "rosendhal"])
