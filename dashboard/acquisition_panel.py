@@ -54,10 +54,14 @@ def acquisition_section(run: Path, split: str, cases: pd.DataFrame, threshold: f
         f"another camera would have: another JPEG quality, resolution, focus, white balance, tone curve, and each "
         f"other source's colours; the file's pixels are edited, then cropped and resized as usual. Edits that change "
         f"nothing a clinician would see ({', '.join(floor['edits'])}) set the **floor**: {floor['rate']:.1%} of the "
-        f"decisions flip under the worst of them. The model {verdict} {holds['factor']:g} × the floor "
-        f"({holds['limit']:.1%}). **{decided['changed_by_a_camera_edit']:.1%} of the decisions change under at least "
-        f"one camera edit**, against {decided['changed_by_a_neutral_edit']:.1%} under a neutral one. Flips are read "
-        f"at the val Youden threshold ({summary['threshold_youden_val']:.3f}).")
+        f"decisions flip under the worst of them (a colour match, scored only on the other sources' images, is read "
+        f"against the neutral flips on those). The model {verdict} {holds['factor']:g} × its floor "
+        f"({holds['limit']:.1%} for the edits scored on every image). "
+        f"**{decided['changed_by_a_camera_edit']:.1%} of the decisions change under at least one of the camera "
+        f"edits**, against {decided['changed_by_a_neutral_edit']:.1%} under at least one neutral one"
+        + (f" (per edit: {decided['mean_camera_edit']:.1%} against {decided['mean_neutral_edit']:.1%})"
+           if "mean_camera_edit" in decided else "")
+        + f". Flips are read at the val Youden threshold ({summary['threshold_youden_val']:.3f}).")
     rows = edit_rows(summary)
     st.dataframe(rows.style.format({"flipped": "{:.1%}", "benign → malignant": "{:.1%}", "malignant → benign": "{:.1%}",
                                     "mean Δp": "{:+.3f}"}),

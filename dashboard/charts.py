@@ -229,13 +229,16 @@ def p_by_dx_source_chart(frame: pd.DataFrame) -> alt.Chart:
 
 
 def floor_chart(summary: dict) -> alt.LayerChart:
-    """Each acquisition edit's flip rate with its exact 95 % interval, neutral edits in grey; rules at the
-    neutral-edit floor and at the limit a camera edit must stay under."""
+    """Each acquisition edit's flip rate with its exact 95 % interval, neutral edits in grey; on each camera edit's
+    row a tick at its floor (the neutral flips on the images it was scored on) and one at the limit, 1.5 × that."""
+    factor = summary["holds"]["factor"]
     rows = pd.DataFrame([{"edit": name, "kind": row["kind"], "what": row["what"], "flipped": row["flipped"],
-                          "low": row["flipped_ci"][0], "high": row["flipped_ci"][1], "images": row["n"]}
+                          "low": row["flipped_ci"][0], "high": row["flipped_ci"][1], "images": row["n"],
+                          "floor": row.get("floor", float("nan")), "limit": factor * row.get("floor", float("nan"))}
                          for name, row in summary["edits"].items()])
     order = list(rows["edit"])
-    base = alt.Chart(rows).encode(y=alt.Y("edit:N", sort=order, title=None))
+    base = alt.Chart(rows).encode(y=alt.Y("edit:N", sort=order, title=None,
+                                          axis=alt.Axis(labelOverlap=False, labelLimit=180)))
     bars = base.mark_bar().encode(
         x=alt.X("flipped:Q", title="decisions flipped at the val threshold", axis=alt.Axis(format="%")),
         color=alt.Color("kind:N", scale=alt.Scale(domain=["neutral", "camera"], range=["#9e9e9e", "#1f77b4"]),
@@ -243,9 +246,12 @@ def floor_chart(summary: dict) -> alt.LayerChart:
         tooltip=["edit", "what", alt.Tooltip("flipped:Q", format=".1%"), alt.Tooltip("low:Q", format=".1%"),
                  alt.Tooltip("high:Q", format=".1%"), "images"])
     whiskers = base.mark_rule(color="black").encode(x="low:Q", x2="high:Q")
-    limits = pd.DataFrame({"x": [summary["floor"]["rate"], summary["holds"]["limit"]],
-                           "line": ["floor (largest neutral)", f"limit ({summary['holds']['factor']:g} × floor)"]})
-    rules = alt.Chart(limits).mark_rule(strokeDash=[4, 4]).encode(
-        x="x:Q", color=alt.Color("line:N", scale=alt.Scale(range=["#555555", "#d62728"]), title=None))
-    return alt.layer(bars, whiskers, rules).resolve_scale(color="independent").properties(
-        height=22 * len(rows) + 40, title="Flip rate of each acquisition edit against the neutral-edit floor")
+    marks = rows.melt(id_vars=["edit"], value_vars=["floor", "limit"], var_name="mark", value_name="x").dropna()
+    marks["mark"] = marks["mark"].map({"floor": "floor (neutral flips, same images)",
+                                       "limit": f"limit ({factor:g} × floor)"})
+    ticks = alt.Chart(marks).mark_tick(thickness=2, size=18).encode(
+        x="x:Q", y=alt.Y("edit:N", sort=order),
+        color=alt.Color("mark:N", scale=alt.Scale(range=["#555555", "#d62728"]), title=None),
+        tooltip=["edit", "mark", alt.Tooltip("x:Q", format=".1%")])
+    return alt.layer(bars, whiskers, ticks).resolve_scale(color="independent").properties(
+        height=24 * len(rows) + 40, title="Flip rate of each acquisition edit against its neutral-edit floor")

@@ -206,7 +206,7 @@ def test_the_audit_shows_the_acquisition_stress_test(page, app_url: str) -> None
     heading = page.get_by_role("heading", name="Acquisition stress test: would another camera change the decision?")
     heading.scroll_into_view_if_needed()
     page.get_by_text(f"{summary['decisions']['changed_by_a_camera_edit']:.1%} of the decisions change").wait_for()
-    page.locator("svg text", has_text="Flip rate of each acquisition edit against the neutral-edit floor").wait_for()
+    page.locator("svg text", has_text="Flip rate of each acquisition edit against its neutral-edit floor").wait_for()
     page.get_by_text("re-taken: ").first.wait_for()
     settle(page)
     no_exceptions(page)
