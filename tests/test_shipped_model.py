@@ -74,8 +74,8 @@ def test_the_shipped_model_meets_the_corner_rule_that_chose_it() -> None:
 
 
 def test_the_readme_reports_the_committed_test_stress_figures() -> None:
-    """The README's test-split stress table is the committed stress summary (AUROC, flip share, each direction)."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    """The results' test-split stress table is the committed stress summary (AUROC, flip share, each direction)."""
+    readme = (PROJECT_ROOT / "docs" / "results.md").read_text()
     section = readme.split("### Does it use the corners? The artifact stress test of the test split")[1]
     section = section.split("\n### ")[0]
     summary = json.loads((RUN / "stress_summary.json").read_text())["test"]
@@ -108,7 +108,13 @@ def test_the_shipped_model_carries_its_acquisition_stress_test() -> None:
 
 
 def test_the_readme_reports_the_committed_acquisition_figures() -> None:
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    """The results' acquisition table and the README's headline figures are the committed summary."""
+    summary_line = next(line for line in (PROJECT_ROOT / "README.md").read_text().splitlines()
+                        if line.startswith("| camera (acquisition stress test"))
+    test = json.loads((RUN / "acquisition_summary.json").read_text())["test"]
+    assert f"{len(test['holds']['failing'])} of 12 camera edits" in summary_line
+    assert f"{100 * test['decisions']['changed_by_a_camera_edit']:.1f} % of decisions" in summary_line
+    readme = (PROJECT_ROOT / "docs" / "results.md").read_text()
     section = readme.split("### Does it use the camera? The acquisition stress test of the test split")[1]
     section = section.split("\n## ")[0].split("\n### ")[0]
     summary = json.loads((RUN / "acquisition_summary.json").read_text())["test"]
