@@ -23,7 +23,7 @@ from core.transforms import resize_transform
 ImageInput = str | os.PathLike | bytes | Image.Image
 # Views per forward pass for a folder on the CPU: 4–8 views (2–4 images × 2 flip views) ran fastest on 2 cores (33–37
 # img/s against 18 at the evaluation batch of 128, whose activations outgrow the caches; benchmarks/RESULTS.md).
-CPU_BATCH = 8
+FOLDER_CPU_BATCH = 8
 FILES_PER_CHUNK = 256  # decoded at a time by predict_files: 256 × 3 × 160 × 160 bytes = 20 MB
 PREDICTION_COLUMNS = ["image", "probability", "ood_score", "style_score", "out_of_distribution", "unlike_in_content"]
 
@@ -120,7 +120,7 @@ class Predictor:
         return {edit.name: float(value) for edit, value in zip(edits, p)}
 
     def _batch_size(self) -> int:
-        return self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH
+        return self.config.eval_batch_size if self.device.type == "cuda" else FOLDER_CPU_BATCH
 
     def predict_files(self, paths: list[Path], batch_size: int | None = None,
                       chunk: int = FILES_PER_CHUNK) -> BatchPrediction:
