@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from core.acquisition import create_edits, default_edits
-from core.audit import model_view_masks
+from core.inference import model_view_masks
 from core.interventions import INTERVENTIONS, image_key
 from core.run import load
 from core.runs import model_label

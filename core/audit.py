@@ -14,30 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torchvision import tv_tensors
 from tqdm import tqdm
 
-from core import explain, metrics, runs
-from core.images import open_mask
+from core import corners, explain, metrics, runs
+from core.inference import model_view_masks
 from core.run import load
-from core.transforms import Crop, resize_transform
 
 CAM_STORE_SIZE = 56
 # Tschandl et al., Nat. Med. 2020: mean background/lesion attention ratio on HAM10000 (0.48 for akiec, 0.32 else).
 TSCHANDL_RATIO = {"akiec": 0.48, "bcc": 0.32, "bkl": 0.32, "df": 0.32, "mel": 0.32, "nv": 0.32, "vasc": 0.32}
-
-
-def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") -> list[np.ndarray | None]:
-    """Lesion masks through the same crop + resize as their images (nearest-neighbour)."""
-    resize = resize_transform(size, crop)
-    out: list[np.ndarray | None] = []
-    for path in paths:
-        if path is None or (isinstance(path, float) and np.isnan(path)):
-            out.append(None)
-            continue
-        mask = tv_tensors.Mask(torch.from_numpy(open_mask(path)).unsqueeze(0).to(torch.uint8))
-        out.append(resize(mask)[0].numpy().astype(bool))
-    return out
 
 
 def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradcam", limit: int | None = None,
@@ -71,7 +56,7 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
             i = start + k
             scores = explain.attention_scores(cam, masks[i], corner_threshold)
             rows.append({"image_id": frame["image_id"][i], **scores,
-                         "dark_corner_score": explain.dark_corner_score(batch[k].permute(1, 2, 0).numpy()),
+                         "dark_corner_score": corners.dark_corner_score(batch[k].permute(1, 2, 0).numpy()),
                          "deletion_blur_change": float(blur[k]), "deletion_remove_change": float(remove[k]),
                          "deletion_blur_change_other_cam": float(baseline[k])})
             small = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=store_shape,

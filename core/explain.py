@@ -21,17 +21,15 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 
+from core.corners import border_region, corner_region
 from core.ensemble import Ensemble
 from core.model import malignant_log_odds, malignant_probability
 
 CAM_METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "layercam": LayerCAM,
 }
-CORNER_SIDE = 0.25    # each corner square is ¼ of the image side: a uniform CAM puts 4 · (¼)² = 0.25 there
-BORDER_WIDTH = 0.125  # the outer frame is ⅛ of the side wide: a uniform CAM puts 1 − (¾)² = 0.4375 there
 TARGET_STRIDE = 16    # CAM layer's downsampling: 10×10 cells at 160 px, 14×14 at 224 px
 SUPPORTED_ARCHITECTURES = (EfficientNet, ConvNeXt)
-LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as OpenCV's RGB→gray
 
 
 def target_layer(model: torch.nn.Module, stride: int = TARGET_STRIDE) -> torch.nn.Module:
@@ -133,30 +131,6 @@ def compute_cam(model: torch.nn.Module, inputs: torch.Tensor, method: str = "gra
     return np.clip(np.nan_to_num(cams.astype(np.float32), nan=0.0), 0.0, 1.0)
 
 
-def _side(n: int, fraction: float) -> int:
-    return max(1, int(round(n * fraction)))
-
-
-def corner_region(shape: tuple[int, int], side: float = CORNER_SIDE) -> np.ndarray:
-    """Boolean mask of the four corner squares, each ``side`` of the image side (where the vignette ring sits)."""
-    h, w = shape
-    ch, cw = _side(h, side), _side(w, side)
-    region = np.zeros(shape, dtype=bool)
-    for rows in (slice(0, ch), slice(h - ch, h)):
-        for cols in (slice(0, cw), slice(w - cw, w)):
-            region[rows, cols] = True
-    return region
-
-
-def border_region(shape: tuple[int, int], width: float = BORDER_WIDTH) -> np.ndarray:
-    """Boolean mask of the outer frame ``width`` of the side wide: attention on the image edge, corners included."""
-    h, w = shape
-    bh, bw = _side(h, width), _side(w, width)
-    region = np.ones(shape, dtype=bool)
-    region[bh:h - bh, bw:w - bw] = False
-    return region
-
-
 def attention_scores(cam: np.ndarray, mask: np.ndarray | None = None, corner_threshold: float = 0.5) -> dict:
     """Where one CAM ``(H, W)`` puts its mass.
 
@@ -193,26 +167,6 @@ def attention_scores(cam: np.ndarray, mask: np.ndarray | None = None, corner_thr
             scores["background_lesion_ratio"] = (float(outside.mean() / inside.mean()) if inside.mean() > 0
                                                  else float("inf"))
     return scores
-
-
-def dark_corner_score(image: np.ndarray, skin_percentile: float = 75.0) -> float:
-    """How much darker the corners are than the skin: 1 − mean luma of the four ¼-side corner squares ÷ the
-    ``skin_percentile`` luma of the rest of the image, on the uint8 ``(H, W, 3)`` image as the model sees it.
-
-    ~0 for an evenly lit image, → 1 for black corners (the dermoscope's vignette ring); negative when the corners are
-    brighter. The reference is a bright percentile of the non-corner pixels, not the centre's mean, because the
-    lesion sits in the centre: a centre reference made the score track lesion size (Spearman −0.44 with lesion area
-    on 300 HAM10000 images). NaN for an image whose reference is black.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"dark_corner_score takes an (H, W, 3) image, got shape {image.shape}")
-    luma = image.astype(np.float64) @ LUMA
-    corners = corner_region(luma.shape)
-    reference = np.percentile(luma[~corners], skin_percentile)
-    if reference <= 0:
-        return float("nan")
-    return float(1.0 - luma[corners].mean() / reference)
 
 
 def _probabilities(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:

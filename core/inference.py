@@ -23,7 +23,7 @@ from core.calibration import IDENTITY, apply_platt
 from core.config import TrainConfig
 from core.data import project_path, read_dataset
 from core.ensemble import model_for_run
-from core.images import open_rgb
+from core.images import open_mask, open_rgb
 from core.model import malignant_probability, resolve_normalization
 from core.runs import MODEL_FILE, read_config
 from core.split import apply_split, read_split
@@ -55,6 +55,19 @@ def preload_images(paths: list[str], input_size: int, crop: Crop = "square", wor
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, range(len(paths))))
+    return out
+
+
+def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") -> list[np.ndarray | None]:
+    """Lesion masks through the same crop + resize as their images (nearest-neighbour)."""
+    resize = resize_transform(size, crop)
+    out: list[np.ndarray | None] = []
+    for path in paths:
+        if path is None or (isinstance(path, float) and np.isnan(path)):
+            out.append(None)
+            continue
+        mask = tv_tensors.Mask(torch.from_numpy(open_mask(path)).unsqueeze(0).to(torch.uint8))
+        out.append(resize(mask)[0].numpy().astype(bool))
     return out
 
 

@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from core import transforms
-from core.explain import border_region, corner_region
+from core.corners import ellipse_radius, unmasked_region
 
 Masks = Sequence[np.ndarray | None] | None
 
@@ -33,18 +32,6 @@ Masks = Sequence[np.ndarray | None] | None
 def image_key(image_id: str) -> int:
     """A stable per-image key (CRC-32 of the id): the same artifact for an image in every run and batch."""
     return zlib.crc32(str(image_id).encode())
-
-
-def ellipse_radius(shape: tuple[int, int]) -> np.ndarray:
-    """Per pixel, the radius in units of the inscribed circle (square view) or ellipse (4:3 view): 1 on it, > 1 in
-    the corners outside it, √2 at the very corner. The corner mask's own function (``core.transforms``), so a corner
-    fill paints exactly the pixels a masked model never sees."""
-    return transforms.ellipse_radius(*shape).double().numpy()
-
-
-def unmasked_region(shape: tuple[int, int]) -> np.ndarray:
-    """Where an intervention may paint on an image without a lesion mask: the corner squares and the border."""
-    return corner_region(shape) | border_region(shape)
 
 
 def skin_colour(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

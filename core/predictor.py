@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from core.acquisition import EDITS, create_edits, retaken_view
+from core.corners import dark_corner_score
 from core.data import DataError
 from core.images import open_rgb
 from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
@@ -197,5 +198,5 @@ class Predictor:
             from core import explain as xai
             decided = int(result.probability >= threshold)  # explain what was decided
             result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
-            result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": xai.dark_corner_score(view)}
+            result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": dark_corner_score(view)}
         return result

@@ -26,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from core import acquisition, metrics, runs
-from core.audit import model_view_masks
 from core.config import TrainConfig
-from core.explain import dark_corner_score
+from core.corners import dark_corner_score
 from core.images import open_rgb
+from core.inference import model_view_masks
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,

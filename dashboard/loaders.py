@@ -11,10 +11,10 @@ import streamlit as st
 import torch
 
 from core.acquisition import ColourStats, create_edits, retaken_view
-from core.audit import model_view_masks
 from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
 from core.images import open_rgb
+from core.inference import model_view_masks
 from core.interventions import create_intervention, image_key
 from core.metrics import age_band, source_report
 from core.predictor import Predictor

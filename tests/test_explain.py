@@ -20,7 +20,7 @@ import timm
 import torch
 from torchvision import tv_tensors
 
-from core import explain
+from core import corners, explain
 from core.images import open_mask, open_rgb
 from core.model import create_model
 from core.transforms import resize_transform
@@ -128,8 +128,8 @@ def inputs() -> torch.Tensor:
 @pytest.mark.parametrize("size", [97, 160, 224])
 def test_uniform_cam_puts_the_area_share_in_corners_and_border(size: int) -> None:
     scores = explain.attention_scores(np.ones((size, size), np.float32))
-    assert scores["corner_fraction"] == pytest.approx(4 * explain.CORNER_SIDE ** 2, abs=0.01)
-    assert scores["border_fraction"] == pytest.approx(1 - (1 - 2 * explain.BORDER_WIDTH) ** 2, abs=0.01)
+    assert scores["corner_fraction"] == pytest.approx(4 * corners.CORNER_SIDE ** 2, abs=0.01)
+    assert scores["border_fraction"] == pytest.approx(1 - (1 - 2 * corners.BORDER_WIDTH) ** 2, abs=0.01)
     assert scores["corner_fraction"] == pytest.approx(0.25, abs=0.01)
     assert scores["border_fraction"] == pytest.approx(0.4375, abs=0.01)
     assert scores["flag"] is False
@@ -158,7 +158,7 @@ def test_centred_blob_is_not_flagged() -> None:
 
 def test_flag_rule_is_corner_fraction_at_least_the_threshold() -> None:
     cam = np.ones((8, 8), np.float32)  # corners are 2x2 squares: 16 of 64 pixels
-    cam[explain.corner_region(cam.shape)] = 3.0  # 48 of 96 units of mass: exactly half
+    cam[corners.corner_region(cam.shape)] = 3.0  # 48 of 96 units of mass: exactly half
     scores = explain.attention_scores(cam)
     assert scores["corner_fraction"] == 0.5 and scores["flag"] is True
     assert explain.attention_scores(cam, corner_threshold=0.6)["flag"] is False
@@ -204,23 +204,23 @@ def test_attention_scores_refuse_bad_shapes() -> None:
 # ---------------------------------------------------------------- dark_corner_score
 
 def test_dark_corner_score_is_zero_for_an_evenly_lit_image() -> None:
-    assert explain.dark_corner_score(np.full((160, 160, 3), 180, np.uint8)) == pytest.approx(0.0, abs=1e-9)
+    assert corners.dark_corner_score(np.full((160, 160, 3), 180, np.uint8)) == pytest.approx(0.0, abs=1e-9)
     # Noise only: the 75th-percentile reference sits a little above the mean.
-    assert abs(explain.dark_corner_score(scene(160, None))) < 0.05
+    assert abs(corners.dark_corner_score(scene(160, None))) < 0.05
 
 
 def test_dark_corner_score_is_high_for_a_vignette() -> None:
     image = np.full((160, 160, 3), 180, np.uint8)
     black_corners = image.copy()
-    black_corners[explain.corner_region((160, 160))] = 0
-    assert explain.dark_corner_score(black_corners) == pytest.approx(1.0)
+    black_corners[corners.corner_region((160, 160))] = 0
+    assert corners.dark_corner_score(black_corners) == pytest.approx(1.0)
     ring = image.copy()
     ring[~disc(160, (0.5, 0.5), radius=0.5)] = 0  # the dermoscope's circular field of view
-    assert explain.dark_corner_score(ring) > 0.3
+    assert corners.dark_corner_score(ring) > 0.3
     brighter = image.copy()
-    brighter[explain.corner_region((160, 160))] = 255
-    assert explain.dark_corner_score(brighter) < 0
-    assert math.isnan(explain.dark_corner_score(np.zeros((16, 16, 3), np.uint8)))
+    brighter[corners.corner_region((160, 160))] = 255
+    assert corners.dark_corner_score(brighter) < 0
+    assert math.isnan(corners.dark_corner_score(np.zeros((16, 16, 3), np.uint8)))
 
 
 def test_dark_corner_score_ignores_a_dark_central_lesion() -> None:
@@ -229,8 +229,8 @@ def test_dark_corner_score_ignores_a_dark_central_lesion() -> None:
     small, large = image.copy(), image.copy()
     small[disc(160, (0.5, 0.5), radius=0.1)] = 40
     large[disc(160, (0.5, 0.5), radius=0.3)] = 40
-    assert explain.dark_corner_score(small) == pytest.approx(0.0, abs=1e-9)
-    assert explain.dark_corner_score(large) == pytest.approx(0.0, abs=1e-9)
+    assert corners.dark_corner_score(small) == pytest.approx(0.0, abs=1e-9)
+    assert corners.dark_corner_score(large) == pytest.approx(0.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------- compute_cam on the real backbone
@@ -386,13 +386,13 @@ def test_real_image_mask_and_cam_share_the_model_view(ham, lite0: torch.nn.Modul
     mask = resize(tv_tensors.Mask(torch.from_numpy(open_mask(row["mask_path"])).unsqueeze(0).to(torch.uint8)))
     mask = mask[0].numpy().astype(bool)
     assert image.shape == (S, S, 3) and mask.shape == (S, S) and 0 < mask.mean() < 1
-    luma = image.astype(float) @ explain.LUMA
+    luma = image.astype(float) @ corners.LUMA
     assert luma[mask].mean() < luma[~mask].mean()
     cam = explain.compute_cam(lite0, normalise(np.ascontiguousarray(image)[None]))[0]
     scores = explain.attention_scores(cam, mask)
     assert 0 <= scores["corner_fraction"] <= 1 and 0 <= scores["outside_lesion_fraction"] <= 1
     assert np.isfinite(scores["background_lesion_ratio"])
-    assert np.isfinite(explain.dark_corner_score(image))
+    assert np.isfinite(corners.dark_corner_score(image))
 
 
 def test_categories_choose_which_decision_is_explained(blob_model: torch.nn.Module, inputs: torch.Tensor) -> None:

@@ -13,17 +13,15 @@ import pytest
 import torch
 
 import train
-from core.audit import model_view_masks
-from core.inference import preload_images
+from core.corners import ellipse_radius, unmasked_region
+from core.inference import model_view_masks, preload_images
 from core.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
     INTERVENTIONS,
     corner_dependent,
     create_intervention,
-    ellipse_radius,
     image_key,
-    unmasked_region,
 )
 from core.predictor import Predictor
 from core.run import load
