@@ -221,7 +221,7 @@ def fetch_file(file: RemoteFile, folder: Path, server: str, timeout: float = DEF
         except urllib.error.HTTPError as err:
             if err.code == 416:  # our partial file is no prefix of theirs: start again
                 path.unlink(missing_ok=True)
-            elif err.code < 500:
+            elif err.code < 500 and err.code != 429:  # 429 Too Many Requests: worth the backoff, as a 5xx
                 raise DownloadError(f"{file.name}: the server refused it (HTTP {err.code} {err.reason})") from err
             problem = f"HTTP {err.code} {err.reason}"
         except (urllib.error.URLError, OSError, http.client.HTTPException, _Cut) as err:
@@ -288,7 +288,11 @@ def _already_complete(to: Path, dataset: str, force: bool, out: Callable[[str], 
     """True when ``to`` holds our finished download (and not --force); refuses a folder that is not ours."""
     marker = to / MARKER
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, ValueError) as err:
+            raise DownloadError(f"{marker} is not a readable download record ({err}): move {to} away, or delete "
+                                "the marker and run again with --force") from err
         if done.get("dataset") != dataset:
             raise DownloadError(f"{to} holds a {done.get('dataset')} download, not {dataset}: choose another --to")
         if not force:

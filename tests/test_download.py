@@ -230,6 +230,23 @@ def test_http_403(server: FakeDataverse, tmp_path: Path) -> None:
     assert_nothing_complete(tmp_path / "ham")
 
 
+def test_http_429_is_retried_then_named(server: FakeDataverse, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dl, "BACKOFF_S", 0.0)
+    server.status["HAM10000_metadata.csv"] = 429
+    with pytest.raises(dl.DownloadError, match=r"HAM10000_metadata.csv: failed after 3 tries \(HTTP 429"):
+        fetch(server, tmp_path / "ham")
+    assert len([r for r in data_requests(server) if r["query"]]) == 3, "too many requests: tried again, bounded"
+    assert_nothing_complete(tmp_path / "ham")
+
+
+def test_an_unreadable_marker_is_named_not_a_traceback(server: FakeDataverse, tmp_path: Path) -> None:
+    to, _ = fetch(server, tmp_path / "ham")
+    (to / ".complete.json").write_text("{not json")
+    with pytest.raises(dl.DownloadError, match=r"\.complete\.json is not a readable download record"):
+        fetch(server, to)
+
+
 def test_read_timeout_fails_fast(server: FakeDataverse, tmp_path: Path) -> None:
     server.stall.add("HAM10000_images_part_1.zip")
     with pytest.raises(dl.DownloadError, match=r"HAM10000_images_part_1.zip: failed after 3 tries \(no answer from "
