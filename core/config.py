@@ -64,6 +64,9 @@ class TrainConfig:
     focal_gamma: float = option(2.0, "focal loss focusing exponent (0 = weighted BCE)", "loss and sampling")
     positive_fraction: float = option(0.4, "share of malignant images the balanced sampler draws; 0 = plain "
                                            "shuffling", "loss and sampling")
+    source_balanced: bool = option(False, "draw malignant images at positive_fraction within every source (the "
+                                          "image's dataset/source/site), so the source says nothing about the label",
+                                   "loss and sampling")
     mixup: float = option(0.0, "Beta(a, a) mixup strength; 0 = off", "loss and sampling")
     corner_consistency: float = option(0.0, "weight of a Jensen–Shannon term between each training image's "
                                             "prediction and its copy's with a random corner artifact; 0 = off",

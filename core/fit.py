@@ -30,6 +30,7 @@ from core import checkpoint, metrics, runs
 from core.augment import BatchAugment
 from core.calibration import IDENTITY
 from core.config import TrainConfig
+from core.data import DataError
 from core.distributed import Distributed, check_ranks_agree, setup_distributed
 from core.ensemble import init_weights
 from core.evaluation import evaluate_run
@@ -63,6 +64,7 @@ class TrainingData:
     train_images: torch.Tensor    # uint8 (N, 3, H, W) on the training device
     train_targets: torch.Tensor
     train_labels: np.ndarray      # 0/1, what the balanced sampler balances
+    train_sources: np.ndarray | None  # each training image's source, for source-balanced sampling
     val_images: torch.Tensor
     val_labels: np.ndarray
     load_seconds: float
@@ -172,7 +174,13 @@ def load_training_data(cfg: TrainConfig, device: torch.device) -> TrainingData:
     t0 = time.perf_counter()
     train_images = preload_images(frames["train"]["path"].tolist(), cfg.input_size, cfg.crop).to(device)
     val_images = preload_images(frames["val"]["path"].tolist(), cfg.input_size, cfg.crop).to(device)
-    return TrainingData(train_images, training_targets(frames["train"], cfg.head), frames["train"]["label"].to_numpy(),
+    train = frames["train"]
+    sources = train["source"].fillna("unknown").astype(str).to_numpy() if "source" in train else None
+    if cfg.source_balanced and cfg.positive_fraction <= 0:
+        raise ValueError("--source-balanced balances the sampler within sources: it needs --positive-fraction > 0")
+    if cfg.source_balanced and sources is None:
+        raise DataError("--source-balanced needs each image's source: the data has no dataset/source/site column")
+    return TrainingData(train_images, training_targets(train, cfg.head), train["label"].to_numpy(), sources,
                         val_images, frames["val"]["label"].to_numpy(), time.perf_counter() - t0)
 
 
@@ -195,7 +203,9 @@ def build_training_parts(cfg: TrainConfig, device: torch.device, dist_info: Dist
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = BalancedSampler(data.train_labels, cfg.positive_fraction, seed=cfg.seed, rank=dist_info.rank,
-                              world_size=dist_info.world_size) if cfg.positive_fraction > 0 else None
+                              world_size=dist_info.world_size,
+                              groups=data.train_sources if cfg.source_balanced else None) \
+        if cfg.positive_fraction > 0 else None
     draws = len(sampler) if sampler is not None else len(data.train_images) // dist_info.world_size
     steps_per_epoch = math.ceil(draws // cfg.batch_size / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))

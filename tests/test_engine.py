@@ -72,6 +72,14 @@ def test_checkpoint_round_trips_to_identical_predictions(tiny_run: Path, ham_dir
     assert predictor.predict(Path(frame["path"][1]).read_bytes()).probability == pytest.approx(first[1], abs=1e-5)
 
 
+def test_a_source_balanced_fit_runs_and_is_refused_without_sources(tiny_config, tmp_path: Path) -> None:
+    run = fit(tiny_config(source_balanced=True), tmp_path / "balanced")
+    assert TrainConfig.from_yaml(run / "config.yaml").source_balanced
+    assert (run / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="needs --positive-fraction > 0"):
+        fit(tiny_config(source_balanced=True, positive_fraction=0.0), tmp_path / "plain")
+
+
 def test_loss_falls_when_overfitting_a_few_images(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(epochs=6, head_warmup_epochs=0, lr=3e-3, rotation=0.0, jitter=0.0)
     fit(cfg, tmp_path / "overfit")

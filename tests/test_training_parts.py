@@ -17,7 +17,7 @@ from core.augment import BatchAugment
 from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
 from core.losses import BinaryFocalLoss, create_loss, jensen_shannon
-from core.sampler import BalancedSampler
+from core.sampler import BalancedSampler, balanced_probabilities
 from core.training import create_training_parts, training_loss
 from core.transforms import ellipse_radius
 from tests.helpers import l_shaped_mask
@@ -79,6 +79,27 @@ def test_sampler_is_seeded_per_epoch_and_shards_across_ranks() -> None:
     assert shards[0] == order[0::2] and shards[1] == order[1::2] and len(shards[0]) == len(part)
     full.set_epoch(3)
     assert list(full) != order
+
+
+def test_source_balanced_sampling_gives_every_source_the_same_malignant_share() -> None:
+    """HAM10000's sources hold 0.7 % to 41 % malignant images; balanced within each, the source no longer tells the
+    label, and each source keeps its share of the draws."""
+    rng = np.random.default_rng(0)
+    sources = np.repeat(["molemax", "rosendahl", "modern"], [600, 300, 100])
+    labels = np.r_[rng.random(600) < 0.01, rng.random(300) < 0.41, rng.random(100) < 0.27].astype(int)
+    labels[0] = 1  # at least one malignant MoleMax image
+    draws = np.array(list(BalancedSampler(labels, 0.4, num_samples=60_000, seed=1, groups=sources)))
+    for source, share in (("molemax", 0.6), ("rosendahl", 0.3), ("modern", 0.1)):
+        mine = sources[draws] == source
+        assert mine.mean() == pytest.approx(share, abs=0.01), source
+        assert labels[draws][mine].mean() == pytest.approx(0.4, abs=0.02), source
+    plain = np.array(list(BalancedSampler(labels, 0.4, num_samples=60_000, seed=1)))
+    assert labels[plain][sources[plain] == "molemax"].mean() < 0.1  # without groups, MoleMax stays benign
+    one_class = np.r_[np.zeros(5), np.ones(5)].astype(int)
+    probabilities = balanced_probabilities(one_class, 0.4, np.r_[["a"] * 5, ["b"] * 5])
+    assert probabilities[:5].sum() == pytest.approx(0.5)  # a source with one class keeps its share on it
+    with pytest.raises(ValueError, match="10 labels but 9 groups"):
+        balanced_probabilities(one_class, 0.4, np.zeros(9))
 
 
 def test_sampler_needs_both_classes() -> None:
