@@ -27,10 +27,11 @@ class BatchAugment(nn.Module):
 
     def __init__(self, rotation: float = 15.0, jitter: float = 0.1, crop_scale: Sequence[float] = (0.9, 1.0),
                  zoom: Sequence[float] = (1.0, 1.1), corner_artifacts: float = 0.0,
-                 ring_start: Sequence[float] = (0.75, 1.05), fill_share: float = 0.25) -> None:
+                 ring_start: Sequence[float] = (0.75, 1.05), fill_share: float = 0.25, camera: float = 0.0) -> None:
         super().__init__()
         self.rotation, self.jitter, self.crop_scale, self.zoom = rotation, jitter, crop_scale, zoom
         self.corner_artifacts, self.ring_start, self.fill_share = corner_artifacts, ring_start, fill_share
+        self.camera = camera
 
     def _uniform(self, n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
         return torch.empty(n, device=device).uniform_(low, high, generator=generator)
@@ -56,7 +57,9 @@ class BatchAugment(nn.Module):
                              torch.stack([sin * flip_x * aspect, cos * flip_y, shift_y], 1)], 1).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if self.corner_artifacts > 0:  # drawn only when on, so runs without it keep their random stream
+        if self.camera > 0:  # drawn only when on, so runs without it keep their random stream
+            out = camera_edits(out, self.camera, u)
+        if self.corner_artifacts > 0:
             out = corner_artifacts(out, self.corner_artifacts, u, self.ring_start, self.fill_share)
         if not paired:
             return self.color_jitter(out, u)
@@ -114,3 +117,31 @@ def skin_band(height: int, width: int, device: torch.device) -> torch.Tensor:
     radius = ellipse_radius(height, width).flatten()
     return torch.nonzero((radius > 0.7) & (radius <= 1)).flatten().to(device)
 
+
+
+def camera_edits(images: torch.Tensor, p: float, u) -> torch.Tensor:
+    """A share ``p`` of the images re-taken as another camera might, on the training device: the acquisition stress
+    test's kinds of edit (``core.acquisition``) at random strengths. Per image, a tone curve (γ in 0.75–1.33) and a
+    white balance (red and blue gains 0.88–1.12 in linear light); per batch, a lower resolution (down to 0.4–1 of the
+    side, area, then back up, bilinear) and a Gaussian blur (σ 0–1.2 px), given to the chosen images only. JPEG is
+    left to the stress test: it has no cheap batched form on the device."""
+    n = images.shape[0]
+    chosen = (u(0, 1) < p).view(-1, 1, 1, 1)
+    shape = (-1, 1, 1, 1)
+    gamma = torch.exp(u(math.log(0.75), math.log(1 / 0.75))).view(shape)
+    gains = torch.stack([u(0.88, 1.12), torch.ones(n, device=images.device), u(0.88, 1.12)], 1).view(n, 3, 1, 1)
+    linear = images.clamp(0, 1) ** 2.2 * gains  # sRGB's curve, close enough for a white-balance shift
+    edited = (linear.clamp(0, 1) ** (1 / 2.2)) ** gamma
+    factor, sigma = float(u(0.4, 1.0)[0]), float(u(0.0, 1.2)[0])
+    h, w = images.shape[-2:]
+    small = F.interpolate(edited, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area")
+    edited = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    if sigma > 0.05:
+        radius = max(1, math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+        kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        kernel = kernel / kernel.sum()
+        rows, cols = kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
+        edited = F.conv2d(F.pad(edited, (radius, radius, 0, 0), mode="reflect"), rows, groups=3)  # separable
+        edited = F.conv2d(F.pad(edited, (0, 0, radius, radius), mode="reflect"), cols, groups=3)
+    return torch.where(chosen, edited.clamp(0, 1), images)

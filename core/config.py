@@ -82,6 +82,9 @@ class TrainConfig:
                                                           "inscribed circle)", "augmentation")
     corner_fill_share: float = option(0.25, "share of the corner artifacts that are corner fills, not vignettes",
                                       "augmentation")
+    camera_augment: float = option(0.0, "share of training images re-taken as another camera might (resolution, "
+                                        "blur, tone curve, white balance at random strengths); 0 = off",
+                                   "augmentation")
     epochs: int = option(30, "number of passes over the training split", "optimisation")
     batch_size: int = option(32, "images per training step", "optimisation")
     grad_accum: int = option(1, "steps whose gradients add up before each optimiser step", "optimisation")

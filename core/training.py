@@ -63,7 +63,8 @@ def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
         model = model.to(memory_format=torch.channels_last)
     loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.head).to(device)
     augment = BatchAugment(cfg.rotation, cfg.jitter, tuple(cfg.crop_scale), tuple(cfg.zoom),
-                           cfg.corner_artifacts, tuple(cfg.corner_ring_start), cfg.corner_fill_share).to(device)
+                           cfg.corner_artifacts, tuple(cfg.corner_ring_start), cfg.corner_fill_share,
+                           cfg.camera_augment).to(device)
     return model, loss_fn, augment, Preprocess(cfg).to(device)
 
 

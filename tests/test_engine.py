@@ -72,9 +72,12 @@ def test_checkpoint_round_trips_to_identical_predictions(tiny_run: Path, ham_dir
     assert predictor.predict(Path(frame["path"][1]).read_bytes()).probability == pytest.approx(first[1], abs=1e-5)
 
 
-def test_a_source_balanced_fit_runs_and_is_refused_without_sources(tiny_config, tmp_path: Path) -> None:
-    run = fit(tiny_config(source_balanced=True), tmp_path / "balanced")
-    assert TrainConfig.from_yaml(run / "config.yaml").source_balanced
+def test_a_source_balanced_camera_augmented_fit_runs(tiny_config, tmp_path: Path) -> None:
+    """Issue 31's first candidates end to end at tiny size: sampling balanced within sources, camera edits on half
+    the training images; source balancing without a sampler is refused."""
+    run = fit(tiny_config(source_balanced=True, camera_augment=0.5), tmp_path / "balanced")
+    saved = TrainConfig.from_yaml(run / "config.yaml")
+    assert saved.source_balanced and saved.camera_augment == 0.5
     assert (run / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="needs --positive-fraction > 0"):
         fit(tiny_config(source_balanced=True, positive_fraction=0.0), tmp_path / "plain")

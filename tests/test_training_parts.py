@@ -109,6 +109,24 @@ def test_sampler_needs_both_classes() -> None:
 
 # --- batch augmentation -------------------------------------------------------------------------------------------
 
+def test_camera_augmentation_retakes_its_share_and_leaves_the_rest() -> None:
+    """Off, the random stream and the output are as before; on, about its share of the images change, within
+    [0, 1], seeded; all of them at p = 1."""
+    x = torch.rand(200, 3, 48, 48)
+    plain = BatchAugment()(x, torch.Generator().manual_seed(0))
+    assert torch.equal(BatchAugment(camera=0.0)(x, torch.Generator().manual_seed(0)), plain)
+    geometry_only = dict(rotation=0.0, jitter=0.0, crop_scale=(1.0, 1.0), zoom=(1.0, 1.0))
+    base = BatchAugment(**geometry_only)(x, torch.Generator().manual_seed(1))
+    edited = BatchAugment(**geometry_only, camera=0.5)(x, torch.Generator().manual_seed(1))
+    changed = (edited - base).abs().flatten(1).amax(1) > 1e-4
+    assert 0.35 < changed.float().mean() < 0.65
+    assert edited.min() >= 0 and edited.max() <= 1
+    assert torch.equal(edited, BatchAugment(**geometry_only, camera=0.5)(x, torch.Generator().manual_seed(1)))
+    everything = BatchAugment(**geometry_only, camera=1.0)(x, torch.Generator().manual_seed(2))
+    assert ((everything - BatchAugment(**geometry_only)(x, torch.Generator().manual_seed(2))).abs()
+            .flatten(1).amax(1) > 1e-4).all()
+
+
 def test_batch_augment_draws_per_sample_and_is_seeded() -> None:
     x = torch.rand(1, 3, 64, 64).repeat(6, 1, 1, 1)
     augment = BatchAugment()
