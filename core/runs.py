@@ -210,9 +210,13 @@ def read_stress(run: str | Path, split: str = "test") -> pd.DataFrame:
 
 def read_stress_summary(run: str | Path, split: str = "test") -> dict:
     """This split's section of ``stress_summary.json``: per intervention AUROC, flips and Δp, the corner flag."""
-    path, fix = Path(run) / STRESS_SUMMARY, _fix(Path(run), f"stress --split {split}")
+    return _read_section(Path(run) / STRESS_SUMMARY, split, "interventions", _fix(Path(run), f"stress --split {split}"))
+
+
+def _read_section(path: Path, split: str, key: str, fix: str) -> dict:
+    """One split's section of a per-split summary (it must hold ``key``), or a RunError saying how to make it."""
     summary = _read_json(path, fix)
-    if split not in summary or "interventions" not in summary[split]:
+    if split not in summary or key not in summary[split]:
         raise RunError(f"{path} has no '{split}' section; {fix}")
     return summary[split]
 
@@ -237,11 +241,8 @@ def read_acquisition_summaries(run: str | Path) -> dict:
 
 def read_acquisition_summary(run: str | Path, split: str = "test") -> dict:
     """This split's section of ``acquisition_summary.json``: per edit its flips against the neutral-edit floor."""
-    path, fix = Path(run) / ACQUISITION_SUMMARY, _fix(Path(run), f"stress --suite acquisition --split {split}")
-    summary = _read_json(path, fix)
-    if split not in summary or "edits" not in summary[split]:
-        raise RunError(f"{path} has no '{split}' section; {fix}")
-    return summary[split]
+    return _read_section(Path(run) / ACQUISITION_SUMMARY, split, "edits",
+                         _fix(Path(run), f"stress --suite acquisition --split {split}"))
 
 
 def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
