@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.transforms import ellipse_radius
+
+Twin = Literal["corner", "camera"]  # the edits a consistency twin can carry
 
 
 class BatchAugment(nn.Module):
@@ -37,9 +40,10 @@ class BatchAugment(nn.Module):
         return torch.empty(n, device=device).uniform_(low, high, generator=generator)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                paired: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With ``paired``, also the same augmented images with a random corner artifact on every one (same crop,
-        flips, rotation and colour jitter): the pairs a consistency loss compares."""
+                twins: Sequence[Twin] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """With ``twins``, also one copy of the augmented images per twin kind, each with the same crop, flips,
+        rotation and colour jitter and one edit on every image: ``"corner"`` a random corner artifact, ``"camera"``
+        a random camera re-take. Returns (clean, *twins): the pairs a consistency loss compares."""
         n, device = images.shape[0], images.device
         u = lambda low, high: self._uniform(n, low, high, generator, device)  # noqa: E731
         # Random resized crop (square): a window of side sqrt(scale) at a random place, then zoom-in on top.
@@ -61,11 +65,12 @@ class BatchAugment(nn.Module):
             out = camera_edits(out, self.camera, u)
         if self.corner_artifacts > 0:
             out = corner_artifacts(out, self.corner_artifacts, u, self.ring_start, self.fill_share)
-        if not paired:
+        if not twins:
             return self.color_jitter(out, u)
-        twin = corner_artifacts(out, 1.0, u, self.ring_start, self.fill_share)
-        both = self.color_jitter(torch.cat([out, twin]), lambda low, high: u(low, high).repeat(2))
-        return both[:n], both[n:]
+        copies = [corner_artifacts(out, 1.0, u, self.ring_start, self.fill_share) if kind == "corner"
+                  else camera_edits(out, 1.0, u) for kind in twins]
+        jittered = self.color_jitter(torch.cat([out, *copies]), lambda low, high: u(low, high).repeat(len(twins) + 1))
+        return tuple(jittered.chunk(len(twins) + 1))
 
     def color_jitter(self, images: torch.Tensor, u) -> torch.Tensor:
         """Brightness, contrast, saturation, each a factor in [1 − jitter, 1 + jitter] (torchvision's definitions)."""
@@ -119,29 +124,40 @@ def skin_band(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 
+RESAMPLE_LADDER = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # sides a camera re-take is resampled to
+MAX_BLUR_SIGMA = 1.2  # px
+
+
 def camera_edits(images: torch.Tensor, p: float, u) -> torch.Tensor:
     """A share ``p`` of the images re-taken as another camera might, on the training device: the acquisition stress
-    test's kinds of edit (``core.acquisition``) at random strengths. Per image, a tone curve (γ in 0.75–1.33) and a
-    white balance (red and blue gains 0.88–1.12 in linear light); per batch, a lower resolution (down to 0.4–1 of the
-    side, area, then back up, bilinear) and a Gaussian blur (σ 0–1.2 px), given to the chosen images only. JPEG is
-    left to the stress test: it has no cheap batched form on the device."""
-    n = images.shape[0]
-    chosen = (u(0, 1) < p).view(-1, 1, 1, 1)
+    test's kinds of edit (``core.acquisition``) at random strengths, drawn per image: a tone curve (γ in 0.75–1.33),
+    a white balance (red and blue gains 0.88–1.12 in linear light), a lower resolution (area down to one of
+    ``RESAMPLE_LADDER``'s sides, then back up, bilinear) and a Gaussian blur (σ 0–1.2 px). Every draw stays on the
+    device (no host read-back, so no sync a step); JPEG is left to the stress test: it has no batched form there."""
+    n, _, h, w = images.shape
     shape = (-1, 1, 1, 1)
+    chosen = (u(0, 1) < p).view(shape)
     gamma = torch.exp(u(math.log(0.75), math.log(1 / 0.75))).view(shape)
     gains = torch.stack([u(0.88, 1.12), torch.ones(n, device=images.device), u(0.88, 1.12)], 1).view(n, 3, 1, 1)
     linear = images.clamp(0, 1) ** 2.2 * gains  # sRGB's curve, close enough for a white-balance shift
     edited = (linear.clamp(0, 1) ** (1 / 2.2)) ** gamma
-    factor, sigma = float(u(0.4, 1.0)[0]), float(u(0.0, 1.2)[0])
-    h, w = images.shape[-2:]
-    small = F.interpolate(edited, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area")
-    edited = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-    if sigma > 0.05:
-        radius = max(1, math.ceil(3 * sigma))
-        x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-        kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-        kernel = kernel / kernel.sum()
-        rows, cols = kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
-        edited = F.conv2d(F.pad(edited, (radius, radius, 0, 0), mode="reflect"), rows, groups=3)  # separable
-        edited = F.conv2d(F.pad(edited, (0, 0, radius, radius), mode="reflect"), cols, groups=3)
-    return torch.where(chosen, edited.clamp(0, 1), images)
+    rung = (u(0, 1) * len(RESAMPLE_LADDER)).long().clamp(max=len(RESAMPLE_LADDER) - 1).view(shape)
+    resampled = torch.zeros_like(edited)
+    for i, factor in enumerate(RESAMPLE_LADDER):
+        small = F.interpolate(edited, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area")
+        resampled = torch.where(rung == i, F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False),
+                                resampled)
+    return torch.where(chosen, gaussian_blur(resampled, u(0.0, MAX_BLUR_SIGMA)).clamp(0, 1), images)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image blurred with its own σ (px; σ near 0 leaves it as it is): one separable grouped convolution."""
+    n, c, h, w = images.shape
+    radius = math.ceil(3 * MAX_BLUR_SIGMA)
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-x ** 2 / (2 * sigma.clamp(min=1e-3).view(-1, 1).to(images.dtype) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n·c, taps)
+    flat = images.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, h, w)

@@ -71,6 +71,9 @@ class TrainConfig:
     corner_consistency: float = option(0.0, "weight of a Jensen–Shannon term between each training image's "
                                             "prediction and its copy's with a random corner artifact; 0 = off",
                                        "loss and sampling")
+    camera_consistency: float = option(0.0, "weight of a Jensen–Shannon term between each training image's "
+                                            "prediction and its copy's re-taken as another camera might (resolution, "
+                                            "blur, tone curve, white balance); 0 = off", "loss and sampling")
     rotation: float = option(15.0, "random rotation up to ± this many degrees", "augmentation")
     jitter: float = option(0.1, "brightness, contrast and saturation jitter (a factor in 1 ± this)",
                            "augmentation")
@@ -114,9 +117,11 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {getattr(self, name)!r}")
-        if self.corner_consistency < 0 or (self.corner_consistency > 0 and self.mixup > 0):
-            raise ValueError(f"corner_consistency must be ≥ 0 and cannot be combined with mixup (a blended image "
-                             f"has no artifact-free twin), got {self.corner_consistency} with mixup {self.mixup}")
+        for name in ("corner_consistency", "camera_consistency"):
+            weight = getattr(self, name)
+            if weight < 0 or (weight > 0 and self.mixup > 0):
+                raise ValueError(f"{name} must be ≥ 0 and cannot be combined with mixup (a blended image has no "
+                                 f"unedited twin), got {weight} with mixup {self.mixup}")
         if not 0 < self.mask_radius <= math.sqrt(2):
             raise ValueError(f"mask_radius must be in (0, √2] (1 = the inscribed circle/ellipse, √2 = the view's "
                              f"corners), got {self.mask_radius}")

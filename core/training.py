@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 from tqdm import tqdm
 
 from core import checkpoint
-from core.augment import BatchAugment
+from core.augment import BatchAugment, Twin
 from core.config import TrainConfig
 from core.distributed import SINGLE_PROCESS, Distributed
 from core.inference import Preprocess, autocast
@@ -68,20 +69,29 @@ def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
     return model, loss_fn, augment, Preprocess(cfg).to(device)
 
 
+def consistency_weights(cfg: TrainConfig) -> dict[Twin, float]:
+    """Each consistency twin's weight λ, from the config (0 = off)."""
+    return {"corner": cfg.corner_consistency, "camera": cfg.camera_consistency}
+
+
 def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, preprocess: Preprocess,
                   images: torch.Tensor, targets: torch.Tensor, amp: bool, generator: torch.Generator | None = None,
-                  mixup_lam: float | None = None, corner_consistency: float = 0.0) -> torch.Tensor:
+                  mixup_lam: float | None = None, consistency: Mapping[Twin, float] | None = None) -> torch.Tensor:
     """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss.
 
-    With ``corner_consistency`` > 0 each image also goes through the model with a random corner artifact, in the same
-    batch, and the loss adds that weight × the Jensen–Shannon divergence between the two predictions: the corners
-    are then trained to change nothing, not only to say nothing about the label on average."""
-    if corner_consistency > 0:
-        clean, twin = augment(images.float().div_(255), generator, paired=True)
-        with autocast(clean.device, amp):
-            logits = model(preprocess(torch.cat([clean, twin])).contiguous(memory_format=torch.channels_last))
-        clean_logits, twin_logits = logits.chunk(2)
-        return loss_fn(clean_logits, targets) + corner_consistency * jensen_shannon(clean_logits, twin_logits)
+    ``consistency`` maps a twin kind to its weight λ (``consistency_weights``). For each kind with λ > 0 every image
+    also goes through the model as a twin, in the same batch (``"corner"``: with a random corner artifact;
+    ``"camera"``: re-taken as another camera might), and the loss adds λ × the Jensen–Shannon divergence between
+    the clean and the twin's prediction: the edit is then trained to change nothing, not only to say nothing about
+    the label on average."""
+    twins = {kind: weight for kind, weight in (consistency or {}).items() if weight > 0}
+    if twins:
+        views = augment(images.float().div_(255), generator, twins=tuple(twins))
+        with autocast(views[0].device, amp):
+            logits = model(preprocess(torch.cat(views)).contiguous(memory_format=torch.channels_last))
+        clean_logits, *twin_logits = logits.chunk(len(views))
+        return loss_fn(clean_logits, targets) + sum(
+            weight * jensen_shannon(clean_logits, twin) for weight, twin in zip(twins.values(), twin_logits))
     x = preprocess(augment(images.float().div_(255), generator))
     if mixup_lam is not None:
         perm = torch.randperm(len(x), generator=generator, device=x.device)
@@ -121,7 +131,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         try:
             loss = training_loss(model, loss_fn, augment, preprocess, images[index].to(device, non_blocking=True),
                                  labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam,
-                                 cfg.corner_consistency)
+                                 consistency_weights(cfg))
             loss_sum += loss.detach() * len(index)
             seen += len(index)
             if (step + 1) % check_every == 0 or step + 1 == steps:

@@ -18,7 +18,7 @@ from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
 from core.losses import BinaryFocalLoss, create_loss, jensen_shannon
 from core.sampler import BalancedSampler, balanced_probabilities
-from core.training import create_training_parts, training_loss
+from core.training import consistency_weights, create_training_parts, training_loss
 from core.transforms import ellipse_radius
 from tests.helpers import l_shaped_mask
 
@@ -188,8 +188,8 @@ def test_paired_augmentation_differs_only_by_the_corner_artifact() -> None:
     twin and nothing else changed; the unpaired stream is untouched and a seed repeats."""
     x = torch.rand(1, 3, 32, 48).repeat(300, 1, 1, 1) * 0.5 + 0.5
     augment = BatchAugment(jitter=0.1)
-    clean, twin = augment(x, torch.Generator().manual_seed(4), paired=True)
-    again = augment(x, torch.Generator().manual_seed(4), paired=True)
+    clean, twin = augment(x, torch.Generator().manual_seed(4), twins=("corner",))
+    again = augment(x, torch.Generator().manual_seed(4), twins=("corner",))
     assert torch.equal(clean, again[0]) and torch.equal(twin, again[1])
     inner = ellipse_radius(32, 48) < 0.74
     # jitter's contrast step centres on the whole image's mean, which the artifact moves: a small shift only
@@ -198,6 +198,24 @@ def test_paired_augmentation_differs_only_by_the_corner_artifact() -> None:
     plain = augment(x, torch.Generator().manual_seed(4))
     assert not torch.equal(plain, clean)  # the twin's draws come before the jitter's...
     assert torch.equal(plain, BatchAugment(jitter=0.1)(x, torch.Generator().manual_seed(4)))  # ...unpaired as ever
+
+
+def test_camera_twin_differs_by_a_camera_edit_and_keeps_the_corner_twin() -> None:
+    """A camera twin shares the crop, flips and jitter with its clean image and differs by a re-take (resolution,
+    blur, tone curve, white balance) over the whole frame, corners included; asking for both twins returns both,
+    each with its own edit only."""
+    x = torch.rand(64, 3, 32, 32)
+    augment = BatchAugment(jitter=0.1)
+    clean, camera = augment(x, torch.Generator().manual_seed(5), twins=("camera",))
+    assert clean.shape == camera.shape == x.shape
+    differs = (clean - camera).abs().flatten(1).mean(1)
+    assert (differs > 0.005).all()  # every image re-taken
+    inner = ellipse_radius(32, 32) < 0.5
+    assert ((clean[:, :, inner] - camera[:, :, inner]).abs().flatten(1).mean(1) > 0.005).all()  # the lesion too
+    both, corner, camera_too = augment(x, torch.Generator().manual_seed(6), twins=("corner", "camera"))
+    centre = ellipse_radius(32, 32) < 0.74
+    assert (both[:, :, centre] - corner[:, :, centre]).abs().max() < 0.05  # the corner twin: corners only
+    assert ((both[:, :, inner] - camera_too[:, :, inner]).abs().flatten(1).mean(1) > 0.005).all()
 
 
 @pytest.mark.parametrize("outputs", [1, 7])
@@ -211,23 +229,29 @@ def test_jensen_shannon_is_zero_for_equal_predictions_symmetric_and_bounded(outp
         assert jensen_shannon(*far).item() == pytest.approx(math.log(2), rel=1e-3)
 
 
-def test_corner_consistency_adds_its_weight_times_a_positive_divergence() -> None:
+@pytest.mark.parametrize("kind", ["corner", "camera"])
+def test_consistency_adds_its_weight_times_a_positive_divergence(kind: str) -> None:
     """loss(λ) = task loss on the clean images + λ·JS(clean, twin): linear in λ, with a positive slope when the
-    artifacts move the prediction. Refused beside mixup, whose blends have no artifact-free twin."""
+    edit moves the prediction. Refused beside mixup, whose blends have no unedited
+    twin."""
     torch.manual_seed(0)
-    cfg = TrainConfig(pretrained=False, input_size=32, corner_consistency=1.0)
+    cfg = TrainConfig(pretrained=False, input_size=32, **{f"{kind}_consistency": 1.0})
     model, loss_fn, augment, preprocess = create_training_parts(cfg, torch.device("cpu"))
     model.eval()  # BatchNorm on running statistics and no dropout: the same pass for every λ
     with torch.no_grad():  # an untrained net barely reacts to a ring (JS ~1e-6, float32's noise on the loss)
         model.get_classifier().weight.mul_(100)
     images = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
-    loss = {lam: training_loss(model, loss_fn, augment, preprocess, images.clone(), torch.tensor([0., 1., 0., 1.]),
-                               False, torch.Generator().manual_seed(1), corner_consistency=lam).item()
-            for lam in (0.5, 1.0, 2.0)}
-    slope = loss[2.0] - loss[1.0]
-    assert slope > 1e-4 and slope == pytest.approx(2 * (loss[1.0] - loss[0.5]), rel=1e-4)
-    with pytest.raises(ValueError, match="mixup"):
-        TrainConfig(corner_consistency=1.0, mixup=0.2)
+    targets = torch.tensor([0., 1., 0., 1.])
+
+    def loss(weights: dict) -> float:
+        return training_loss(model, loss_fn, augment, preprocess, images.clone(), targets, False,
+                             torch.Generator().manual_seed(1), consistency=weights).item()
+
+    by_weight = {lam: loss({kind: lam}) for lam in (0.5, 1.0, 2.0)}
+    slope = by_weight[2.0] - by_weight[1.0]
+    assert slope > 1e-4 and slope == pytest.approx(2 * (by_weight[1.0] - by_weight[0.5]), rel=1e-4)
+    with pytest.raises(ValueError, match=f"{kind}_consistency.*mixup"):
+        TrainConfig(mixup=0.2, **{f"{kind}_consistency": 1.0})
 
 
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:
@@ -253,7 +277,8 @@ META = torch.device("meta")  # a device other than the CPU, on any machine: stan
     {"head": "binary"}, {"head": "dx"}, {"head": "dx", "loss": "bce", "mixup": 0.2},
     {"head": "binary", "loss": "bce", "normalization": "per_image", "shades_of_gray": True, "mixup": 0.2},
     {"head": "binary", "normalization": "imagenet", "channels_last": False},
-    {"head": "dx", "corner_consistency": 1.0, "corner_artifacts": 0.5}])
+    {"head": "dx", "corner_consistency": 1.0, "corner_artifacts": 0.5},
+    {"head": "binary", "camera_consistency": 1.0, "corner_consistency": 1.0, "camera_augment": 0.5}])
 def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     """Every tensor a step uses follows the model to the training device: one left on the CPU fails here, not on
     the first GPU run."""
@@ -263,7 +288,7 @@ def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     targets = torch.empty(4, outputs, device=META) if outputs > 1 else torch.empty(4, device=META)
     images = torch.empty(4, 3, 32, 32, dtype=torch.uint8, device=META)
     loss = training_loss(model, loss_fn, augment, preprocess, images, targets, cfg.amp,
-                         mixup_lam=0.7 if cfg.mixup else None, corner_consistency=cfg.corner_consistency)
+                         mixup_lam=0.7 if cfg.mixup else None, consistency=consistency_weights(cfg))
     loss.backward()
     assert loss.device == META and all(p.grad is None or p.grad.device == META for p in model.parameters())
 
