@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dashboard test lint split data data-test clean
+.PHONY: install dashboard test lint split data data-test shipped-model clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ data-test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Rebuild the shipped model from configs/shipped into runs/shipped (hours on a CPU; DEVICE=cuda on a GPU).
+shipped-model: $(STAMP)
+	$(BIN)/python train.py shipped --out runs/shipped $(if $(DEVICE),--device $(DEVICE))
 
 split: $(STAMP)
 	$(BIN)/python train.py split --folds 5

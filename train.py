@@ -101,6 +101,16 @@ def cmd_cv(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/cv_folds.csv and {args.out}/cv_summary.csv (mean, sd, min, max of every metric)")
 
 
+def cmd_shipped(args: argparse.Namespace) -> None:
+    from core.shipped import replay
+
+    given = {"data_dir": args.data_dir, "split_file": args.split_file, "train_limit": args.train_limit,
+             "epochs": args.epochs, "input_size": args.input_size}
+    out = replay(args.out, args.recipe, {k: v for k, v in given.items() if v is not None}, args.device, args.limit,
+                 args.overwrite)
+    print(f"next: python train.py evaluate --run {out}, or `make dashboard` and pick {out.name}")
+
+
 def cmd_ensemble(args: argparse.Namespace) -> None:
     from core.ensemble import create_ensemble
 
@@ -390,6 +400,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only-folds", type=int, nargs="+", help="train only these folds (e.g. one per machine)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_cv)
+
+    from core.shipped import RECIPE
+    p = sub.add_parser("shipped", help="rebuild the shipped model from configs/shipped: every stage of every member "
+                       "from the ImageNet weights, then ensemble, calibrate, evaluate, explain, stress-test, index")
+    run = p.add_argument_group("replay")
+    run.add_argument("--out", type=Path, required=True,
+                     help="the shipped run to create (its stages go to OUT_stages beside it)")
+    run.add_argument("--recipe", type=Path, default=RECIPE, help="the member chains (default: %(default)s)")
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto: a CUDA GPU if there is one, else the CPU (default: %(default)s)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a run in --out, and retrain stages whose config changed")
+    small = p.add_argument_group("a smaller replay (a smoke test; its figures are not the shipped model's)")
+    small.add_argument("--data-dir", help="HAM10000 folder (default: as `fit` finds it)")
+    small.add_argument("--split-file", help="split file (default: the committed one)")
+    small.add_argument("--train-limit", type=int, help="train every stage on N random training images")
+    small.add_argument("--epochs", type=int, help="every stage this many epochs")
+    small.add_argument("--input-size", type=int, help="every stage at this size (px)")
+    small.add_argument("--limit", type=int, help="audit and stress-test N images a split")
+    p.set_defaults(func=cmd_shipped)
 
     p = sub.add_parser("ensemble", help="one run directory averaging the P(malignant) of trained runs")
     p.add_argument("--members", type=Path, nargs="+", required=True, help="trained run directories")

@@ -20,6 +20,10 @@ EPS = 1e-6
 MIN_PER_CLASS = 10  # below this, two fitted numbers are mostly noise
 
 
+class CalibrationError(ValueError):
+    """Platt scaling cannot be fitted on these labels and probabilities (the message says why)."""
+
+
 def log_odds(probs: ArrayLike) -> np.ndarray:
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
     return np.log(p) - np.log1p(-p)
@@ -34,18 +38,18 @@ def fit_platt(labels: ArrayLike, probs: ArrayLike) -> tuple[float, float]:
     y = np.asarray(labels).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     if len(np.unique(y)) != 2:
-        raise ValueError("calibration needs both classes among the labels")
+        raise CalibrationError("calibration needs both classes among the labels")
     counts = np.bincount(y, minlength=2)
     if counts.min() < MIN_PER_CLASS:
-        raise ValueError(f"calibration needs at least {MIN_PER_CLASS} images of each class, got {counts[1]} malignant "
-                         f"and {counts[0]} benign: too few to fit a slope and an intercept")
+        raise CalibrationError(f"calibration needs at least {MIN_PER_CLASS} images of each class, got {counts[1]} "
+                               f"malignant and {counts[0]} benign: too few to fit a slope and an intercept")
     if p[y == 1].min() > p[y == 0].max():
-        raise ValueError("the probabilities separate the classes perfectly (AUROC 1 on these labels): no finite "
+        raise CalibrationError("the probabilities separate the classes perfectly (AUROC 1 on these labels): no finite "
                          "calibration exists; calibrate on a larger validation set")
     model = LogisticRegression(C=np.inf).fit(log_odds(p)[:, None], y)
     a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     if a <= 0:  # calibrating would reverse (or flatten) the model's ranking: refuse rather than hide that
-        raise ValueError(f"calibration slope {a:.3f} ≤ 0: on these labels the model ranks no better than chance")
+        raise CalibrationError(f"calibration slope {a:.3f} ≤ 0: on these labels the model ranks no better than chance")
     return a, b
 
 

@@ -138,8 +138,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_config_file(Path(path)), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -157,6 +156,23 @@ class TrainConfig:
         """Flags the user actually gave (not None) win over the file and the defaults."""
         given = {f.name: getattr(args, f.name) for f in fields(self) if getattr(args, f.name, None) is not None}
         return dataclasses.replace(self, **given)
+
+
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config's settings over those of the file its ``extends:`` names (relative to it), recursively: the
+    shipped model's stages (``configs/shipped``) state what each changes and share the base recipe."""
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds `key: value` settings, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / str(parent)).resolve()
+    if parent_path in seen or parent_path == path.resolve():
+        raise ValueError(f"{path}: `extends: {parent}` loops back to a file that extends it")
+    return {**read_config_file(parent_path, (*seen, path.resolve())), **data}
 
 
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:

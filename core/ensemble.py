@@ -30,6 +30,7 @@ from core.model import malignant_probability, model_from_config, resolve_normali
 from core.runs import (
     CONFIG_FILE,
     HISTORY_FILE,
+    LINEAGE_FILE,
     MEMBERS_DIR,
     MODEL_FILE,
     RunError,
@@ -167,8 +168,9 @@ def create_ensemble(member_runs: list[str | Path], out: str | Path, tta_views: L
         member_dir = out / MEMBERS_DIR / name
         member_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, member_dir)
-        if (run / HISTORY_FILE).is_file():
-            shutil.copyfile(run / HISTORY_FILE, member_dir / HISTORY_FILE)
+        for kept in (HISTORY_FILE, LINEAGE_FILE):
+            if (run / kept).is_file():
+                shutil.copyfile(run / kept, member_dir / kept)
     checkpoint.save_weights(Ensemble(models), out / MODEL_FILE, dtype=torch.float16)
     # A member's own calibration does not carry over: the ensemble's mean is calibrated (or not) by itself.
     shared = shared_corner_mask(configs)

@@ -30,7 +30,7 @@ from core import checkpoint, metrics, runs
 from core.augment import BatchAugment
 from core.calibration import IDENTITY
 from core.config import TrainConfig
-from core.data import DataError
+from core.data import DataError, project_path
 from core.distributed import Distributed, check_ranks_agree, setup_distributed
 from core.ensemble import init_weights
 from core.evaluation import evaluate_run
@@ -133,6 +133,10 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_config(cfg, run_dir)
+        if not resume:
+            (run_dir / runs.LINEAGE_FILE).unlink(missing_ok=True)  # an overwritten run's stages are not this one's
+            if cfg.init_from:
+                runs.inherit_lineage(run_dir, project_path(cfg.init_from))
     torch.manual_seed(cfg.seed)
     data = load_training_data(cfg, device)
     parts = build_training_parts(cfg, device, dist_info, data, init=not resume)

@@ -23,6 +23,7 @@ MODEL_FILE = "model.safetensors"     # the best weights (fp16)
 STATE_FILE = "last.safetensors"      # the last committed epoch, for --resume
 STATE_META = "last.json"             # a readable copy of its counters
 HISTORY_FILE = "history.csv"
+LINEAGE_FILE = "lineage.csv"         # a fine-tuned run's earlier stages' histories (stage + history columns)
 METRICS_FILE = "metrics.json"
 MEMBERS_DIR = "members"              # an ensemble's members/<name>/config.yaml (+ history.csv)
 ATTENTION_SUMMARY = "attention_summary.json"
@@ -332,6 +333,38 @@ def committed_history(run: str | Path, epochs: int) -> list[dict]:
 def write_history(history: list[dict], path: str | Path) -> Path:
     frame = pd.DataFrame(history)
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+def read_lineage(run: str | Path) -> pd.DataFrame:
+    """Every stage the run's weights went through, oldest first: the earlier stages' rows of ``lineage.csv`` (a
+    fine-tuning run inherits them from the run it started from) and the run's own ``history.csv``, labelled with
+    the run's folder name. Columns: ``stage``, ``stage_epoch`` (within the stage), ``epoch`` (counted over the
+    whole lineage) and the history's; a stage whose run was not kept may carry its val AUROC only, with a ``note``."""
+    run = Path(run)
+    own = read_history(run).assign(stage=run.name)
+    path = run / LINEAGE_FILE
+    earlier = _read_csv(path, ("stage",) + HISTORY_COLUMNS[:1] + ("val_auroc",),
+                        "it is written when `python train.py fit --init-from PARENT` starts: fine-tune") \
+        if path.is_file() else pd.DataFrame(columns=["stage", "epoch"])
+    lineage = pd.concat([earlier, own], ignore_index=True)
+    lineage["stage_epoch"] = lineage["epoch"].astype(int)
+    lineage["epoch"] = np.arange(1, len(lineage) + 1)
+    if "note" not in lineage:
+        lineage["note"] = ""
+    lineage["note"] = lineage["note"].astype(object).fillna("").astype(str)
+    return lineage
+
+
+def inherit_lineage(run: str | Path, parent: str | Path) -> Path | None:
+    """Write ``run``'s ``lineage.csv`` as ``parent``'s whole lineage, when ``run`` starts from ``parent``'s weights:
+    the Training report then shows every stage, not only the last fine-tuning. None when the parent kept no
+    history (e.g. a bare weights file)."""
+    parent = Path(parent)
+    if not (parent / HISTORY_FILE).is_file():
+        return None
+    lineage = read_lineage(parent).drop(columns="epoch").rename(columns={"stage_epoch": "epoch"})
+    return atomic_write(Path(run) / LINEAGE_FILE,
+                        lambda tmp: lineage.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:

@@ -132,25 +132,34 @@ def calibration_chart(calibration: dict) -> alt.LayerChart:
     return (ideal + curve).properties(height=280, title=f"Reliability (ECE {calibration['ece']:.3f})")
 
 
-def history_charts(history: pd.DataFrame) -> alt.HConcatChart:
-    """Loss and val AUROC per epoch: whole epochs on the x axis (padded, so one epoch is not a lone dot at an edge),
-    three decimals on the y axes, the legend below the plot where it is never clipped."""
-    losses = history.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="loss", value_name="value")
-    losses["loss"] = losses["loss"].map({"train_loss": "train", "val_loss": "val"})
-    first, last = int(history["epoch"].min()), int(history["epoch"].max())
-    epoch = alt.X("epoch:Q", title="epoch", scale=alt.Scale(domain=[first - 0.5, last + 0.5], nice=False),
+def history_charts(lineage: pd.DataFrame) -> alt.HConcatChart:
+    """Loss and val AUROC per epoch over every stage the weights went through (``core.runs.read_lineage``), one
+    colour a stage in the order they ran: whole epochs on the x axis (padded, so one epoch is not a lone dot at an
+    edge), three decimals on the y axes, the legend below the plot where it is never clipped."""
+    stages = list(dict.fromkeys(lineage["stage"]))
+    colour = alt.Color("stage:N", title="stage", sort=stages, scale=alt.Scale(domain=stages),
+                       legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=400))
+    first, last = int(lineage["epoch"].min()), int(lineage["epoch"].max())
+    epoch = alt.X("epoch:Q", title="epoch (all stages)" if len(stages) > 1 else "epoch",
+                  scale=alt.Scale(domain=[first - 0.5, last + 0.5], nice=False),
                   axis=alt.Axis(format="d", tickMinStep=1, values=list(range(first, last + 1))))
+    where = [alt.Tooltip("stage:N"), alt.Tooltip("stage_epoch:Q", title="epoch of the stage")]
+    losses = lineage.melt(id_vars=["epoch", "stage", "stage_epoch"], value_vars=["train_loss", "val_loss"],
+                          var_name="loss", value_name="value").dropna(subset=["value"])
+    losses["loss"] = losses["loss"].map({"train_loss": "train", "val_loss": "val"})
     loss = alt.Chart(losses).mark_line(point=True).encode(
         x=epoch, y=alt.Y("value:Q", title="focal loss", axis=alt.Axis(format=".3f"), scale=alt.Scale(zero=False)),
-        color=alt.Color("loss:N", title=None, legend=alt.Legend(orient="bottom")),
-        tooltip=["epoch", "loss", alt.Tooltip("value:Q", format=".4f")])
-    best = int(history.loc[history["val_auroc"].idxmax(), "epoch"])
-    auroc = alt.Chart(history).mark_line(point=True).encode(
+        color=colour, detail="loss:N",
+        strokeDash=alt.StrokeDash("loss:N", title="loss", legend=alt.Legend(orient="bottom")),
+        tooltip=[*where, "loss", alt.Tooltip("value:Q", format=".4f")])
+    final = lineage[lineage["stage"] == stages[-1]]
+    best = int(final.loc[final["val_auroc"].idxmax(), "epoch"])
+    auroc = alt.Chart(lineage).mark_line(point=True).encode(
         x=epoch, y=alt.Y("val_auroc:Q", title="val AUROC", scale=alt.Scale(zero=False), axis=alt.Axis(format=".3f")),
-        tooltip=["epoch", alt.Tooltip("val_auroc:Q", format=".4f")])
+        color=colour, tooltip=[*where, alt.Tooltip("val_auroc:Q", format=".4f"), alt.Tooltip("note:N")])
     marker = alt.Chart(pd.DataFrame({"epoch": [best]})).mark_rule(strokeDash=[4, 4]).encode(x="epoch:Q")
-    return alt.hconcat(loss.properties(width=380, title="Loss"),
-                       (auroc + marker).properties(width=380, title=f"Validation AUROC (best: epoch {best})"))
+    title = f"Validation AUROC (the weights kept: epoch {best})"
+    return alt.hconcat(loss.properties(width=380, title="Loss"), (auroc + marker).properties(width=380, title=title))
 
 
 def rate_bars(table: pd.DataFrame, group: str, title: str, flag: str = "flag") -> alt.Chart:

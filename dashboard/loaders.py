@@ -23,6 +23,7 @@ from core.runs import (
     EXTERNAL_PREFIX,
     HISTORY_FILE,
     INDEX_FILE,
+    LINEAGE_FILE,
     MODEL_FILE,
     SITES_DIR,
     STYLE_INDEX_FILE,
@@ -32,7 +33,7 @@ from core.runs import (
     read_attention,
     read_cams,
     read_config,
-    read_history,
+    read_lineage,
     read_members,
     read_metrics,
     read_ood_scores,
@@ -402,14 +403,14 @@ def run_members(run: Path) -> dict[str, TrainConfig]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _history(run: str, stamp: float) -> pd.DataFrame:
-    return read_history(run)
+def _lineage(run: str, history_stamp: float, lineage_stamp: float) -> pd.DataFrame:
+    return read_lineage(run)
 
 
-def run_history(run: Path) -> pd.DataFrame:
-    """A run's (or an ensemble member's) history.csv, re-read when that file changes: it grows every epoch while
-    the run trains, which the run directory's own stamp would not always show."""
-    return _history(str(run), _mtime(run / HISTORY_FILE))
+def run_lineage(run: Path) -> pd.DataFrame:
+    """A run's (or an ensemble member's) history over every stage it went through, re-read when history.csv
+    changes: it grows every epoch while the run trains, which the run directory's own stamp would not always show."""
+    return _lineage(str(run), _mtime(run / HISTORY_FILE), _mtime(run / LINEAGE_FILE))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -12,19 +12,40 @@ from dashboard.labels import readable
 
 
 def recipe(cfg: TrainConfig) -> str:
+    """The last stage's settings; where it started from is in the lineage below the charts."""
     height, width = view_shape(cfg.input_size, cfg.crop)
     text = (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
             f"{cfg.epochs} epochs, normalisation *{cfg.normalization}*, EMA {cfg.ema_decay or 'off'}, seed {cfg.seed}")
-    # What makes a member corner-robust, and where its weights came from: the charts show only this last stage.
+    # What makes a member corner- or camera-robust.
     if cfg.corner_mask is not None:
         text += f"; **blind outside {cfg.corner_mask:g} of the radius** (corner mask)"
     if cfg.corner_artifacts:
         text += f"; painted corners on {cfg.corner_artifacts:.0%} of training images"
     if cfg.corner_consistency:
         text += f"; corner consistency λ {cfg.corner_consistency:g}"
-    if cfg.init_from:
-        text += f"; fine-tuned from `{cfg.init_from}` (the charts show this stage only)"
+    if cfg.source_balanced:
+        text += "; malignant share balanced within every source"
+    if cfg.camera_augment:
+        text += f"; camera re-takes on {cfg.camera_augment:.0%} of training images"
+    if cfg.camera_consistency:
+        text += f"; camera consistency λ {cfg.camera_consistency:g}"
     return text
+
+
+def show_lineage(run: Path) -> None:
+    """The loss and AUROC charts over every stage, and which stage started from which."""
+    try:
+        lineage = loaders.run_lineage(run)
+    except RunError as err:
+        st.info(str(err))
+        return
+    stages = list(dict.fromkeys(lineage["stage"]))
+    if len(stages) > 1:
+        st.markdown(f"Trained in **{len(stages)} stages**, each starting from the one before: "
+                    + " → ".join(f"`{s}`" for s in stages) + ". The settings above are the last stage's.")
+    st.altair_chart(charts.history_charts(lineage))
+    for stage, note in lineage.loc[lineage["note"] != "", ["stage", "note"]].drop_duplicates("stage").values:
+        st.caption(f"`{stage}`: {note}.")
 
 
 def tta(cfg: TrainConfig) -> str:
@@ -41,16 +62,10 @@ if members:
     for name, member in members.items():
         st.subheader(f"Member {Path(name).name}")
         st.markdown(recipe(member) + ".")
-        try:
-            st.altair_chart(charts.history_charts(loaders.run_history(run / name)))
-        except RunError as err:
-            st.info(str(err))
+        show_lineage(run / name)
 else:
     st.markdown(f"`{state.run_label(run)}`: {recipe(config)}, {tta(config)}.")
-    try:
-        st.altair_chart(charts.history_charts(loaders.run_history(run)))
-    except RunError as err:
-        st.info(str(err))
+    show_lineage(run)
 
 st.header("Metrics")
 try:

@@ -25,12 +25,13 @@ from core.runs import (
     DEFAULT_RUN,
     read_acquisition,
     read_acquisition_summary,
+    read_lineage,
     read_metrics,
     read_ood_scores,
     read_predictions,
     read_stress_summary,
 )
-from dashboard import loaders
+from dashboard import charts, loaders
 from tests.helpers import DashboardServer, corner_dependence
 
 APP = str(PROJECT_ROOT / "dashboard" / "app.py")
@@ -332,7 +333,24 @@ def test_training_report_shows_metrics_and_runs() -> None:
         assert f"**{member.model}**" in recipes
         assert ("corner mask" in recipes) >= (member.corner_mask is not None)
         assert (f"corner consistency λ {member.corner_consistency:g}" in recipes) == bool(member.corner_consistency)
-        assert (f"fine-tuned from `{member.init_from}`" in recipes) == bool(member.init_from)
+        stages = list(dict.fromkeys(read_lineage(DEFAULT_RUN / name)["stage"]))
+        assert len(stages) > 1 and " → ".join(f"`{s}`" for s in stages) in recipes  # the whole lineage, in order
+    captions = " ".join(c.value for c in at.caption)
+    assert "lite0_mask090_scratch" in captions and "not kept" in captions  # stages known from the log only
+
+
+def test_history_chart_shows_every_stage_in_order() -> None:
+    """One colour a stage over a shared epoch axis; the dashed marker at the epoch whose weights were kept (the
+    last stage's best), not at an earlier stage's higher AUROC."""
+    lineage = read_lineage(DEFAULT_RUN / "members" / "lite2_160_dx_cons15_long")
+    spec = charts.history_charts(lineage).to_dict()
+    auroc = spec["hconcat"][1]
+    assert auroc["layer"][0]["encoding"]["color"]["scale"]["domain"] == list(dict.fromkeys(lineage["stage"]))
+    assert auroc["layer"][0]["encoding"]["x"]["axis"]["values"] == list(range(1, len(lineage) + 1))
+    marker = auroc["layer"][1]
+    datasets = spec["datasets"]
+    best = datasets[marker["data"]["name"]][0]["epoch"]
+    assert best == len(lineage)  # the last stage's epoch 2 (0.9311) is its best
 
 
 def test_a_broken_run_is_explained_on_every_page(tmp_path: Path) -> None:
@@ -398,17 +416,19 @@ def test_run_argument_after_double_dash() -> None:
     assert run_argument(["--other", "1"]) is None
 
 
-def test_run_history_follows_a_growing_history(tmp_path: Path) -> None:
+def test_run_lineage_follows_a_growing_history(tmp_path: Path) -> None:
     """The training report reads history.csv through a cache keyed on the file itself: a run still training shows
-    its new epochs on the next rerun."""
+    its new epochs on the next rerun, after the stages it was fine-tuned from."""
     history = tmp_path / "history.csv"
     rows = "epoch,train_loss,val_loss,val_auroc,lr,img_per_s,seconds\n1,0.2,0.3,0.6,3e-4,40,100\n"
     history.write_text(rows)
-    assert len(loaders.run_history(tmp_path)) == 1
+    (tmp_path / "lineage.csv").write_text("stage,epoch,val_auroc,note\nbase,1,0.5,\nbase,2,0.55,\n")
+    assert loaders.run_lineage(tmp_path)["stage"].tolist() == ["base", "base", tmp_path.name]
     history.write_text(rows + "2,0.1,0.2,0.7,2e-4,41,99\n")
     later = history.stat().st_mtime + 1
     os.utime(history, (later, later))
-    assert loaders.run_history(tmp_path)["epoch"].tolist() == [1, 2]
+    lineage = loaders.run_lineage(tmp_path)
+    assert lineage["epoch"].tolist() == [1, 2, 3, 4] and lineage["stage_epoch"].tolist() == [1, 2, 1, 2]
 
 
 # ---------------------------------------------------------------- other clinics: external sets and site profiles

@@ -350,6 +350,22 @@ def test_configs_from_before_one_tta_setting_still_load() -> None:
     assert TrainConfig.from_dict({"tta_flips": False, "tta_views": 4}).tta_views == 1
 
 
+def test_a_config_extends_another_and_its_own_settings_win(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("epochs: 8\nlr: 0.0003\nmodel: efficientnet_lite2\n")
+    (tmp_path / "stage.yaml").write_text("extends: base.yaml\nepochs: 2\n")
+    (tmp_path / "deeper").mkdir()
+    (tmp_path / "deeper" / "next.yaml").write_text("extends: ../stage.yaml\nlr: 0.0001\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "deeper" / "next.yaml")
+    assert (cfg.model, cfg.epochs, cfg.lr) == ("efficientnet_lite2", 2, 0.0001)
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        TrainConfig.from_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ValueError, match="nowhere.yaml does not exist"):
+        TrainConfig.from_yaml(tmp_path / "orphan.yaml")
+
+
 @pytest.mark.parametrize("name", ["reference.yaml", "default.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     from core.data import PROJECT_ROOT

@@ -1,0 +1,77 @@
+"""`train.py shipped`: the shipped model rebuilt from its committed recipe (configs/shipped), here at a tiny size."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from core import runs
+from core.config import TrainConfig
+from core.runs import DEFAULT_RUN, read_lineage
+from core.shipped import RECIPE, read_recipe, stage_config, stages_dir
+from tests.helpers import run_main
+
+
+def test_the_recipe_is_the_shipped_models_recipe() -> None:
+    """Each member's last stage, resolved through its `extends` chain, is the shipped member's config: the recipe
+    describes the weights that ship, not a look-alike. (Only where the weights started from differs: the shipped
+    config names a run folder that no longer exists; the recipe names the stage before.)"""
+    recipe = read_recipe()
+    shipped = TrainConfig.from_yaml(DEFAULT_RUN / "config.yaml")
+    assert [f"members/{m}" for m in recipe.members] == shipped.ensemble
+    assert recipe.tta_views == shipped.tta_views
+    for member, stages in recipe.members.items():
+        built = stage_config(stages[-1], None, {})
+        member_cfg = TrainConfig.from_yaml(DEFAULT_RUN / "members" / member / "config.yaml")
+        assert dataclasses.replace(member_cfg, init_from=None) == built
+        assert Path(member_cfg.init_from).name == stages[-2].name  # the stage before is the run it started from
+        assert stage_config(stages[0], None, {}).pretrained and stage_config(stages[0], None, {}).init_from is None
+        lineage = list(dict.fromkeys(read_lineage(DEFAULT_RUN / "members" / member)["stage"]))
+        assert lineage == [s.name for s in stages]  # the Training report shows the same chain
+
+
+def test_a_bad_recipe_is_refused_with_its_problem_named(tmp_path: Path) -> None:
+    stage = (RECIPE.parent / "lite0_mask090_scratch.yaml").resolve()
+    (tmp_path / "r.yaml").write_text(f"members:\n  m:\n    - {{stage: other, config: {stage}}}\n")
+    with pytest.raises(ValueError, match="last stage must be named m"):
+        read_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("members:\n  m:\n    - {stage: m, config: missing.yaml}\n")
+    with pytest.raises(ValueError, match="missing.yaml, which does not exist"):
+        read_recipe(tmp_path / "r.yaml")
+
+
+def test_the_whole_chain_replays_at_a_tiny_size(ham_dir: Path, small_split: Path, tmp_path: Path) -> None:
+    """Every stage of both members trains, each from the one before, into its own folder; then the ensemble is
+    calibrated, evaluated, audited, stress-tested (both suites, val and test) and indexed like the shipped run, and
+    its members carry their whole lineage. A second replay keeps every trained stage."""
+    import train
+
+    out = tmp_path / "shipped"
+    argv = ["shipped", "--out", str(out), "--device", "cpu", "--data-dir", str(ham_dir), "--split-file",
+            str(small_split), "--epochs", "1", "--input-size", "64", "--limit", "8"]
+    code, said, err = run_main(train.main, *argv)
+    assert code == 0, err
+    recipe = read_recipe()
+    for member, stages in recipe.members.items():
+        parent = None
+        for stage in stages:
+            run_dir = stages_dir(out) / stage.name
+            cfg = runs.read_config(run_dir)
+            assert cfg.init_from == (None if parent is None else str(parent))
+            assert (cfg.epochs, cfg.input_size, cfg.model) == (1, 64, stage_config(stage, None, {}).model)
+            parent = run_dir
+        lineage = read_lineage(out / "members" / member)
+        assert list(dict.fromkeys(lineage["stage"])) == [s.name for s in stages]
+        assert lineage["epoch"].tolist() == list(range(1, len(stages) + 1))
+    shipped = runs.read_config(out)
+    assert shipped.ensemble == [f"members/{m}" for m in recipe.members] and shipped.tta_views == recipe.tta_views
+    # calibrated, or (a one-epoch model on 64 images may rank val no better than chance) said why not
+    assert (shipped.calibration != [1.0, 0.0]) != ("not calibrated (calibration slope" in said)
+    for made in (runs.METRICS_FILE, runs.attention_file("test"), runs.stress_file("val"), runs.stress_file("test"),
+                 runs.acquisition_file("val"), runs.acquisition_file("test"), runs.INDEX_FILE, runs.OOD_SUMMARY):
+        assert (out / made).is_file(), made
+    code, again, _ = run_main(train.main, *argv, "--overwrite")
+    assert code == 0 and again.count(": kept (") == sum(len(s) for s in recipe.members.values())
+    code, _, err = run_main(train.main, *argv)
+    assert code == 2 and "already holds a run" in err
