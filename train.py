@@ -122,11 +122,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from core.evaluation import calibrate_run
 
     before, after = calibrate_run(args.run, args.device)
-    a, b = after["run"]["calibration"]
-    was = f"{before['calibration_test']['ece']:.4f} → " if before else ""
+    assert after.run is not None and after.calibration_test is not None  # evaluate_run always writes both
+    a, b = after.run.calibration
+    was = f"{before.calibration_test.ece:.4f} → " if before and before.calibration_test else ""
     print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); "
-          f"test ECE {was}{after['calibration_test']['ece']:.4f}; "
-          f"test AUROC {after['test']['auroc']:.4f} (calibration keeps the ranking)")
+          f"test ECE {was}{after.calibration_test.ece:.4f}; "
+          f"test AUROC {after.test.auroc:.4f} (calibration keeps the ranking)")
     if any(args.run.glob(runs.attention_file("*"))):
         print(f"the Grad-CAM audit still lists the old probabilities: python train.py explain --run {args.run}")
     if any(args.run.glob(runs.stress_file("*"))):
@@ -276,12 +277,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     summary = explain_split(args.run, args.split, args.method, args.limit, corner_threshold=args.corner_threshold,
                             device_name=args.device)
-    flagged, by = summary["flagged"], summary["by_correctness"]
-    print(f"{summary['n']} {args.split} images, {args.method}: {flagged['flagged']} corner-focused "
-          f"({100 * flagged['rate']:.1f} %; rule {summary['corner_flag_rule']}); "
-          f"correct {100 * by['correct']['rate']:.1f} % vs incorrect {100 * by['incorrect']['rate']:.1f} % flagged; "
-          f"AUROC flagged {summary['auroc']['flagged']:.3f}"
-          f" vs unflagged {summary['auroc']['unflagged']:.3f}")
+    flagged, by = summary.flagged, summary.by_correctness
+    print(f"{summary.n} {args.split} images, {args.method}: {flagged.flagged} corner-focused "
+          f"({100 * flagged.rate:.1f} %; rule {summary.corner_flag_rule}); "
+          f"correct {100 * by['correct'].rate:.1f} % vs incorrect {100 * by['incorrect'].rate:.1f} % flagged; "
+          f"AUROC flagged {summary.auroc.flagged:.3f}"
+          f" vs unflagged {summary.auroc.unflagged:.3f}")
     print(f"wrote attention_{args.split}.csv, cams_{args.split}.npz and attention_summary.json in {args.run}")
 
 
@@ -294,15 +295,14 @@ def cmd_stress(args: argparse.Namespace) -> None:
 
     section = stress_split(args.run, args.split, args.interventions, args.limit, args.seed, args.min_delta,
                            args.device, train_corners=not args.no_train_corners)
-    clean = section["clean"]
-    print(f"{section['n']} {args.split} images at the val Youden threshold {section['threshold_youden_val']:.3f}: "
-          f"clean AUROC {clean['auroc']:.4f}")
+    print(f"{section.n} {args.split} images at the val Youden threshold {section.threshold_youden_val:.3f}: "
+          f"clean AUROC {section.clean.auroc:.4f}")
     print(f"{'intervention':<16} {'AUROC':>7} {'change':>7} {'flipped':>8} {'→mal':>6} {'→ben':>6} {'mean Δp':>8}")
-    for name, row in section["interventions"].items():
-        print(f"{name:<16} {row['auroc']:7.4f} {row['auroc_change']:+7.4f} {100 * row['flipped']:7.1f}% "
-              f"{100 * row['to_malignant']:5.1f}% {100 * row['to_benign']:5.1f}% {row['mean_delta_p']:+8.3f}")
-    dependent = section["corner_dependent"]
-    print(f"corner-dependent decisions: {dependent['n']} ({100 * dependent['rate']:.1f} %; {dependent['rule']})")
+    for name, row in section.interventions.items():
+        print(f"{name:<16} {row.auroc:7.4f} {row.auroc_change:+7.4f} {100 * row.flipped:7.1f}% "
+              f"{100 * row.to_malignant:5.1f}% {100 * row.to_benign:5.1f}% {row.mean_delta_p:+8.3f}")
+    dependent = section.corner_dependent
+    print(f"corner-dependent decisions: {dependent.n} ({100 * dependent.rate:.1f} %; {dependent.rule})")
     print(f"wrote stress_{args.split}.csv and stress_summary.json in {args.run}")
 
 
@@ -313,21 +313,21 @@ def stress_acquisition(args: argparse.Namespace) -> None:
         raise ValueError("--interventions names artifacts; the acquisition suite takes --edits")
     limit = ACQUISITION_LIMIT if args.limit is None else args.limit
     section = acquisition_split(args.run, args.split, args.edits, limit, args.seed, args.device)
-    floor, holds = section["floor"], section["holds"]
-    print(f"{section['n']} of {section['split_size']} {args.split} images at the val Youden threshold "
-          f"{section['threshold_youden_val']:.3f}: clean AUROC {section['clean']['auroc']:.4f}; floor "
-          f"{100 * floor['rate']:.1f} % ({floor['rule']}: {', '.join(floor['edits'])})")
+    floor, holds = section.floor, section.holds
+    print(f"{section.n} of {section.split_size} {args.split} images at the val Youden threshold "
+          f"{section.threshold_youden_val:.3f}: clean AUROC {section.clean.auroc:.4f}; floor "
+          f"{100 * floor.rate:.1f} % ({floor.rule}: {', '.join(floor.edits)})")
     print(f"{'edit':<22} {'kind':<8} {'n':>5} {'flipped (95 % CI)':>20} {'× floor':>8} {'→mal':>6} {'→ben':>6} "
           f"{'AUROC Δ':>8}")
-    for name, row in section["edits"].items():
-        low, high = row["flipped_ci"]
-        times = (f"{row['times_floor']:8.1f}" if row.get("times_floor") is not None
-                 else f"{'—' if 'times_floor' in row else '':>8}")
-        print(f"{name:<22} {row['kind']:<8} {row['n']:5d} {100 * row['flipped']:6.1f}% ({100 * low:4.1f}–"
-              f"{100 * high:4.1f}) {times} {100 * row['to_malignant']:5.1f}% {100 * row['to_benign']:5.1f}% "
-              f"{row['auroc_change']:+8.4f}")
-    verdict = "holds" if holds["passed"] else f"does not hold ({', '.join(holds['failing'])} above the limit)"
-    print(f"{holds['rule']} (≤ {100 * holds['limit']:.1f} %): {verdict}")
+    for name, row in section.edits.items():
+        low, high = row.flipped_ci
+        times = (f"{row.times_floor:8.1f}" if row.times_floor is not None
+                 else f"{'—' if row.floor is not None else '':>8}")
+        print(f"{name:<22} {row.kind:<8} {row.n:5d} {100 * row.flipped:6.1f}% ({100 * low:4.1f}–"
+              f"{100 * high:4.1f}) {times} {100 * row.to_malignant:5.1f}% {100 * row.to_benign:5.1f}% "
+              f"{row.auroc_change:+8.4f}")
+    verdict = "holds" if holds.passed else f"does not hold ({', '.join(holds.failing)} above the limit)"
+    print(f"{holds.rule} (≤ {100 * holds.limit:.1f} %): {verdict}")
     print(f"wrote {runs.acquisition_file(args.split)} and {runs.ACQUISITION_SUMMARY} in {args.run}")
 
 
@@ -335,17 +335,17 @@ def cmd_index(args: argparse.Namespace) -> None:
     from core.ood import build_index
 
     summary = build_index(args.run, args.device, args.method, args.dims, args.k, args.percentile)
-    rates, mistakes = summary["flag_rate"], summary["mistakes_test"]
-    q = summary.get("union_percentile", summary["percentile"])
-    print(f"index of the training split: {summary['raw_dims']} → {summary['dims']} dims (PCA); OOD score "
-          f"{summary['method']}, threshold {summary['threshold']:.4f} = val {q:.2f}th percentile")
-    if "style_threshold" in summary:
-        print(f"style statistics: {summary['style_raw_dims']} → {summary['style_dims']} dims, threshold "
-              f"{summary['style_threshold']:.4f} = val {q:.2f}th percentile; an image is flagged when either "
-              f"distance is above its threshold ({100 - summary['percentile']:g} % of val)")
+    rates, mistakes = summary.flag_rate, summary.mistakes_test
+    q = summary.percentile if summary.union_percentile is None else summary.union_percentile
+    print(f"index of the training split: {summary.raw_dims} → {summary.dims} dims (PCA); OOD score "
+          f"{summary.method}, threshold {summary.threshold:.4f} = val {q:.2f}th percentile")
+    if summary.style_threshold is not None:
+        print(f"style statistics: {summary.style_raw_dims} → {summary.style_dims} dims, threshold "
+              f"{summary.style_threshold:.4f} = val {q:.2f}th percentile; an image is flagged when either "
+              f"distance is above its threshold ({100 - summary.percentile:g} % of val)")
     print(f"flagged: val {100 * rates['val']:.1f} % (by construction), test {100 * rates['test']:.1f} %; test mistakes "
-          f"{100 * mistakes['flag_rate_mistakes']:.1f} % vs correct {100 * mistakes['flag_rate_correct']:.1f} % "
-          f"(AUROC of the score for a mistake: {mistakes['auroc_score_for_mistake']})")
+          f"{100 * mistakes.flag_rate_mistakes:.1f} % vs correct {100 * mistakes.flag_rate_correct:.1f} % "
+          f"(AUROC of the score for a mistake: {mistakes.auroc_score_for_mistake})")
     print(f"wrote index.safetensors, ood_scores.csv and ood_summary.json in {args.run}")
 
 

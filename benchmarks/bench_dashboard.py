@@ -37,7 +37,7 @@ def median_ms(fn, repeats: int) -> float:
 def main(args: argparse.Namespace) -> None:
     frame = read_predictions(DEFAULT_RUN, "test")
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
-    thresholds = read_metrics(DEFAULT_RUN)["thresholds"]
+    thresholds = read_metrics(DEFAULT_RUN).thresholds
     rng = np.random.default_rng(0)
 
     def recompute() -> None:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    threshold = read_metrics(args.run)["thresholds"]["youden"]
+    threshold = read_metrics(args.run).thresholds["youden"]
     flags = image_flags(read_stress(args.run, "test"), threshold)
     run = load(args.run)
     model = run.model

@@ -60,11 +60,11 @@ def read_candidate(run: str | Path) -> Candidate:
     run = Path(run)
     cfg = runs.read_config(run)
     section = runs.read_stress_summary(run, "val")
-    missing = [name for name in CORNER_INTERVENTIONS if name not in section["interventions"]]
+    missing = [name for name in CORNER_INTERVENTIONS if name not in section.interventions]
     if missing:
         raise runs.RunError(f"{run}'s val stress test lacks {', '.join(missing)}; run `python train.py stress "
                             f"--run {run} --split val` with every corner intervention")
-    flips = {name: section["interventions"][name]["flipped"] for name in CORNER_INTERVENTIONS}
+    flips = {name: section.interventions[name].flipped for name in CORNER_INTERVENTIONS}
     test = runs.read_predictions(run, "test")
     return Candidate(run, flips, max(len(cfg.ensemble), 1) * cfg.tta_views, runs.fp16_megabytes(run),
                      runs.read_predictions(run, "val"), metrics.auroc(test["label"], test["probability"]))

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--target", type=float, default=sites.DEFAULT_TARGET)
     args = parser.parse_args(argv)
-    youden = read_metrics(args.run)["thresholds"]["youden"]
+    youden = read_metrics(args.run).thresholds["youden"]
     rows = []
     for shift in args.shifts:
         frame = pool(args.run, "val", shift, args.cache)["frame"]

@@ -65,8 +65,8 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
     gain = metrics.paired_stratified_auroc_gain(both["label"], both["probability"], both["probability_old"],
                                                 both["source"], both["lesion_id"], n_boot=2000, alpha=0.10)
     acquisition = runs.read_acquisition_summary(run, "val")
-    expected = acquisition_module.default_edits(list(acquisition["source_colours"]))
-    if (acquisition["seed"], acquisition["limit"], list(acquisition["edits_run"])) != (0, 500, expected):
+    expected = acquisition_module.default_edits(list(acquisition.source_colours))
+    if (acquisition.seed, acquisition.limit, list(acquisition.edits_run)) != (0, 500, expected):
         raise runs.RunError(f"{run}'s val acquisition test is not the rule's (seed 0, 500 images, every edit): run "
                             f"`python train.py stress --run {run} --split val --suite acquisition`")
     corners = corner_rule.read_candidate(run)
@@ -74,9 +74,10 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
     failures = []
     if gain[1] < MIN_GAIN_LOW:
         failures.append(f"stratified val AUROC gain 5th percentile {gain[1]:+.4f} < {MIN_GAIN_LOW}")
-    if not acquisition["holds"]["passed"]:
-        failures.append(f"camera edits above {acquisition['holds']['factor']:g} × the floor "
-                        f"({acquisition['floor']['rate']:.1%}): {', '.join(acquisition['holds']['failing'])}")
+    holds = acquisition.holds
+    if not holds.passed:
+        failures.append(f"camera edits above {holds.factor:g} × the floor "
+                        f"({acquisition.floor.rate:.1%}): {', '.join(holds.failing)}")
     failures += corners.failures()
     if mine is None or incumbent_loso is None:
         failures.append("no held-out-source result to compare (train.py cv --by source, for it and the incumbent)")
@@ -87,9 +88,9 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
                         f"{incumbent_loso['auroc']:.3f}")
     test = runs.read_predictions(run, "test")
     return {"run": str(run), "stratified_val_auroc": stratified(run), "gain": gain,
-            "worst_camera_edit": acquisition["holds"]["worst"],
-            "worst_times_floor": acquisition["edits"][acquisition["holds"]["worst"]].get("times_floor"),
-            "floor": acquisition["floor"]["rate"], "held_out": mine,
+            "worst_camera_edit": holds.worst,
+            "worst_times_floor": acquisition.edits[holds.worst].times_floor if holds.worst else None,
+            "floor": acquisition.floor.rate, "held_out": mine,
             "test_auroc": metrics.auroc(test["label"], test["probability"]), "failures": failures}
 
 

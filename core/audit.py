@@ -19,6 +19,7 @@ from tqdm import tqdm
 from core import corners, explain, metrics, runs
 from core.inference import model_view_masks
 from core.run import load
+from core.run_files import AttentionSummary, parse
 
 CAM_STORE_SIZE = 56
 # Tschandl et al., Nat. Med. 2020: mean background/lesion attention ratio on HAM10000 (0.48 for akiec, 0.32 else).
@@ -26,7 +27,8 @@ TSCHANDL_RATIO = {"akiec": 0.48, "bcc": 0.32, "bkl": 0.32, "df": 0.32, "mel": 0.
 
 
 def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradcam", limit: int | None = None,
-                  batch_size: int = 16, corner_threshold: float = 0.5, device_name: str = "auto") -> dict:
+                  batch_size: int = 16, corner_threshold: float = 0.5,
+                  device_name: str = "auto") -> AttentionSummary:
     run_dir = Path(run_dir)
     run = load(run_dir, device_name)
     cfg, model, preprocess = run.config, run.model, run.preprocess
@@ -35,7 +37,7 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
         frame = frame.head(limit).reset_index(drop=True)
     predictions = runs.read_predictions(run_dir, split)
     frame = frame.merge(predictions[["image_id", "probability"]], on="image_id", how="left", validate="one_to_one")
-    threshold = runs.read_metrics(run_dir)["thresholds"]["youden"]
+    threshold = runs.read_metrics(run_dir).thresholds["youden"]
     images = run.load_images(frame["path"].tolist())
     masks = model_view_masks(frame["mask_path"].tolist(), cfg.input_size, cfg.crop)
     rows, store = [], []
@@ -66,8 +68,8 @@ def explain_split(run_dir: str | Path, split: str = "test", method: str = "gradc
     table["correct"] = (table["probability"] >= threshold).astype(int) == table["label"]
     runs.write_csv(run_dir / runs.attention_file(split), table, float_format="%.5f")
     runs.write_cam_store(run_dir / runs.cams_file(split), table["image_id"].to_numpy(dtype=str), np.stack(store))
-    summary = summarize(table, threshold, method, corner_threshold)
-    runs.write_json(run_dir / runs.ATTENTION_SUMMARY, summary)
+    summary = parse(AttentionSummary, summarize(table, threshold, method, corner_threshold))
+    runs.write_attention_summary(run_dir, summary)
     return summary
 
 

@@ -19,6 +19,7 @@ from core.config import TrainConfig
 from core.data import DataError, project_path, read_dataset
 from core.fit import fit
 from core.io import atomic_write
+from core.run_files import Metrics
 from core.split import SPLIT_COLUMNS, read_folds, read_split, write_csv
 
 RATES = ("sensitivity", "specificity", "balanced_accuracy", "macro_f1", "ppv", "npv")
@@ -48,13 +49,13 @@ def source_split(split: pd.DataFrame, sources: pd.Series, held_out: str) -> pd.D
     return pd.concat([rest, split[held].assign(split="test")], ignore_index=True)[SPLIT_COLUMNS]
 
 
-def fold_row(report: dict, k: int | str, key: str = "fold") -> dict:
+def fold_row(report: Metrics, k: int | str, key: str = "fold") -> dict:
     """One fold's metrics.json as a flat row: AUROC of val and test, and the rates at each val-chosen threshold."""
     row: dict = {key: k}
-    for split in ("val", "test"):
-        row[f"{split}_auroc"] = report[split]["auroc"]
-        for name, at in report[split]["at_threshold"].items():
-            row.update({f"{split}_{name}_{rate}": at[rate] for rate in RATES})
+    for split, part in (("val", report.val), ("test", report.test)):
+        row[f"{split}_auroc"] = part.auroc
+        for name, at in part.at_threshold.items():
+            row.update({f"{split}_{name}_{rate}": getattr(at, rate) for rate in RATES})
     return row
 
 
@@ -132,7 +133,7 @@ def leave_source_out(cfg: TrainConfig, out_dir: str | Path, held_out: list[str] 
         rows.append({**fold_row(report, source, "held_out"), "test_n": len(test),
                      "test_malignant_share": float(test["label"].mean()),
                      "train_n": int((fold["split"] == "train").sum()),
-                     **own_test_rates(run, split, report["thresholds"]["youden"])})
+                     **own_test_rates(run, split, report.thresholds["youden"])})
     table = pd.DataFrame(rows)
     atomic_write(out_dir / "cv_sources.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
     return table

@@ -15,6 +15,7 @@ from core.calibration import apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description
 from core.run import Predictions, load
+from core.run_files import Metrics, parse
 
 
 def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
@@ -46,7 +47,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     # Every reader lists one folder (core.data.attach_image_paths): the file name finds the image there again.
     image_root = Path(frame["path"].iloc[0]).parent.resolve()
     frame["file"] = [Path(path).name for path in frame["path"]]
-    thresholds = runs.read_metrics(run_dir)["thresholds"]
+    thresholds = runs.read_metrics(run_dir).thresholds
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
     report = {"name": name, "n": len(frame), "data": str(Path(data).resolve()), "images": str(image_root),
               "date": time.strftime("%Y-%m-%d"), "model": sites.model_fingerprint(run_dir),
@@ -65,7 +66,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     return report
 
 
-def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool = False) -> dict:
+def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool = False) -> Metrics:
     """Predict val and test with the best checkpoint; thresholds chosen on val, applied to test.
     Writes predictions_{val,test}.csv and metrics.json. With ``calibrate``, Platt scaling is first fitted on the raw
     val probabilities and written into config.yaml as well; everything is computed before anything is written, so
@@ -82,13 +83,13 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool
                                                                 tuple(cfg.calibration)).numpy())
                    for name, frame in raw.items()}
     val, test = predictions["val"], predictions["test"]
-    report = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
-                                      test["label"].to_numpy(), test["probability"].to_numpy())
+    found = metrics.threshold_report(val["label"].to_numpy(), val["probability"].to_numpy(),
+                                     test["label"].to_numpy(), test["probability"].to_numpy())
     test_bands = test.assign(age_band=metrics.age_band(test["age"])) if "age" in test.columns else test
     if "source" in test.columns:  # where each image was taken: per-source metrics at the val thresholds
-        report |= {f"sources_{name}": metrics.source_report(frame, report["thresholds"])
-                   for name, frame in predictions.items()}
-    report |= {
+        found |= {f"sources_{name}": metrics.source_report(frame, found["thresholds"])
+                  for name, frame in predictions.items()}
+    found |= {
         "calibration_test": metrics.calibration(test["label"].to_numpy(), test["probability"].to_numpy()),
         "subgroups_test": json.loads(metrics.subgroup_auroc(test_bands).to_json(orient="records")),  # NaN → null
         "run": {"model": cfg.model, "ensemble": cfg.ensemble, "input_size": cfg.input_size,
@@ -97,18 +98,19 @@ def evaluate_run(run_dir: str | Path, device_name: str = "auto", calibrate: bool
                 "n_val": len(val), "n_test": len(test), "evaluated_on": device_description(run.device),
                 "date": time.strftime("%Y-%m-%d")},
     }
+    report = parse(Metrics, found)  # the metric functions' plain dicts, checked against the file's type
     for name, frame in predictions.items():
         runs.write_predictions(frame, run_dir / runs.predictions_file(name))
-    runs.write_json(run_dir / runs.METRICS_FILE, report)
+    runs.write_metrics(run_dir, report)
     if calibrate:
         runs.write_config(cfg, run_dir)
-    t = report["test"]
-    print(f"test AUROC {t['auroc']:.4f} (95% CI {t['auroc_ci'][0]:.3f}–{t['auroc_ci'][1]:.3f}); "
-          f"val AUROC {report['val']['auroc']:.4f}; wrote {run_dir}/metrics.json")
+    low, high = report.test.auroc_ci
+    print(f"test AUROC {report.test.auroc:.4f} (95% CI {low:.3f}–{high:.3f}); "
+          f"val AUROC {report.val.auroc:.4f}; wrote {run_dir}/metrics.json")
     return report
 
 
-def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[dict | None, dict]:
+def calibrate_run(run_dir: str | Path, device_name: str = "auto") -> tuple[Metrics | None, Metrics]:
     """Fit Platt scaling on the run's raw val probabilities, write it into ``config.yaml`` and evaluate with it, so
     thresholds are re-chosen on the calibrated val probabilities. Returns the metrics before (None if the run had
     none) and after. Fitted on raw probabilities, so calibrating again gives the same result."""

@@ -25,15 +25,15 @@ from sklearn.metrics import roc_auc_score
 from core import metrics
 from core.embedding import EmbeddingIndex, run_fingerprint
 from core.run import Run, load
+from core.run_files import OODSummary, parse
 from core.runs import (
     INDEX_FILE,
     OOD_SCORES,
-    OOD_SUMMARY,
     STYLE_INDEX_FILE,
     read_metrics,
     read_predictions,
     write_csv,
-    write_json,
+    write_ood_summary,
 )
 
 DEFAULT_DIMS = 256
@@ -161,14 +161,14 @@ def split_features(run: Run, frame: pd.DataFrame) -> list[np.ndarray]:
 
 
 def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "knn", dims: int = DEFAULT_DIMS,
-                k: int = DEFAULT_K, percentile: float = DEFAULT_PERCENTILE) -> dict:
+                k: int = DEFAULT_K, percentile: float = DEFAULT_PERCENTILE) -> OODSummary:
     """Features of train, val and test in one pass each; the index of train (penultimate features, and style
     statistics where the model has them); the thresholds on val: both distances at the val percentile q at which
     "either above" flags ``100 − percentile`` % of val. Writes ``index.safetensors``, ``index_style.safetensors``,
     ``ood_scores.csv`` (val and test) and ``ood_summary.json``, all or nothing."""
     run_dir = Path(run_dir)
     create_score(method, k)  # refuses an unknown method before minutes of features
-    thresholds = read_metrics(run_dir)["thresholds"]  # the decision the mistakes are judged at
+    thresholds = read_metrics(run_dir).thresholds  # the decision the mistakes are judged at
     run = load(run_dir, device_name)
     cfg, frames = run.config, run.splits()
     raw = {name: split_features(run, frames[name]) for name in ("train", "val", "test")}
@@ -200,11 +200,11 @@ def build_index(run_dir: str | Path, device_name: str = "auto", method: str = "k
     if guard.style is not None:
         guard.style.save(run_dir, STYLE_INDEX_FILE)
     write_csv(run_dir / OOD_SCORES, table, float_format=None)
-    write_json(run_dir / OOD_SUMMARY, summary)
+    write_ood_summary(run_dir, summary)
     return summary
 
 
-def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) -> dict:
+def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) -> OODSummary:
     """Flag rates per split, and whether the test mistakes (at the val Youden threshold) lie farther out."""
     summary = {key: meta[key] for key in ("method", "k", "dims", "raw_dims", "percentile", "threshold",
                                           "union_percentile", "style_dims", "style_raw_dims", "style_threshold")
@@ -221,7 +221,7 @@ def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) 
         "auroc_score_for_mistake": float(roc_auc_score(wrong, test["ood_score"])) if 0 < wrong.sum() < len(wrong)
         else None,
     }
-    return summary
+    return parse(OODSummary, summary)
 
 
 def flagged_report(frame: pd.DataFrame, thresholds: dict[str, float], ood_threshold: float) -> dict:

@@ -53,7 +53,7 @@ class Run:
         """The val-chosen thresholds of ``metrics.json`` ({} before the run is evaluated)."""
         if not (self.directory / runs.METRICS_FILE).is_file():
             return {}
-        return dict(runs.read_metrics(self.directory)["thresholds"])
+        return dict(runs.read_metrics(self.directory).thresholds)
 
     def batch_size(self) -> int:
         return self.config.eval_batch_size if self.device.type == "cuda" else CPU_BATCH

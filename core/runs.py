@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,16 @@ from safetensors import safe_open
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.io import atomic_write, atomic_write_text
+from core.run_files import (
+    AcquisitionSection,
+    AttentionSummary,
+    FieldError,
+    Metrics,
+    OODSummary,
+    StressSection,
+    dump,
+    parse,
+)
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"     # the best weights (fp16)
@@ -43,6 +54,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc")
 STRESS_COLUMNS = ("image_id", "intervention", "p_clean", "p", "delta_p", "flipped")
 OOD_COLUMNS = ("image_id", "split", "ood_score", "out_of_distribution")
 DEFAULT_RUN = PROJECT_ROOT / "models" / "default"
+T = TypeVar("T")
 
 
 def predictions_file(split: str) -> str:
@@ -159,13 +171,40 @@ def _read_json(path: Path, fix: str) -> dict:
         raise RunError(f"{path} is not readable JSON ({err}); {fix} again") from err
 
 
-def read_metrics(run: str | Path) -> dict:
-    path, fix = Path(run) / METRICS_FILE, _fix(Path(run), "evaluate")
-    report = _read_json(path, fix)
-    for key in ("thresholds", "val", "test"):
-        if key not in report:
-            raise RunError(f"{path} has no '{key}' section; {fix} again")
-    return report
+def _read_typed(kind: type[T], path: Path, fix: str) -> T:
+    """A run file read into its dataclass (``core.run_files``): unknown keys are ignored, a missing or mistyped one
+    is a RunError naming the file, the key and the command that rebuilds it."""
+    return _parse(kind, _read_json(path, fix), path, fix)
+
+
+def _parse(kind: type[T], value: object, path: Path, fix: str, key: str = "") -> T:
+    try:
+        return parse(kind, value, key)
+    except FieldError as err:
+        raise RunError(f"{path} cannot be read: {err}; {fix} again") from err
+
+
+def _write_typed(path: Path, value: object) -> Path:
+    """A run file from its dataclass, as JSON (NaN as ``NaN``, as ``json`` writes it), indented, atomically."""
+    return atomic_write_text(path, json.dumps(dump(value), indent=1))
+
+
+def read_metrics(run: str | Path) -> Metrics:
+    """``metrics.json``: the val-chosen thresholds and val and test at them (``train.py evaluate``)."""
+    return _read_typed(Metrics, Path(run) / METRICS_FILE, _fix(Path(run), "evaluate"))
+
+
+def write_metrics(run: str | Path, report: Metrics) -> Path:
+    return _write_typed(Path(run) / METRICS_FILE, report)
+
+
+def read_attention_summary(run: str | Path) -> AttentionSummary:
+    """``attention_summary.json``: the Grad-CAM audit of the test split in numbers (``train.py explain``)."""
+    return _read_typed(AttentionSummary, Path(run) / ATTENTION_SUMMARY, _fix(Path(run), "explain --split test"))
+
+
+def write_attention_summary(run: str | Path, summary: AttentionSummary) -> Path:
+    return _write_typed(Path(run) / ATTENTION_SUMMARY, summary)
 
 
 def _read_csv(path: Path, required: tuple[str, ...], fix: str) -> pd.DataFrame:
@@ -209,23 +248,29 @@ def read_stress(run: str | Path, split: str = "test") -> pd.DataFrame:
     return _read_csv(Path(run) / stress_file(split), STRESS_COLUMNS, _fix(Path(run), f"stress --split {split}"))
 
 
-def read_stress_summary(run: str | Path, split: str = "test") -> dict:
+def read_stress_summary(run: str | Path, split: str = "test") -> StressSection:
     """This split's section of ``stress_summary.json``: per intervention AUROC, flips and Δp, the corner flag."""
-    return _read_section(Path(run) / STRESS_SUMMARY, split, "interventions", _fix(Path(run), f"stress --split {split}"))
+    return _read_section(StressSection, Path(run) / STRESS_SUMMARY, split, _fix(Path(run), f"stress --split {split}"))
 
 
-def _read_section(path: Path, split: str, key: str, fix: str) -> dict:
-    """One split's section of a per-split summary (it must hold ``key``), or a RunError saying how to make it."""
+def _read_section(kind: type[T], path: Path, split: str, fix: str) -> T:
+    """One split's section of a per-split summary, or a RunError saying how to make it (the other splits' sections
+    are not read: a damaged one is named when it is opened)."""
     summary = _read_json(path, fix)
-    if split not in summary or key not in summary[split]:
+    if not isinstance(summary, dict) or split not in summary:
         raise RunError(f"{path} has no '{split}' section; {fix}")
-    return summary[split]
+    return _parse(kind, summary[split], path, fix, split)
 
 
-def read_stress_summaries(run: str | Path) -> dict:
-    """The whole ``stress_summary.json`` (split → section), or {} before any ``train.py stress``."""
-    path = Path(run) / STRESS_SUMMARY
-    return _read_json(path, _fix(Path(run), "stress")) if path.is_file() else {}
+def _write_section(path: Path, split: str, section: object, fix: str) -> Path:
+    """Write one split's section of a per-split summary; the other splits' sections are kept as they are."""
+    others = _read_json(path, fix) if path.is_file() else {}
+    return _write_typed(path, others | {split: section})
+
+
+def write_stress_summary(run: str | Path, split: str, section: StressSection) -> Path:
+    """Write this split's section of ``stress_summary.json`` (a second split is added, not written over)."""
+    return _write_section(Path(run) / STRESS_SUMMARY, split, section, _fix(Path(run), "stress"))
 
 
 def read_acquisition(run: str | Path, split: str = "test") -> pd.DataFrame:
@@ -234,16 +279,16 @@ def read_acquisition(run: str | Path, split: str = "test") -> pd.DataFrame:
                      _fix(Path(run), f"stress --suite acquisition --split {split}"))
 
 
-def read_acquisition_summaries(run: str | Path) -> dict:
-    """The whole ``acquisition_summary.json`` (split → section), or {} before any acquisition stress test."""
-    path = Path(run) / ACQUISITION_SUMMARY
-    return _read_json(path, _fix(Path(run), "stress --suite acquisition")) if path.is_file() else {}
-
-
-def read_acquisition_summary(run: str | Path, split: str = "test") -> dict:
+def read_acquisition_summary(run: str | Path, split: str = "test") -> AcquisitionSection:
     """This split's section of ``acquisition_summary.json``: per edit its flips against the neutral-edit floor."""
-    return _read_section(Path(run) / ACQUISITION_SUMMARY, split, "edits",
+    return _read_section(AcquisitionSection, Path(run) / ACQUISITION_SUMMARY, split,
                          _fix(Path(run), f"stress --suite acquisition --split {split}"))
+
+
+def write_acquisition_summary(run: str | Path, split: str, section: AcquisitionSection) -> Path:
+    """Write this split's section of ``acquisition_summary.json`` (the other splits' sections are kept)."""
+    return _write_section(Path(run) / ACQUISITION_SUMMARY, split, section,
+                          _fix(Path(run), "stress --suite acquisition"))
 
 
 def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
@@ -253,9 +298,13 @@ def read_ood_scores(run: str | Path, split: str = "test") -> pd.DataFrame:
     return frame.assign(out_of_distribution=frame["out_of_distribution"].astype(bool))
 
 
-def read_ood_summary(run: str | Path) -> dict:
+def read_ood_summary(run: str | Path) -> OODSummary:
     """``ood_summary.json``: the OOD score's method and threshold, flag rates, and the test mistakes' scores."""
-    return _read_json(Path(run) / OOD_SUMMARY, _fix(Path(run), "index"))
+    return _read_typed(OODSummary, Path(run) / OOD_SUMMARY, _fix(Path(run), "index"))
+
+
+def write_ood_summary(run: str | Path, summary: OODSummary) -> Path:
+    return _write_typed(Path(run) / OOD_SUMMARY, summary)
 
 
 def read_external(run: str | Path, name: str) -> dict:
@@ -421,8 +470,8 @@ def run_summary(run: str | Path) -> dict:
     except RunError:
         return row | {"val_auroc": nan, "test_auroc": nan, "test_auroc_ci_low": nan, "test_auroc_ci_high": nan,
                       "test_balanced_accuracy_youden": nan}
-    low, high = report["test"].get("auroc_ci", [nan, nan])
-    return row | {"val_auroc": report["val"]["auroc"], "test_auroc": report["test"]["auroc"],
+    low, high = report.test.auroc_ci
+    youden = report.test.at_threshold.get("youden")
+    return row | {"val_auroc": report.val.auroc, "test_auroc": report.test.auroc,
                   "test_auroc_ci_low": low, "test_auroc_ci_high": high,
-                  "test_balanced_accuracy_youden":
-                      report["test"]["at_threshold"].get("youden", {}).get("balanced_accuracy", nan)}
+                  "test_balanced_accuracy_youden": nan if youden is None else youden.balanced_accuracy}

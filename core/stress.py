@@ -41,6 +41,7 @@ from core.interventions import (
     image_key,
 )
 from core.run import Run, load
+from core.run_files import AcquisitionSection, StressSection, parse
 from core.runs import RunError, read_attention, read_metrics
 from core.transforms import resize_transform
 
@@ -211,7 +212,7 @@ def _subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
 
 def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] | None = None,
                  limit: int | None = None, seed: int = 0, min_delta: float = DEFAULT_MIN_DELTA,
-                 device_name: str = "auto", train_corners: bool = True) -> dict:
+                 device_name: str = "auto", train_corners: bool = True) -> StressSection:
     """The stress test of one split of a run: writes ``stress_<split>.csv`` and this split's section of
     ``stress_summary.json`` (the other splits' sections are kept). Returns that section."""
     run_dir = Path(run_dir)
@@ -221,7 +222,7 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
         raise ValueError(f"the corner-dependence flag needs {', '.join(missing)}; add them to --interventions")
     for name in names:
         create_intervention(name)  # unknown names refused before any work
-    threshold = read_metrics(run_dir)["thresholds"]["youden"]
+    threshold = read_metrics(run_dir).thresholds["youden"]
     run = load(run_dir, device_name)
     score, cfg, frames = run_scorer(run), run.config, run.splits()
     frame = _subset(frames[split], limit, seed)
@@ -241,9 +242,10 @@ def stress_split(run_dir: str | Path, split: str = "test", names: Sequence[str] 
         views = run.load_images(train["path"].tolist()).permute(0, 2, 3, 1).numpy()
         section["dark_corners_train"] = dark_corners_by_class(
             train.assign(dark_corner_score=[dark_corner_score(view) for view in views]))
+    typed = parse(StressSection, section)
     runs.write_csv(run_dir / runs.stress_file(split), table)
-    runs.write_json(run_dir / runs.STRESS_SUMMARY, runs.read_stress_summaries(run_dir) | {split: section})
-    return section
+    runs.write_stress_summary(run_dir, split, typed)
+    return typed
 
 
 # Images per split of the acquisition stress test. Each image goes through the network 1 + 14 times (the clean
@@ -347,11 +349,12 @@ def summarize_acquisition(table: pd.DataFrame, threshold: float, edits: Sequence
 
 
 def acquisition_split(run_dir: str | Path, split: str = "test", names: Sequence[str] | None = None,
-                      limit: int | None = ACQUISITION_LIMIT, seed: int = 0, device_name: str = "auto") -> dict:
+                      limit: int | None = ACQUISITION_LIMIT, seed: int = 0,
+                      device_name: str = "auto") -> AcquisitionSection:
     """The acquisition stress test of a sample of one split (``limit`` images, 0 or None: all): writes
     ``acquisition_<split>.csv`` and this split's section of ``acquisition_summary.json``. Returns that section."""
     run_dir = Path(run_dir)
-    threshold = read_metrics(run_dir)["thresholds"]["youden"]
+    threshold = read_metrics(run_dir).thresholds["youden"]
     run = load(run_dir, device_name)
     score, cfg, frames = run_scorer(run), run.config, run.splits()
     wants_colours = names is None or any(name.startswith(acquisition.COLOUR_PREFIX) for name in names)
@@ -369,6 +372,7 @@ def acquisition_split(run_dir: str | Path, split: str = "test", names: Sequence[
     section |= {"seed": seed, "limit": limit or None, "split_size": int(len(frames[split])),
                 "edits_run": {edit.name: repr(edit) for edit in edits},
                 "source_colours": {source: vars(stats) for source, stats in colours.items()}}
+    typed = parse(AcquisitionSection, section)
     runs.write_csv(run_dir / runs.acquisition_file(split), table)
-    runs.write_json(run_dir / runs.ACQUISITION_SUMMARY, runs.read_acquisition_summaries(run_dir) | {split: section})
-    return section
+    runs.write_acquisition_summary(run_dir, split, typed)
+    return typed

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from core.data import DX_NAMES
+from core.run_files import AcquisitionSection, Calibration
 from dashboard import labels
 
 THRESHOLD_PARAM = "threshold_pick"
@@ -119,9 +120,9 @@ def threshold_explorer(frame: pd.DataFrame, value: float) -> alt.VConcatChart:
     return alt.vconcat(top, alt.hconcat(histogram_chart(base), rates_chart(base))).resolve_scale(color="independent")
 
 
-def calibration_chart(calibration: dict) -> alt.LayerChart:
-    table = pd.DataFrame({"mean predicted": calibration["mean_predicted"],
-                          "fraction malignant": calibration["fraction_positive"], "images": calibration["count"]})
+def calibration_chart(calibration: Calibration) -> alt.LayerChart:
+    table = pd.DataFrame({"mean predicted": calibration.mean_predicted,
+                          "fraction malignant": calibration.fraction_positive, "images": calibration.count})
     ideal = alt.Chart(pd.DataFrame({"x": [0, 1]})).mark_line(strokeDash=[4, 4], color="gray").encode(
         x="x:Q", y="x:Q")
     curve = alt.Chart(table).mark_line(point=True).encode(
@@ -129,7 +130,7 @@ def calibration_chart(calibration: dict) -> alt.LayerChart:
         y=alt.Y("fraction malignant:Q", scale=alt.Scale(domain=[0, 1])),
         tooltip=[alt.Tooltip("mean predicted:Q", format=".3f"), alt.Tooltip("fraction malignant:Q", format=".3f"),
                  "images:Q"])
-    return (ideal + curve).properties(height=280, title=f"Reliability (ECE {calibration['ece']:.3f})")
+    return (ideal + curve).properties(height=280, title=f"Reliability (ECE {calibration.ece:.3f})")
 
 
 def history_charts(lineage: pd.DataFrame) -> alt.HConcatChart:
@@ -237,14 +238,15 @@ def p_by_dx_source_chart(frame: pd.DataFrame) -> alt.Chart:
     ).properties(height=260, title="P(malignant) by diagnosis and source")
 
 
-def floor_chart(summary: dict) -> alt.LayerChart:
+def floor_chart(summary: AcquisitionSection) -> alt.LayerChart:
     """Each acquisition edit's flip rate with its exact 95 % interval, neutral edits in grey; on each camera edit's
     row a tick at its floor (the neutral flips on the images it was scored on) and one at the limit, 1.5 × that."""
-    factor = summary["holds"]["factor"]
-    rows = pd.DataFrame([{"edit": name, "kind": row["kind"], "what": row["what"], "flipped": row["flipped"],
-                          "low": row["flipped_ci"][0], "high": row["flipped_ci"][1], "images": row["n"],
-                          "floor": row.get("floor", float("nan")), "limit": factor * row.get("floor", float("nan"))}
-                         for name, row in summary["edits"].items()])
+    factor = summary.holds.factor
+    floors = {name: float("nan") if row.floor is None else row.floor for name, row in summary.edits.items()}
+    rows = pd.DataFrame([{"edit": name, "kind": row.kind, "what": row.what, "flipped": row.flipped,
+                          "low": row.flipped_ci[0], "high": row.flipped_ci[1], "images": row.n,
+                          "floor": floors[name], "limit": factor * floors[name]}
+                         for name, row in summary.edits.items()])
     order = list(rows["edit"])
     base = alt.Chart(rows).encode(y=alt.Y("edit:N", sort=order, title=None,
                                           axis=alt.Axis(labelOverlap=False, labelLimit=180)))

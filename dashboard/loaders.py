@@ -18,6 +18,7 @@ from core.inference import model_view_masks
 from core.interventions import create_intervention, image_key
 from core.metrics import age_band, source_report
 from core.predictor import Predictor
+from core.run_files import AcquisitionSection, Metrics, OODSummary, SourceColours, StressSection
 from core.runs import (
     CONFIG_FILE,
     EXTERNAL_PREFIX,
@@ -262,11 +263,11 @@ def with_image_paths(similar: pd.DataFrame, data_dir: Path | None) -> pd.DataFra
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _ood_summary(run: str, stamp: float) -> dict:
+def _ood_summary(run: str, stamp: float) -> OODSummary:
     return read_ood_summary(run)
 
 
-def ood_summary(run: Path) -> dict | None:
+def ood_summary(run: Path) -> OODSummary | None:
     try:
         return _ood_summary(str(run), _run_stamp(run))
     except RunError:
@@ -274,11 +275,11 @@ def ood_summary(run: Path) -> dict | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _stress_summary(run: str, split: str, stamp: float) -> dict:
+def _stress_summary(run: str, split: str, stamp: float) -> StressSection:
     return read_stress_summary(run, split)
 
 
-def stress_summary(run: Path, split: str = "test") -> dict | None:
+def stress_summary(run: Path, split: str = "test") -> StressSection | None:
     try:
         return _stress_summary(str(run), split, _run_stamp(run))
     except RunError:
@@ -299,11 +300,11 @@ def acquisition_table(run: Path, split: str = "test") -> pd.DataFrame | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _acquisition_summary(run: str, split: str, stamp: float) -> dict:
+def _acquisition_summary(run: str, split: str, stamp: float) -> AcquisitionSection:
     return read_acquisition_summary(run, split)
 
 
-def acquisition_summary(run: Path, split: str = "test") -> dict | None:
+def acquisition_summary(run: Path, split: str = "test") -> AcquisitionSection | None:
     try:
         return _acquisition_summary(str(run), split, _run_stamp(run))
     except RunError:
@@ -311,11 +312,11 @@ def acquisition_summary(run: Path, split: str = "test") -> dict | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def acquired_view(path: str, name: str, source: str | None, colours: dict[str, dict], size: int, crop: str = "square",
-                  corner_mask: float | None = None) -> np.ndarray:
+def acquired_view(path: str, name: str, source: str | None, colours: dict[str, SourceColours], size: int,
+                  crop: str = "square", corner_mask: float | None = None) -> np.ndarray:
     """A photo re-taken with one acquisition edit exactly as ``train.py stress --suite acquisition`` took it (the
     file's pixels edited, then cropped and resized as the model sees them, as :func:`model_view`)."""
-    stats = {s: ColourStats(tuple(c["mean"]), tuple(c["std"])) for s, c in colours.items()}
+    stats = {s: ColourStats(tuple(c.mean), tuple(c.std)) for s, c in colours.items()}
     view = retaken_view(np.asarray(open_rgb(path)), create_edits([name], stats)[0], source,
                         resize_transform(size, crop))
     return (view if corner_mask is None else CornerMask(corner_mask)(view)).permute(1, 2, 0).numpy().copy()
@@ -414,11 +415,11 @@ def run_lineage(run: Path) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _metrics(run: str, stamp: float) -> dict:
+def _metrics(run: str, stamp: float) -> Metrics:
     return read_metrics(run)
 
 
-def run_metrics(run: Path) -> dict:
+def run_metrics(run: Path) -> Metrics:
     return _metrics(str(run), _run_stamp(run))
 
 

@@ -66,7 +66,7 @@ def current_run() -> Path:
 def run_thresholds(run: Path) -> dict[str, float]:
     """The run's operating points chosen on val; empty if it was never evaluated."""
     try:
-        return {name: float(value) for name, value in loaders.run_metrics(run)["thresholds"].items()}
+        return {name: float(value) for name, value in loaders.run_metrics(run).thresholds.items()}
     except RunError:
         return {}
 

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import metrics
 from core.interventions import CORNER_INTERVENTIONS
+from core.run_files import frame
 from dashboard import acquisition_panel, charts, gallery, loaders, state
 from dashboard.labels import readable
 
@@ -70,11 +71,11 @@ if ood is not None and "out_of_distribution" in cases:
     by_result = cases.assign(result=cases["correct"].map({True: "correct", False: "mistake"}))
     wrong = ~cases["correct"]
     st.markdown(
-        f"Each image's distance to the training images ({ood['method']} in the model's embedding, "
-        f"`train.py index`; flagged above {ood['threshold']:.3f}"
-        + (f", or when its style statistics are farther than {ood['style_threshold']:.3f}: together "
-           f"{100 - ood['percentile']:g} % of val" if "style_threshold" in ood else
-           f", the val split's {ood['percentile']:g}th percentile")
+        f"Each image's distance to the training images ({ood.method} in the model's embedding, "
+        f"`train.py index`; flagged above {ood.threshold:.3f}"
+        + (f", or when its style statistics are farther than {ood.style_threshold:.3f}: together "
+           f"{100 - ood.percentile:g} % of val" if ood.style_threshold is not None else
+           f", the val split's {ood.percentile:g}th percentile")
         + f"). At threshold {threshold:.3f}: **{cases['out_of_distribution'][wrong].mean():.1%} "
         f"of the mistakes** are flagged against {cases['out_of_distribution'][~wrong].mean():.1%} of the correct "
         f"decisions; median distance {cases['ood_score'][wrong].median():.3f} vs "
@@ -82,7 +83,7 @@ if ood is not None and "out_of_distribution" in cases:
     left, right = st.columns([1, 2])
     left.altair_chart(charts.rate_bars(by_result, "result", "Unlike training: mistakes vs correct",
                                        flag="out_of_distribution"), width="stretch")
-    right.altair_chart(charts.score_by_group_chart(by_result, "ood_score", "result", ood["threshold"]),
+    right.altair_chart(charts.score_by_group_chart(by_result, "ood_score", "result", ood.threshold),
                        width="stretch")
 
 summary = loaders.stress_summary(run, split)
@@ -94,18 +95,18 @@ if has_stress and summary is not None:
         f"lesion mask's pixels are kept), with the run's own preprocessing, TTA and calibration "
         f"(`train.py stress`). **{dependent.sum():,} of {len(cases):,} decisions ({dependent.mean():.1%}) depend on "
         f"the corners** at threshold {threshold:.3f}: covering them with skin colour or adding a dermoscope "
-        f"vignette flips them or moves p by ≥ {summary['corner_dependent']['min_delta']}. The table's flips are at "
-        f"the val Youden threshold ({summary['threshold_youden_val']:.3f}), where `train.py stress` reads them.")
-    rows = [{"intervention": "none (clean)", "AUROC": summary["clean"]["auroc"],
-             "sensitivity": summary["clean"]["sensitivity"], "specificity": summary["clean"]["specificity"]}]
-    for name, row in summary["interventions"].items():
-        low, high = row["auroc_change_ci"]
-        rows.append({"intervention": name, "AUROC": row["auroc"],
-                     "AUROC change (95 % CI)": f"{row['auroc_change']:+.3f} ({low:+.3f} to {high:+.3f})",
-                     "flipped": row["flipped"], "benign → malignant": row["to_malignant"],
-                     "malignant → benign": row["to_benign"], "mean Δp": row["mean_delta_p"],
-                     "mean |Δp|": row["mean_abs_delta_p"], "sensitivity": row["sensitivity"],
-                     "specificity": row["specificity"]})
+        f"vignette flips them or moves p by ≥ {summary.corner_dependent.min_delta}. The table's flips are at "
+        f"the val Youden threshold ({summary.threshold_youden_val:.3f}), where `train.py stress` reads them.")
+    rows = [{"intervention": "none (clean)", "AUROC": summary.clean.auroc,
+             "sensitivity": summary.clean.sensitivity, "specificity": summary.clean.specificity}]
+    for name, row in summary.interventions.items():
+        low, high = row.auroc_change_ci
+        rows.append({"intervention": name, "AUROC": row.auroc,
+                     "AUROC change (95 % CI)": f"{row.auroc_change:+.3f} ({low:+.3f} to {high:+.3f})",
+                     "flipped": row.flipped, "benign → malignant": row.to_malignant,
+                     "malignant → benign": row.to_benign, "mean Δp": row.mean_delta_p,
+                     "mean |Δp|": row.mean_abs_delta_p, "sensitivity": row.sensitivity,
+                     "specificity": row.specificity})
     shares = ["flipped", "benign → malignant", "malignant → benign", "sensitivity", "specificity"]
     st.dataframe(pd.DataFrame(rows).style.format("{:.1%}", subset=shares, na_rep="")
                  .format("{:.3f}", subset=["AUROC"]).format("{:+.3f}", subset=["mean Δp"], na_rep="")
@@ -118,9 +119,9 @@ if has_stress and summary is not None:
                                         flag="corner_dependent"), width="stretch")
 
     st.subheader("Decisions an artifact changes, largest |Δp| first")
-    name = st.selectbox("Intervention", list(summary["interventions"]), key="stress_intervention",
-                        index=list(summary["interventions"]).index("corner_fill")
-                        if "corner_fill" in summary["interventions"] else 0)
+    name = st.selectbox("Intervention", list(summary.interventions), key="stress_intervention",
+                        index=list(summary.interventions).index("corner_fill")
+                        if "corner_fill" in summary.interventions else 0)
     changed = cases.assign(delta=(cases[f"p_{name}"] - cases["probability"]))
     changed = changed[(changed[f"p_{name}"] >= threshold) != (changed["probability"] >= threshold)]
     changed = changed.reindex(changed["delta"].abs().sort_values(ascending=False).index)
@@ -129,35 +130,35 @@ if has_stress and summary is not None:
         opacity = st.session_state.get(gallery.OPACITY_KEY, 0.5)
         for _, row in gallery.page_of(changed, "stress_page", STRESS_PER_PAGE).iterrows():
             with st.container(border=True):
-                gallery.intervention_case(row, run, split, view, name, summary["seed"], opacity)
+                gallery.intervention_case(row, run, split, view, name, summary.seed, opacity)
 
     st.subheader("Does the Grad-CAM see it?")
-    validation = summary.get("cam_validation")
+    validation = summary.cam_validation
     if validation:
-        cam_rows = [{"intervention": key, "Spearman ρ (corner share vs |Δp|)": value["spearman_abs_delta_p"],
-                     "AUROC of corner share for a flip": value["auroc_flipped"], "flips": value["flipped"],
-                     "flips the CAM flag caught": value["cam_flag_among_flipped"]}
-                    for key, value in validation.items() if key in CORNER_INTERVENTIONS]
+        cam_rows = [{"intervention": key, "Spearman ρ (corner share vs |Δp|)": value.spearman_abs_delta_p,
+                     "AUROC of corner share for a flip": value.auroc_flipped, "flips": value.flipped,
+                     "flips the CAM flag caught": value.cam_flag_among_flipped}
+                    for key, value in validation.interventions.items() if key in CORNER_INTERVENTIONS]
         st.dataframe(pd.DataFrame(cam_rows).style.format(precision=3), hide_index=True, key="cam_validation")
         st.caption(f"AUROC of the CAM's corner share for the corner-dependence flag: "
-                   f"{validation['corner_dependent']['auroc']:.3f} (0.5 = chance). A CAM that showed what the model "
+                   f"{validation.corner_dependent.auroc:.3f} (0.5 = chance). A CAM that showed what the model "
                    "uses would rank the images whose decision the corners change first.")
     else:
         st.info(f"Run `python train.py explain --run {run} --split test`, then `train.py stress` again, to compare "
                 "the CAM with the interventions.")
-    dark = summary.get("dark_corners_train")
+    dark = summary.dark_corners_train
     if dark:
         st.subheader("Why a model learns the ring: dark corners and the label (training split)")
-        quantiles = pd.DataFrame(dark["malignant_share_by_quantile"]).rename(
+        quantiles = frame(dark.malignant_share_by_quantile).rename(
             columns={"low": "dark-corner score from", "high": "to", "n": "images", "malignant": "malignant share"})
-        by_dx = pd.DataFrame(dark["by_dx"]).T.rename_axis("dx").reset_index()
+        by_dx = frame(dark.by_dx).rename_axis("dx").reset_index()
         left, right = st.columns(2)
         left.dataframe(quantiles.style.format({"dark-corner score from": "{:.3f}", "to": "{:.3f}",
                                                "malignant share": "{:.1%}"}), hide_index=True, key="dark_quantiles")
         right.dataframe(by_dx.style.format({"n": "{:,.0f}", "mean": "{:.3f}", "median": "{:.3f}"}), hide_index=True,
                         key="dark_by_dx")
-        st.caption(f"AUROC of the dark-corner score alone for malignancy on the {dark['n']:,} training images: "
-                   f"{dark['auroc_dark_corners_for_label']:.3f} (0.5 = no information).")
+        st.caption(f"AUROC of the dark-corner score alone for malignancy on the {dark.n:,} training images: "
+                   f"{dark.auroc_dark_corners_for_label:.3f} (0.5 = no information).")
 
 if internal:
     acquisition_panel.acquisition_section(run, split, cases, threshold, view)

@@ -74,18 +74,18 @@ except RunError as err:
     st.info(str(err))
 else:
     rows = []
-    for split in ("val", "test"):
-        part = report[split]
-        low, high = part["auroc_ci"]
-        for name, at in part["at_threshold"].items():
-            rows.append({"split": split, "AUROC (95 % CI)": f"{part['auroc']:.3f} ({low:.3f}–{high:.3f})",
-                         "threshold": f"{state.PRESET_LABELS.get(name, name)} = {at['threshold']:.3f}",
-                         **{k: at[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "macro_f1",
-                                               "ppv", "npv", "tp", "fp", "fn", "tn")}})
+    for split, part in (("val", report.val), ("test", report.test)):
+        low, high = part.auroc_ci
+        for name, at in part.at_threshold.items():
+            rows.append({"split": split, "AUROC (95 % CI)": f"{part.auroc:.3f} ({low:.3f}–{high:.3f})",
+                         "threshold": f"{state.PRESET_LABELS.get(name, name)} = {at.threshold:.3f}",
+                         "sensitivity": at.sensitivity, "specificity": at.specificity,
+                         "balanced_accuracy": at.balanced_accuracy, "macro_f1": at.macro_f1, "ppv": at.ppv,
+                         "npv": at.npv, "tp": at.tp, "fp": at.fp, "fn": at.fn, "tn": at.tn})
     st.dataframe(readable(pd.DataFrame(rows)).style.format(precision=3), hide_index=True, key="metrics_table")
     st.caption("Thresholds are chosen on val and applied unchanged to test. CIs: 2,000 bootstrap resamples.")
-    if "calibration_test" in report:
-        st.altair_chart(charts.calibration_chart(report["calibration_test"]))
+    if report.calibration_test is not None:
+        st.altair_chart(charts.calibration_chart(report.calibration_test))
 
 with st.expander("Resolved config (config.yaml)"):
     st.code((run / CONFIG_FILE).read_text(), language="yaml")

@@ -3,7 +3,6 @@ moves one source's typical colours onto another's and leaves a source's own imag
 edit against the neutral-edit floor; then the real CLI on a few images of the shipped model."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import torch
 import train
 from core import acquisition
 from core.acquisition import EDITS, NEUTRAL_EDITS, ColourMatch, ColourStats, create_edits, image_colour
-from core.runs import DEFAULT_RUN, RunError, read_acquisition, read_acquisition_summary
+from core.runs import DEFAULT_RUN, RunError, read_acquisition, read_acquisition_summary, read_metrics
 from core.stress import edited_probabilities, stress_table, summarize_acquisition
 from tests.helpers import run_main
 
@@ -199,23 +198,23 @@ def acquired_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_writes_the_table_and_a_summary_that_matches_it(acquired_run: Path) -> None:
     table = read_acquisition(acquired_run, "test")
     summary = read_acquisition_summary(acquired_run, "test")
-    assert summary["n"] == 12 and summary["limit"] == 12 and summary["split_size"] == 1500
-    assert list(summary["edits"]) == ["jpeg_90", "shift_2px", "jpeg_30", "colour_rosendahl"]
+    assert summary.n == 12 and summary.limit == 12 and summary.split_size == 1500
+    assert list(summary.edits) == ["jpeg_90", "shift_2px", "jpeg_30", "colour_rosendahl"]
     counts = table.groupby("intervention").size()
     assert counts["jpeg_30"] == 12
     # Rosendahl's own images are not re-coloured as Rosendahl's.
     assert counts["colour_rosendahl"] == 12 - (table.drop_duplicates("image_id")["source"] == "rosendahl").sum()
     assert not (table[table["intervention"] == "colour_rosendahl"]["source"] == "rosendahl").any()
-    threshold = json.loads((acquired_run / "metrics.json").read_text())["thresholds"]["youden"]
+    threshold = read_metrics(acquired_run).thresholds["youden"]
     assert (table["flipped"] == ((table["p"] >= threshold) != (table["p_clean"] >= threshold))).all()
     predictions = pd.read_csv(acquired_run / "predictions_test.csv", dtype={"image_id": str}).set_index("image_id")
     clean = table.drop_duplicates("image_id").set_index("image_id")["p_clean"]
     # The clean image goes the file → crop → resize road, as evaluation's does: the same p.
     assert np.allclose(clean, predictions.loc[clean.index, "probability"], atol=1e-5)
-    for name, row in summary["edits"].items():
-        assert row["flipped"] == pytest.approx(table[table["intervention"] == name]["flipped"].mean()), name
-    assert summary["floor"]["rate"] == max(summary["edits"][n]["flipped"] for n in ("jpeg_90", "shift_2px"))
-    assert set(summary["source_colours"]) == {"rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"}
+    for name, row in summary.edits.items():
+        assert row.flipped == pytest.approx(table[table["intervention"] == name]["flipped"].mean()), name
+    assert summary.floor.rate == max(summary.edits[n].flipped for n in ("jpeg_90", "shift_2px"))
+    assert set(summary.source_colours) == {"rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"}
 
 
 def test_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

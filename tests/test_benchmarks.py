@@ -191,8 +191,8 @@ def test_corner_screen_averages_members_then_reads_flips_at_each_combination_s_o
 
 def test_corner_rule_reads_the_committed_stress_summary() -> None:
     code, out, err = run_main(corner_rule.main, "--candidates", "models/default")
-    summary = corner_rule.runs.read_stress_summary("models/default", "val")["interventions"]
-    shares = [summary[name]["flipped"] for name in ("vignette_light", "vignette", "vignette_strong", "corner_fill")]
+    summary = corner_rule.runs.read_stress_summary("models/default", "val").interventions
+    shares = [summary[name].flipped for name in ("vignette_light", "vignette", "vignette_strong", "corner_fill")]
     assert code == 0, err
     for share in shares:
         assert f"{share:.4f}" in out

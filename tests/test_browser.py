@@ -131,7 +131,7 @@ def _cell(tab, name: str) -> int:
 def test_dragging_the_threshold_moves_the_confusion_matrix(page, app_url: str) -> None:
     open_page(page, app_url, "threshold")
     frame = read_predictions(DEFAULT_RUN, "test")
-    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    youden = read_metrics(DEFAULT_RUN).thresholds["youden"]
     before = metrics.binary_metrics(frame["label"], frame["probability"], youden)
     assert (_cell(page, "TP"), _cell(page, "FN")) == (before["tp"], before["fn"])
 
@@ -159,7 +159,7 @@ def test_dragging_the_threshold_moves_the_confusion_matrix(page, app_url: str) -
 def test_filtering_the_browser(page, app_url: str) -> None:
     open_page(page, app_url, "browse")
     frame = read_predictions(DEFAULT_RUN, "test")
-    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    youden = read_metrics(DEFAULT_RUN).thresholds["youden"]
     false_negatives = (metrics.outcomes(frame["label"], frame["probability"], youden) == "FN").sum()
     page.get_by_text(f"{len(frame):,} of {len(frame):,} images match").wait_for()
     page.locator("[data-testid=stMain] button", has_text=re.compile(r"^FN$")).click()
@@ -172,7 +172,7 @@ def test_filtering_the_browser(page, app_url: str) -> None:
 
 
 def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url: str) -> None:
-    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    youden = read_metrics(DEFAULT_RUN).thresholds["youden"]
     frame = corner_dependence(youden)
     open_page(page, app_url, "browse")
     page.locator("[data-testid=stMain] button", has_text=re.compile(r"^depends on corners$")).click()
@@ -183,7 +183,7 @@ def test_the_browser_filters_decisions_that_depend_on_the_corners(page, app_url:
 
 
 def test_the_audit_shows_the_stress_test(page, app_url: str) -> None:
-    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    youden = read_metrics(DEFAULT_RUN).thresholds["youden"]
     frame = corner_dependence(youden)
     open_page(page, app_url, "audit")
     heading = page.get_by_role("heading", name="Artifact stress test")
@@ -205,7 +205,7 @@ def test_the_audit_shows_the_acquisition_stress_test(page, app_url: str) -> None
     open_page(page, app_url, "audit")
     heading = page.get_by_role("heading", name="Acquisition stress test: would another camera change the decision?")
     heading.scroll_into_view_if_needed()
-    page.get_by_text(f"{summary['decisions']['changed_by_a_camera_edit']:.1%} of the decisions change").wait_for()
+    page.get_by_text(f"{summary.decisions.changed_by_a_camera_edit:.1%} of the decisions change").wait_for()
     page.locator("svg text", has_text="Flip rate of each acquisition edit against its neutral-edit floor").wait_for()
     page.get_by_text("re-taken: ").first.wait_for()
     settle(page)
@@ -243,7 +243,7 @@ def test_an_evaluated_external_set_is_chosen_in_the_sidebar_and_shows_its_roc(pa
     page.get_by_text("Shift check against val").wait_for()
     page.locator("svg text", has_text=re.compile(r"^ROC$")).first.wait_for()
     frame = read_predictions(external_run, "external_clinic_x")
-    youden = read_metrics(external_run)["thresholds"]["youden"]
+    youden = read_metrics(external_run).thresholds["youden"]
     expected = metrics.binary_metrics(frame["label"], frame["probability"], youden)
     wanted = [expected[k] for k in ("tp", "fp", "fn", "tn")]
     for _ in range(40):  # the caption changes first; under load Vega redraws the matrix a moment later

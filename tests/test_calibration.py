@@ -2,7 +2,6 @@
 every prediction path, changing no decision at the val-chosen thresholds, and writing nothing when it fails."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 from sklearn.metrics import log_loss
 
 import train
+from core import runs
 from core.calibration import IDENTITY, apply_platt, fit_platt
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
@@ -72,7 +72,7 @@ def small_default_run(ham, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_calibrate_run_fits_on_val_and_keeps_decisions(small_default_run: Path) -> None:
     run = small_default_run
-    before = json.loads((run / "metrics.json").read_text())
+    before = runs.read_metrics(run)
     val_before = pd.read_csv(run / "predictions_val.csv")
     test_before = pd.read_csv(run / "predictions_test.csv")
     _, after = calibrate_run(run, "cpu")
@@ -81,11 +81,12 @@ def test_calibrate_run_fits_on_val_and_keeps_decisions(small_default_run: Path) 
     # Maximum likelihood on val: never worse than what it started from.
     assert log_loss(val_after["label"], val_after["probability"]) <= log_loss(val_before["label"],
                                                                             val_before["probability"]) + 1e-9
-    assert after["run"]["calibration"] == yaml.safe_load((run / "config.yaml").read_text())["calibration"]
-    assert after["test"]["auroc"] == pytest.approx(before["test"]["auroc"], abs=1e-9)
+    assert after.run is not None
+    assert after.run.calibration == yaml.safe_load((run / "config.yaml").read_text())["calibration"]
+    assert after.test.auroc == pytest.approx(before.test.auroc, abs=1e-9)
     for name in ("youden", "sens95"):  # thresholds re-chosen on the calibrated val: the same cases either side
-        decided_before = test_before["probability"] >= before["thresholds"][name]
-        decided_after = test_after["probability"] >= after["thresholds"][name]
+        decided_before = test_before["probability"] >= before.thresholds[name]
+        decided_after = test_after["probability"] >= after.thresholds[name]
         assert (decided_before == decided_after).all(), name
     # The Predictor applies the same calibration as evaluation did.
     image = pd.read_csv(run / "split.csv").query("split == 'test'")["image_id"].iloc[0]
@@ -94,7 +95,7 @@ def test_calibrate_run_fits_on_val_and_keeps_decisions(small_default_run: Path) 
     assert got == pytest.approx(test_after.set_index("image_id").loc[image, "probability"], abs=2e-3)
     # Fitted on the raw probabilities: calibrating again gives the same (a, b), never a stacked one.
     _, again = calibrate_run(run, "cpu")
-    assert again["run"]["calibration"] == pytest.approx(after["run"]["calibration"], abs=1e-9)
+    assert again.run is not None and again.run.calibration == pytest.approx(after.run.calibration, abs=1e-9)
 
 
 def test_a_failed_calibration_writes_nothing(small_default_run: Path) -> None:

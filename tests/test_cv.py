@@ -1,14 +1,13 @@
 """`train.py cv`: fold files validated, fold splits built right, a tiny real 3-fold run summarised and resumable."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import train
-from core import cv, metrics
+from core import cv, metrics, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError
 from core.split import read_folds, read_split
@@ -70,9 +69,9 @@ def test_three_fold_cv_end_to_end(ham_dir: Path, tmp_path: Path, monkeypatch: py
     table = pd.read_csv(out / "cv_folds.csv")
     assert list(table["fold"]) == [0, 1, 2]
     for k in range(3):  # each fold is a full run directory, evaluated on its own held-out fold
-        report = json.loads((out / f"fold{k}" / "metrics.json").read_text())
-        assert report["val"]["n"] == (_small_folds()["fold"] == k).sum() and report["test"]["n"] == 40
-        assert table.loc[k, "test_auroc"] == pytest.approx(report["test"]["auroc"], abs=1e-6)
+        report = runs.read_metrics(out / f"fold{k}")
+        assert report.val.n == (_small_folds()["fold"] == k).sum() and report.test.n == 40
+        assert table.loc[k, "test_auroc"] == pytest.approx(report.test.auroc, abs=1e-6)
     summary = pd.read_csv(out / "cv_summary.csv").set_index("metric")
     assert summary.loc["test_auroc", "mean"] == pytest.approx(table["test_auroc"].mean(), abs=1e-6)
     assert summary.loc["test_auroc", "sd"] == pytest.approx(table["test_auroc"].std(ddof=1), abs=1e-6)
@@ -118,11 +117,11 @@ def test_leave_one_source_out_end_to_end(ham_dir: Path, ham: pd.DataFrame, tmp_p
     assert (fold[fold["split"] == "test"]["source"] == "rosendahl").all()
     assert not (fold[fold["split"] != "test"]["source"] == "rosendahl").any()
     assert (fold["split"] == "test").sum() == 2 * (8 + 5 + 4)  # every Rosendahl image of the split
-    report = json.loads((out / "without_rosendahl" / "metrics.json").read_text())
-    assert report["test"]["n"] == 34 and report["val"]["n"] == 10
+    report = runs.read_metrics(out / "without_rosendahl")
+    assert report.test.n == 34 and report.val.n == 10
     table = pd.read_csv(out / "cv_sources.csv")
     assert list(table["held_out"]) == ["rosendahl"] and table.loc[0, "test_n"] == 34
-    assert table.loc[0, "test_auroc"] == pytest.approx(report["test"]["auroc"], abs=1e-6)
+    assert table.loc[0, "test_auroc"] == pytest.approx(report.test.auroc, abs=1e-6)
     assert table.loc[0, "test_malignant_share"] == pytest.approx(0.5)
     # Its images of the original test split alone, to set beside a model trained on every source.
     predictions = pd.read_csv(out / "without_rosendahl" / "predictions_test.csv", dtype={"image_id": str})

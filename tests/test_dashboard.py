@@ -180,7 +180,7 @@ def _expected(split: str, threshold: float) -> tuple[int, int, int, int]:
 
 def test_threshold_slider_moves_the_confusion_matrix() -> None:
     at = open_page("threshold")
-    youden = read_metrics(DEFAULT_RUN)["thresholds"]["youden"]
+    youden = read_metrics(DEFAULT_RUN).thresholds["youden"]
     assert at.sidebar.slider[0].value == pytest.approx(youden, abs=1e-4)
     assert _confusion(at) == _expected("test", youden)
     at.sidebar.slider[0].set_value(0.5).run()
@@ -190,7 +190,7 @@ def test_threshold_slider_moves_the_confusion_matrix() -> None:
 
 def test_presets_and_the_val_split() -> None:
     at = open_page("threshold")
-    sens95 = read_metrics(DEFAULT_RUN)["thresholds"]["sens95"]
+    sens95 = read_metrics(DEFAULT_RUN).thresholds["sens95"]
     at.button(key="preset-sens95").click().run()
     assert at.sidebar.slider[0].value == pytest.approx(sens95, abs=1e-4)
     tp, fp, fn, tn = _confusion(at)
@@ -283,9 +283,9 @@ def test_audit_shows_the_stress_test_and_paints_what_it_measured(ham_dir: Path) 
     summary = read_stress_summary(DEFAULT_RUN, "test")
     assert any(f"{frame['dependent'].sum():,} of 1,500 decisions" in m.value for m in at.markdown)
     table = _table_with(at, "AUROC change (95 % CI)")
-    assert list(table["intervention"]) == ["none (clean)", *summary["interventions"]]
-    assert table.set_index("intervention").loc["corner_fill", "flipped"] == summary["interventions"][
-        "corner_fill"]["flipped"]
+    assert list(table["intervention"]) == ["none (clean)", *summary.interventions]
+    assert table.set_index("intervention").loc["corner_fill", "flipped"] == summary.interventions[
+        "corner_fill"].flipped
     # The flipped cases at 0.3, largest |Δp| first; each is painted again now and must score what the test stored.
     flips = frame[(frame["p_corner_fill"] >= 0.3) != (frame["probability"] >= 0.3)]
     assert any(f"**{len(flips):,}** decisions flip at 0.300" in m.value for m in at.markdown)
@@ -576,10 +576,10 @@ def test_audit_shows_the_acquisition_stress_test_and_retakes_what_it_measured(ha
     assert not at.exception and not at.error
     summary = read_acquisition_summary(DEFAULT_RUN, "test")
     table = _table_with(at, "× floor")
-    assert list(table["edit"]) == list(summary["edits"])
-    worst = summary["holds"]["worst"]
-    assert table.set_index("edit").loc[worst, "flipped"] == summary["edits"][worst]["flipped"]
-    assert any("of the split's 1,500 images" in m.value and f"{summary['floor']['rate']:.1%}" in m.value
+    assert list(table["edit"]) == list(summary.edits)
+    worst = summary.holds.worst
+    assert worst is not None and table.set_index("edit").loc[worst, "flipped"] == summary.edits[worst].flipped
+    assert any("of the split's 1,500 images" in m.value and f"{summary.floor.rate:.1%}" in m.value
                for m in at.markdown)
     # The decisions the worst edit flips at 0.3 (the sidebar's threshold, not the summary's), largest |Δp| first.
     stored = read_acquisition(DEFAULT_RUN, "test")
@@ -605,7 +605,7 @@ def test_the_retaken_view_scores_what_the_acquisition_test_stored(ham_dir: Path)
     for name in ("jpeg_30", "colour_vidir_molemax"):
         row = stored[stored["intervention"] == name].iloc[0]
         view = loaders.acquired_view(str(ham_dir / "images" / f"{row['image_id']}.jpg"), name, row["source"],
-                                     summary["source_colours"], size, crop)
+                                     summary.source_colours, size, crop)
         p = predictor.predict_view(torch.from_numpy(view).permute(2, 0, 1)).probability
         assert p == pytest.approx(row["p"], abs=1e-4), name
 

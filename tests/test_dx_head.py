@@ -2,7 +2,6 @@
 tiny real fit through train, evaluate, Predictor and explain."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
+from core import runs
 from core.explain import MalignantTarget
 from core.fit import fit
 from core.losses import SoftmaxFocalLoss, create_loss
@@ -78,8 +78,8 @@ def test_training_targets() -> None:
 
 def test_tiny_dx_head_fit_predicts_and_explains(tiny_config, ham_dir: Path, tmp_path: Path) -> None:
     run = fit(tiny_config(head="dx", epochs=1, head_warmup_epochs=0), tmp_path / "dx")
-    report = json.loads((run / "metrics.json").read_text())
-    assert 0 <= report["test"]["auroc"] <= 1 and report["test"]["n"] == SMALL_SPLIT["test"]
+    report = runs.read_metrics(run)
+    assert 0 <= report.test.auroc <= 1 and report.test.n == SMALL_SPLIT["test"]
     history = pd.read_csv(run / "history.csv")
     assert history["val_loss"].notna().all()
     predictor = Predictor.load(run)

@@ -42,19 +42,20 @@ def test_run_directory_holds_everything(tiny_run: Path) -> None:
 
 
 def test_predictions_and_metrics_are_consistent(tiny_run: Path) -> None:
-    report = json.loads((tiny_run / "metrics.json").read_text())
+    report = runs.read_metrics(tiny_run)
     test = pd.read_csv(tiny_run / "predictions_test.csv")
     assert list(test.columns[:5]) == ["image_id", "lesion_id", "dx", "label", "probability"]
     assert len(test) == SMALL_SPLIT["test"] and test["probability"].between(0, 1).all()
     from sklearn.metrics import roc_auc_score
     # The CSV rounds probabilities to 6 decimals, which can tie a few near-equal scores of a barely trained model.
-    assert report["test"]["auroc"] == pytest.approx(roc_auc_score(test["label"], test["probability"]), abs=1e-5)
-    assert set(report["thresholds"]) == {"0.5", "youden", "sens95"}
+    assert report.test.auroc == pytest.approx(roc_auc_score(test["label"], test["probability"]), abs=1e-5)
+    assert set(report.thresholds) == {"0.5", "youden", "sens95"}
     # Where each image was taken (HAM10000's dataset) is carried into the predictions and reported per source.
-    sources = report["sources_test"]
-    assert set(sources["sources"]) == set(test["source"]) and sum(r["n"] for r in sources["sources"].values()) == 48
-    within = [r["auroc"] for r in sources["sources"].values() if r["auroc"] is not None]
-    assert sources["stratified_auroc"] == pytest.approx(sum(within) / len(within))
+    sources = report.sources_test
+    assert sources is not None and set(sources.sources) == set(test["source"])
+    assert sum(r.n for r in sources.sources.values()) == 48
+    within = [r.auroc for r in sources.sources.values() if r.auroc is not None]
+    assert sources.stratified_auroc == pytest.approx(sum(within) / len(within))
 
 
 def test_checkpoint_round_trips_to_identical_predictions(tiny_run: Path, ham_dir: Path) -> None:
@@ -315,9 +316,8 @@ def test_explain_command_on_twenty_images(tiny_run: Path) -> None:
     store = np.load(tiny_run / "cams_test.npz")
     assert store["cam"].shape == (20, 56, 56) and store["cam"].dtype == np.uint8
     assert list(store["image_id"]) == table["image_id"].tolist()
-    summary = json.loads((tiny_run / "attention_summary.json").read_text())
-    assert summary["n"] == 20 and {"flagged", "by_correctness", "by_dx", "auroc", "deletion_top20_change",
-                                   "background_lesion_ratio_by_dx", "corner_vs_dark_corners_spearman"} <= set(summary)
+    summary = runs.read_attention_summary(tiny_run)
+    assert summary.n == 20 and summary.flagged.n == 20 and set(summary.by_correctness) <= {"correct", "incorrect"}
 
 
 def test_predictor_explains(tiny_run: Path, ham: pd.DataFrame) -> None:

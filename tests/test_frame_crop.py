@@ -2,7 +2,6 @@
 the stored CAMs and the dashboard pages all use the frame's (H, W), never a square."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import train
-from core import audit
+from core import audit, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.fit import fit
@@ -40,8 +39,8 @@ def test_fit_trains_and_evaluates_on_the_whole_frame(frame_run: Path) -> None:
     assert cfg.crop == "frame" and SHAPE == (64, 88)
     images = preload_images(load_splits(cfg)["test"]["path"].head(3).tolist(), cfg.input_size, cfg.crop)
     assert images.shape == (3, 3, *SHAPE)
-    report = json.loads((frame_run / "metrics.json").read_text())
-    assert 0 <= report["test"]["auroc"] <= 1
+    report = runs.read_metrics(frame_run)
+    assert 0 <= report.test.auroc <= 1
     assert len(pd.read_csv(frame_run / "predictions_test.csv")) == SMALL_SPLIT["test"]
 
 

@@ -125,18 +125,18 @@ def test_scores_and_summary_are_written_for_val_and_test(small_run: Path, ham_di
     summary = read_ood_summary(small_run)
     test = read_ood_scores(small_run, "test")
     assert len(test) == 30 and len(read_ood_scores(small_run, "val")) == 30
-    assert summary["flag_rate"]["test"] == pytest.approx(test["out_of_distribution"].mean())
+    assert summary.flag_rate["test"] == pytest.approx(test["out_of_distribution"].mean())
     # Flagged when either distance is above its threshold, both at the val percentile where the union flags 5 %.
-    assert (test["out_of_distribution"] == ((test["ood_score"] > summary["threshold"])
-                                            | (test["style_score"] > summary["style_threshold"]))).all()
-    assert summary["union_percentile"] >= summary["percentile"]
+    assert (test["out_of_distribution"] == ((test["ood_score"] > summary.threshold)
+                                            | (test["style_score"] > summary.style_threshold))).all()
+    assert summary.union_percentile is not None and summary.union_percentile >= summary.percentile
     # The Predictor gives a test image the score train.py index wrote for it.
     row = test.iloc[3]
     result = Predictor.load(small_run).predict(ham_dir / "images" / f"{row['image_id']}.jpg")
     assert result.ood_score == pytest.approx(row["ood_score"], rel=1e-3)
     assert result.style_score == pytest.approx(row["style_score"], rel=1e-3)
-    mistakes = summary["mistakes_test"]
-    assert 0 <= mistakes["flag_rate_mistakes"] <= 1 and mistakes["n"] >= 0
+    mistakes = summary.mistakes_test
+    assert 0 <= mistakes.flag_rate_mistakes <= 1 and mistakes.n >= 0
 
 
 def test_an_index_of_another_run_is_refused(small_run: Path, tmp_path: Path) -> None:
@@ -201,10 +201,10 @@ def shipped() -> Predictor:
 
 def test_the_shipped_run_flags_few_of_its_own_test_split(shipped: Predictor) -> None:
     summary = read_ood_summary(DEFAULT_RUN)
-    assert summary["flag_rate"]["val"] == pytest.approx(1 - summary["percentile"] / 100, abs=0.002)
+    assert summary.flag_rate["val"] == pytest.approx(1 - summary.percentile / 100, abs=0.002)
     # In distribution: the val rate within its binomial noise on 1,500 images (two standard errors, 1.1 points).
-    assert summary["flag_rate"]["test"] <= 0.05 + 2 * (0.05 * 0.95 / 1500) ** 0.5
-    assert shipped.ood is not None and shipped.ood.threshold == pytest.approx(summary["threshold"])
+    assert summary.flag_rate["test"] <= 0.05 + 2 * (0.05 * 0.95 / 1500) ** 0.5
+    assert shipped.ood is not None and shipped.ood.threshold == pytest.approx(summary.threshold)
     assert (DEFAULT_RUN / INDEX_FILE).stat().st_size < 6_000_000  # committed: a few MB
 
 

@@ -15,7 +15,7 @@ from core.runs import DEFAULT_RUN, read_metrics, read_predictions
 
 def test_a_loaded_run_predicts_as_evaluation_did(ham) -> None:
     run = load(DEFAULT_RUN)
-    assert run.thresholds == read_metrics(DEFAULT_RUN)["thresholds"]
+    assert run.thresholds == read_metrics(DEFAULT_RUN).thresholds
     stored = read_predictions(DEFAULT_RUN, "test").head(6)
     frame = ham.set_index("image_id").loc[stored["image_id"]].reset_index()
     predicted, predictions = run.predict_frame(frame, features=True)

@@ -3,7 +3,6 @@ batch-independent, and the audit built on them catches a model that reads the co
 only the centre; then the real CLI on a 40-image subset of the shipped model, and the Predictor's corner check."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from core.interventions import (
 )
 from core.predictor import Predictor
 from core.run import load
-from core.runs import DEFAULT_RUN, RunError, read_stress, read_stress_summary
+from core.runs import DEFAULT_RUN, RunError, read_metrics, read_stress, read_stress_summary
 from core.stress import image_flags, intervened_probabilities, run_scorer, stress_table, summarize
 from core.transforms import view_shape
 from tests.helpers import run_main
@@ -188,18 +187,18 @@ def test_cli_writes_the_table_and_the_summary(stressed_run: Path) -> None:
     predictions = pd.read_csv(stressed_run / "predictions_test.csv", dtype={"image_id": str}).set_index("image_id")
     clean = table.drop_duplicates("image_id").set_index("image_id")["p_clean"]
     assert np.allclose(clean, predictions.loc[clean.index, "probability"], atol=1e-5)
-    threshold = json.loads((stressed_run / "metrics.json").read_text())["thresholds"]["youden"]
+    threshold = read_metrics(stressed_run).thresholds["youden"]
     assert (table["flipped"] == ((table["p"] >= threshold) != (table["p_clean"] >= threshold))).all()
     test = read_stress_summary(stressed_run, "test")
-    assert read_stress_summary(stressed_run, "val")["n"] == 24  # a second split is added, not written over
-    assert test["n"] == 40 and set(test["interventions"]) == {"corner_fill", "vignette", "ink"}
-    row = test["interventions"]["corner_fill"]
-    assert row["flipped"] == pytest.approx(row["to_malignant"] + row["to_benign"])
-    assert row["flipped"] == pytest.approx(table[table["intervention"] == "corner_fill"]["flipped"].mean())
-    assert row["auroc_change_ci"][0] <= row["auroc_change"] <= row["auroc_change_ci"][1]
-    assert "cam_validation" in test and "spearman_abs_delta_p" in test["cam_validation"]["corner_fill"]
-    assert test["dark_corners_train"]["n"] == 40
-    assert set(test["dark_corners_train"]["by_label"]) <= {"benign", "malignant"}
+    assert read_stress_summary(stressed_run, "val").n == 24  # a second split is added, not written over
+    assert test.n == 40 and set(test.interventions) == {"corner_fill", "vignette", "ink"}
+    row = test.interventions["corner_fill"]
+    assert row.flipped == pytest.approx(row.to_malignant + row.to_benign)
+    assert row.flipped == pytest.approx(table[table["intervention"] == "corner_fill"]["flipped"].mean())
+    assert row.auroc_change_ci[0] <= row.auroc_change <= row.auroc_change_ci[1]
+    assert test.cam_validation is not None and "corner_fill" in test.cam_validation.interventions
+    assert test.dark_corners_train is not None and test.dark_corners_train.n == 40
+    assert set(test.dark_corners_train.by_label) <= {"benign", "malignant"}
 
 
 def test_cli_refuses_what_it_cannot_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
