@@ -80,10 +80,18 @@ def shot(tab, name: str) -> None:
                    mask_color="#d9d9d9")
 
 
+def charts_drawn(tab) -> None:
+    """Wait until every Vega-Lite chart on the page has drawn: a screenshot taken sooner shows empty boxes."""
+    charts = tab.locator("[data-testid=stVegaLiteChart]")
+    for i in range(charts.count()):
+        charts.nth(i).locator("canvas, svg").first.wait_for(timeout=15_000)
+
+
 def test_every_page_opens(page, app_url: str) -> None:
     for path in PAGES:
         open_page(page, app_url, path)
         no_exceptions(page)
+        charts_drawn(page)
         shot(page, f"page_{path or 'predict'}")
 
 

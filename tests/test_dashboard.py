@@ -344,10 +344,11 @@ def test_history_chart_shows_every_stage_in_order() -> None:
     last stage's best), not at an earlier stage's higher AUROC."""
     lineage = read_lineage(DEFAULT_RUN / "members" / "lite2_160_dx_cons15_long")
     spec = charts.history_charts(lineage).to_dict()
-    auroc = spec["hconcat"][1]
-    assert auroc["layer"][0]["encoding"]["color"]["scale"]["domain"] == list(dict.fromkeys(lineage["stage"]))
-    assert auroc["layer"][0]["encoding"]["x"]["axis"]["values"] == list(range(1, len(lineage) + 1))
-    marker = auroc["layer"][1]
+    layers = spec["hconcat"][1]["layer"]
+    coloured = next(layer for layer in layers if "color" in layer["encoding"])
+    assert coloured["encoding"]["color"]["scale"]["domain"] == list(dict.fromkeys(lineage["stage"]))
+    assert coloured["encoding"]["x"]["axis"]["values"] == list(range(1, len(lineage) + 1))
+    marker = next(layer for layer in layers if layer["mark"]["type"] == "rule")
     datasets = spec["datasets"]
     best = datasets[marker["data"]["name"]][0]["epoch"]
     assert best == len(lineage)  # the last stage's epoch 2 (0.9311) is its best
