@@ -83,21 +83,23 @@ def stage_config(stage: Stage, parent: Path | None, overrides: dict[str, Any]) -
     return dataclasses.replace(cfg, init_from=None if parent is None else str(parent))
 
 
-def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> str:
-    """Train one stage, keep it when it is already trained with this config, resume it when it was cut short.
-    Returns what was done: "trained", "kept" or "resumed"."""
+def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool, parent_retrained: bool) -> str:
+    """Train one stage; keep it when it is already trained with this config from an unchanged parent, resume it
+    when it was cut short. Returns what was done: "trained", "kept" or "resumed"."""
     from core.fit import fit
 
-    if (run_dir / runs.MODEL_FILE).is_file() and (run_dir / runs.METRICS_FILE).is_file() \
-            and runs.read_config(run_dir) == cfg:
-        return "kept"
-    if (run_dir / runs.STATE_FILE).is_file() and runs.read_config(run_dir, need_weights=False) == cfg:
-        fit(cfg, run_dir, resume=True)
-        return "resumed"
-    if (run_dir / runs.CONFIG_FILE).is_file() and not overwrite:
+    held = (run_dir / runs.CONFIG_FILE).is_file()
+    same = held and runs.read_config(run_dir, need_weights=False) == cfg
+    if same and not parent_retrained:
+        if (run_dir / runs.MODEL_FILE).is_file() and (run_dir / runs.METRICS_FILE).is_file():
+            return "kept"
+        if (run_dir / runs.STATE_FILE).is_file():
+            fit(cfg, run_dir, resume=True)
+            return "resumed"
+    elif held and not same and not overwrite:
         raise ValueError(f"{run_dir} holds a run with another config than this stage's; pass --overwrite to "
                          "train the stage again, or choose another --out")
-    fit(cfg, run_dir)
+    fit(cfg, run_dir)  # new, or its parent's weights changed: what it was fine-tuned from is gone
     return "trained"
 
 
@@ -122,11 +124,12 @@ def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[st
     last_stages: list[str | Path] = []
     for member, stages in recipe.members.items():
         parent: Path | None = None
+        retrained = False
         for i, stage in enumerate(stages, 1):
             run_dir = stages_dir(out) / stage.name
-            done = train_stage(stage_config(stage, parent, overrides), run_dir, overwrite)
+            done = train_stage(stage_config(stage, parent, overrides), run_dir, overwrite, retrained)
             log(f"{member}, stage {i}/{len(stages)} {stage.name}: {done} ({run_dir})")
-            parent = run_dir
+            parent, retrained = run_dir, retrained or done != "kept"
         last_stages.append(run_dir)
     create_ensemble(last_stages, out, recipe.tta_views, overwrite=True)
     log(f"ensemble of {len(last_stages)} members in {out}; calibrating and evaluating")

@@ -41,6 +41,36 @@ def test_a_bad_recipe_is_refused_with_its_problem_named(tmp_path: Path) -> None:
         read_recipe(tmp_path / "r.yaml")
 
 
+def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path: Path, monkeypatch) -> None:
+    """An unchanged stage is kept; one whose parent was retrained is trained again (what it was fine-tuned from is
+    gone); a changed config is refused without --overwrite; a stage cut short resumes."""
+    import core.fit
+    from core.shipped import train_stage
+
+    calls: list[tuple[Path, bool]] = []
+
+    def fake_fit(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Path:
+        calls.append((run_dir, resume))
+        runs.write_config(cfg, run_dir)
+        for name in (runs.MODEL_FILE, runs.METRICS_FILE):
+            (run_dir / name).write_bytes(b"")
+        return run_dir
+
+    monkeypatch.setattr(core.fit, "fit", fake_fit)
+    cfg, run_dir = TrainConfig(epochs=1), tmp_path / "stage"
+    run_dir.mkdir()
+    assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=False) == "trained"
+    assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=False) == "kept"
+    assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=True) == "trained"
+    with pytest.raises(ValueError, match="another config"):
+        train_stage(dataclasses.replace(cfg, epochs=2), run_dir, overwrite=False, parent_retrained=False)
+    assert train_stage(dataclasses.replace(cfg, epochs=2), run_dir, overwrite=True, parent_retrained=False) == "trained"
+    (run_dir / runs.METRICS_FILE).unlink()
+    (run_dir / runs.STATE_FILE).write_bytes(b"")
+    assert train_stage(dataclasses.replace(cfg, epochs=2), run_dir, False, False) == "resumed"
+    assert [resume for _, resume in calls] == [False, False, False, True]
+
+
 def test_the_whole_chain_replays_at_a_tiny_size(ham_dir: Path, small_split: Path, tmp_path: Path) -> None:
     """Every stage of both members trains, each from the one before, into its own folder; then the ensemble is
     calibrated, evaluated, audited, stress-tested (both suites, val and test) and indexed like the shipped run, and
