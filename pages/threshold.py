@@ -31,7 +31,7 @@ for column, (name, value) in zip(columns[1:], presets.items()):
     column.button(f"{state.PRESET_LABELS.get(name, name)} = {value:.3f}", key=f"preset-{name}",
                   on_click=state.use_preset, args=(value,), width="stretch")
 for column, (name, profile) in zip(columns[1 + len(presets):], profiles.items()):
-    column.button(f"site {name} = {profile['threshold']:.3f}", key=f"site-{name}", on_click=state.select_site,
+    column.button(f"site {name} = {profile.point.threshold:.3f}", key=f"site-{name}", on_click=state.select_site,
                   args=(name,), width="stretch")
 
 chart_key = f"explorer-{split}-{state.chart_threshold()}"
