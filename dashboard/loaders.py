@@ -26,7 +26,9 @@ from core.run_files import (
     OODSummary,
     SiteProfile,
     SourceColours,
+    SourceReport,
     StressSection,
+    parse,
 )
 from core.runs import (
     CONFIG_FILE,
@@ -186,8 +188,8 @@ def images_problem(run: Path, split: str) -> str:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> dict:
-    return source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200)
+def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> SourceReport:
+    return parse(SourceReport, source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -200,7 +202,7 @@ def p_by_dx_source_spec(run: Path, split: str, data_dir: Path | None = None) -> 
     return _p_by_dx_source_spec(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
 
 
-def sources(run: Path, split: str, data_dir: Path | None = None) -> dict:
+def sources(run: Path, split: str, data_dir: Path | None = None) -> SourceReport:
     """The set's per-source AUROCs with their CIs and the source-stratified AUROC (``core.metrics.source_report``
     without thresholds), computed once per set: the bootstrap would cost 40 ms on every rerun of a dragged slider."""
     return _source_report(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
