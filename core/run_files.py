@@ -3,7 +3,7 @@ equal to the JSON keys, so a file reads into attributes and writes back to the s
 
 Producers build these and call ``core.runs.write_…``; readers call ``core.runs.read_…`` and get them back. The
 conversion is generic (:func:`parse`, :func:`dump`) and driven by the type hints, so a new field is one line here.
-Mappings keyed by data (split, intervention, edit, source and threshold names) stay ``dict[str, …]``.
+Mappings keyed by data (split, intervention, edit, source, threshold and test names) stay ``dict[str, …]``.
 
 Old files: unknown keys are ignored; a field that older runs lack has a default (``None``), and :func:`dump` leaves
 it out while it is None, so a file written without it is written the same way again. A missing required key or a
