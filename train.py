@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -33,6 +34,7 @@ from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, 
 from core.download import add_parser as add_download_parser
 from core.fit import Interrupted
 from core.inference import DeviceError
+from core.run_files import SampleSource, ShiftReport
 from core.training import TrainingError
 
 
@@ -148,41 +150,40 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         evaluate_run(args.run, args.device)
         return
     report = evaluate_external(args.run, args.data, args.images, args.device, args.name)
-    print(f"{report['name']}: {report['n']} images, AUROC {report['auroc']:.4f} "
-          f"(95% CI {report['auroc_ci'][0]:.3f}–{report['auroc_ci'][1]:.3f})")
-    youden = report["at_threshold"].get("youden")
+    low, high = report.auroc_ci
+    print(f"{report.name}: {report.n} images, AUROC {report.auroc:.4f} (95% CI {low:.3f}–{high:.3f})")
+    youden = report.at_threshold.get("youden")
     if youden is not None:
-        print(f"at the run's val Youden threshold {youden['threshold']:.3f}: sensitivity {youden['sensitivity']:.3f}, "
-              f"specificity {youden['specificity']:.3f}")
-    if "shift" in report:
-        print_shift(report["shift"])
-    print(f"wrote {runs.external_metrics_file(report['name'])} and "
-          f"{runs.predictions_file(runs.external_split(report['name']))} in {args.run}; the dashboard offers the set "
+        print(f"at the run's val Youden threshold {youden.threshold:.3f}: sensitivity {youden.sensitivity:.3f}, "
+              f"specificity {youden.specificity:.3f}")
+    if report.shift is not None:
+        print_shift(report.shift)
+    print(f"wrote {runs.external_metrics_file(report.name)} and "
+          f"{runs.predictions_file(runs.external_split(report.name))} in {args.run}; the dashboard offers the set "
           "as a data set")
-    if "ood" not in report:
+    if report.ood is None:
         print(f"no embedding index in {args.run}: `python train.py index --run {args.run}` adds the OOD flag")
         return
-    guard = report["ood"]
-    print(f"out of distribution: {100 * guard['share_flagged']:.1f} % of the images flagged")
-    for part in ("unflagged", "flagged"):
-        if guard[part] is not None:
-            at = guard[part]["at_threshold"]["youden"]
-            auroc = guard[part]["auroc"]
-            print(f"  {part:<9} n {guard[part]['n']:>5}  AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  "
-                  f"sensitivity {at['sensitivity']:.3f}  specificity {at['specificity']:.3f}")
+    print(f"out of distribution: {100 * report.ood.share_flagged:.1f} % of the images flagged")
+    for name, part in (("unflagged", report.ood.unflagged), ("flagged", report.ood.flagged)):
+        if part is not None:
+            at = part.at_threshold["youden"]
+            auroc = "n/a" if part.auroc is None else f"{part.auroc:.4f}"
+            print(f"  {name:<9} n {part.n:>5}  AUROC {auroc}  sensitivity {at.sensitivity:.3f}  "
+                  f"specificity {at.specificity:.3f}")
 
 
-def print_shift(report: dict) -> None:
-    verdict = "SHIFTED" if report["shifted"] else "not shifted"
-    print(f"shift check against val: {verdict} (p = {report['p_value']:.3g}, {report['adjustment']}; "
-          f"false-alarm rate {report['alpha']:g})")
-    for name, test in report["tests"].items():
-        print(f"  {name:<12} p {test['p_value']:.3g}, flagged {100 * test['share_flagged']:.1f} % "
-              f"(val {100 * test['share_flagged_reference']:.1f} %)  {test['test']}")
-    for name, test in report["case_mix"].items():
-        print(f"  case mix, {name}: p {test['p_value']:.3g} ({test['test']}; moved by the malignant share too, "
+def print_shift(report: ShiftReport) -> None:
+    verdict = "SHIFTED" if report.shifted else "not shifted"
+    print(f"shift check against val: {verdict} (p = {report.p_value:.3g}, {report.adjustment}; "
+          f"false-alarm rate {report.alpha:g})")
+    for name, test in report.tests.items():
+        print(f"  {name:<12} p {test.p_value:.3g}, flagged {100 * test.share_flagged:.1f} % "
+              f"(val {100 * test.share_flagged_reference:.1f} %)  {test.test}")
+    for name, mix in report.case_mix.items():
+        print(f"  case mix, {name}: p {mix.p_value:.3g} ({mix.test}; moved by the malignant share too, "
               "not part of the verdict)")
-    print(report["advice"])
+    print(report.advice)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -204,16 +205,17 @@ def cmd_site(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.run / runs.site_file(args.name)} already holds the site profile '{args.name}'; "
                          "choose another --name or pass --overwrite")
     frame, _, _ = predict_labelled(args.run, args.data, args.images, args.device, with_guard=False)
-    source = {"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve())}
+    source = SampleSource(data=str(Path(args.data).resolve()), images=str(Path(args.images).resolve()))
     profile = sites.make_profile(args.run, args.name, frame, source, args.target_sensitivity, args.rule,
                                  args.confidence, args.sample_date)
     path = runs.write_site_profile(args.run, profile, args.overwrite)
-    low, high = profile["sensitivity_ci"]
-    s_low, s_high = profile["specificity_ci"]
-    print(f"site '{args.name}': threshold {profile['threshold']:.4f} from {profile['n']} images "
-          f"({profile['n_malignant']} malignant), rule {profile['rule']}: {profile['guarantee']}")
-    print(f"expected sensitivity {profile['expected_sensitivity']:.3f} (95 % interval {low:.3f}–{high:.3f}); "
-          f"specificity {profile['expected_specificity']:.3f} ({s_low:.3f}–{s_high:.3f}, on the sample's benign cases)")
+    point = profile.point
+    low, high = point.sensitivity_ci
+    s_low, s_high = point.specificity_ci
+    print(f"site '{args.name}': threshold {point.threshold:.4f} from {point.n} images "
+          f"({point.n_malignant} malignant), rule {point.rule}: {point.guarantee}")
+    print(f"expected sensitivity {point.expected_sensitivity:.3f} (95 % interval {low:.3f}–{high:.3f}); "
+          f"specificity {point.expected_specificity:.3f} ({s_low:.3f}–{s_high:.3f}, on the sample's benign cases)")
     print(f"wrote {path}; use it with `python train.py predict --run {args.run} --site {args.name} …` or pick it on "
           "the dashboard's Predict page")
 
@@ -232,10 +234,10 @@ def cmd_shift(args: argparse.Namespace) -> None:
         raise DataError(f"none of the {len(files)} image files in {args.images} could be read")
     report = shift.against_val(args.run, batch.frame["probability"].to_numpy(), batch.features, predictor.ood,
                                args.alpha)
-    report["images"] = str(Path(args.images).resolve())
+    report = dataclasses.replace(report, images=str(Path(args.images).resolve()))
     print_shift(report)
     if args.out is not None:
-        runs.write_json(args.out, report)
+        runs.write_shift_report(args.out, report)
         print(f"wrote {args.out}")
 
 
@@ -247,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.run, args.device)
     threshold, source = None, ""
     if args.site is not None:
-        threshold, source = sites.load_profile(args.run, args.site)["threshold"], f"site '{args.site}'"
+        threshold, source = sites.load_profile(args.run, args.site).point.threshold, f"site '{args.site}'"
     elif "youden" in predictor.thresholds:
         threshold, source = predictor.thresholds["youden"], "the run's val Youden threshold"
     else:

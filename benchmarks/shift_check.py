@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             report = shift.compare(scores.iloc[pick], reference, thresholds, p[pick], reference_p,
                                    None if features is None else features[pick],
                                    None if features is None else guard.index.reference, args.alpha)
-            rows.append({"called shifted": report["shifted"],
-                         **{f"{k} test": t["p_value"] < args.alpha / len(report["tests"])
-                            for k, t in report["tests"].items()},
-                         **{f"case mix: {k}": t["p_value"] < args.alpha for k, t in report["case_mix"].items()}})
+            rows.append({"called shifted": report.shifted,
+                         **{f"{k} test": t.p_value < args.alpha / len(report.tests) for k, t in report.tests.items()},
+                         **{f"case mix: {k}": t.p_value < args.alpha for k, t in report.case_mix.items()}})
         return pd.DataFrame(rows).mean().to_dict()
 
     rows = []

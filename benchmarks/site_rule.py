@@ -38,7 +38,7 @@ def simulate(frame: pd.DataFrame, n: int, rule: str, draws: int, target: float, 
         except sites.SiteError:
             refused += 1
             continue
-        rest = metrics.binary_metrics(labels[~picked], probs[~picked], point["threshold"])
+        rest = metrics.binary_metrics(labels[~picked], probs[~picked], point.threshold)
         sensitivity.append(rest["sensitivity"])
         specificity.append(rest["specificity"])
     sens, spec = np.array(sensitivity), np.array(specificity)

@@ -15,7 +15,7 @@ from core.calibration import apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description
 from core.run import Predictions, load
-from core.run_files import Metrics, parse
+from core.run_files import ExternalMetrics, Metrics, SourceReport, parse
 
 
 def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
@@ -29,7 +29,7 @@ def predict_labelled(run_dir: str | Path, data: str, images: str | None, device_
 
 
 def evaluate_external(run_dir: str | Path, data: str, images: str | None, device_name: str = "auto",
-                      name: str | None = None) -> dict:
+                      name: str | None = None) -> ExternalMetrics:
     """A labelled set from outside the split (ISIC ground truth, image,label CSV, a HAM10000-shaped folder): the
     run's val-chosen thresholds are applied, never new ones chosen, and the set is checked for a shift against val
     (``core.shift``). Writes predictions_external_<name>.csv (each image's ``file`` under the image folder, which
@@ -49,20 +49,21 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
     frame["file"] = [Path(path).name for path in frame["path"]]
     thresholds = runs.read_metrics(run_dir).thresholds
     labels, probs = frame["label"].to_numpy(), frame["probability"].to_numpy()
-    report = {"name": name, "n": len(frame), "data": str(Path(data).resolve()), "images": str(image_root),
-              "date": time.strftime("%Y-%m-%d"), "model": sites.model_fingerprint(run_dir),
-              "auroc": metrics.auroc(labels, probs),
-              "auroc_ci": list(metrics.bootstrap_auroc_ci(labels, probs)),
-              "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
-    if "source" in frame.columns:
-        report["sources"] = metrics.source_report(frame, thresholds)
+    sources = parse(SourceReport, metrics.source_report(frame, thresholds)) if "source" in frame.columns else None
+    flagged = None
     if guard is not None:  # how much of the set is unlike the training data, and how the model does on each part
         frame = pd.concat([frame.reset_index(drop=True), guard.assess(predictions.features)], axis=1)
-        report["ood"] = ood.flagged_report(frame, thresholds, guard.threshold)
-    if guard is not None and len(frame) >= shift.MIN_IMAGES:
-        report["shift"] = shift.against_val(run_dir, probs, predictions.features, guard)
+        flagged = ood.flagged_report(frame, thresholds, guard.threshold)
+    checked = guard is not None and len(frame) >= shift.MIN_IMAGES  # the set-level shift check needs a few images
+    report = ExternalMetrics(
+        name=name, n=len(frame), data=str(Path(data).resolve()), images=str(image_root),
+        date=time.strftime("%Y-%m-%d"), model=sites.model_fingerprint(run_dir), auroc=metrics.auroc(labels, probs),
+        auroc_ci=metrics.bootstrap_auroc_ci(labels, probs),
+        at_threshold=metrics.at_thresholds(labels, probs, thresholds),
+        sources=sources, ood=flagged,
+        shift=shift.against_val(run_dir, probs, predictions.features, guard) if checked else None)
     runs.write_predictions(frame, run_dir / runs.predictions_file(runs.external_split(name)))
-    runs.write_json(run_dir / runs.external_metrics_file(name), report)
+    runs.write_external(run_dir, report)
     return report
 
 

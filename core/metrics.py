@@ -19,6 +19,8 @@ from numpy.typing import ArrayLike
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from core.run_files import ThresholdMetrics, parse
+
 AGE_BANDS = ("<30", "30-44", "45-59", "60-74", "75+", "unknown")
 SUBGROUP_COLUMNS = ["group", "value", "n", "n_malignant", "auroc"]
 
@@ -224,6 +226,11 @@ def binary_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float) -> dic
         "accuracy": _ratio(tp + tn, len(y)),
         "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
+
+
+def at_thresholds(labels: ArrayLike, probs: ArrayLike, thresholds: dict[str, float]) -> dict[str, ThresholdMetrics]:
+    """:func:`binary_metrics` at each named threshold (the run's val-chosen ones), as the run files hold them."""
+    return parse(dict[str, ThresholdMetrics], {k: binary_metrics(labels, probs, t) for k, t in thresholds.items()})
 
 
 def calibration(labels: ArrayLike, probs: ArrayLike, n_bins: int = 10) -> dict[str, float | list]:

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from core import metrics
 from core.embedding import EmbeddingIndex, run_fingerprint
 from core.run import Run, load
-from core.run_files import OODSummary, parse
+from core.run_files import FlaggedPart, FlaggedReport, OODSummary, parse
 from core.runs import (
     INDEX_FILE,
     OOD_SCORES,
@@ -224,17 +224,16 @@ def summarize(table: pd.DataFrame, run_dir: Path, threshold: float, meta: dict) 
     return parse(OODSummary, summary)
 
 
-def flagged_report(frame: pd.DataFrame, thresholds: dict[str, float], ood_threshold: float) -> dict:
+def flagged_report(frame: pd.DataFrame, thresholds: dict[str, float], ood_threshold: float) -> FlaggedReport:
     """For a labelled set with ``ood_score`` / ``out_of_distribution`` columns: the share flagged, and AUROC and the
     metrics at the val thresholds for the flagged and the unflagged images apart (None where a part is empty)."""
-    def part(rows: pd.DataFrame) -> dict | None:
+    def part(rows: pd.DataFrame) -> FlaggedPart | None:
         if rows.empty:
             return None
         labels, probs = rows["label"].to_numpy(), rows["probability"].to_numpy()
         auroc = metrics.auroc(labels, probs) if len(set(labels)) == 2 else None
-        return {"n": len(rows), "auroc": auroc,
-                "at_threshold": {k: metrics.binary_metrics(labels, probs, t) for k, t in thresholds.items()}}
+        return FlaggedPart(n=len(rows), auroc=auroc, at_threshold=metrics.at_thresholds(labels, probs, thresholds))
 
     flagged = frame["out_of_distribution"].astype(bool)
-    return {"threshold": ood_threshold, "share_flagged": float(flagged.mean()),
-            "flagged": part(frame[flagged]), "unflagged": part(frame[~flagged])}
+    return FlaggedReport(threshold=ood_threshold, share_flagged=float(flagged.mean()),
+                         flagged=part(frame[flagged]), unflagged=part(frame[~flagged]))

@@ -3,7 +3,7 @@ equal to the JSON keys, so a file reads into attributes and writes back to the s
 
 Producers build these and call ``core.runs.write_…``; readers call ``core.runs.read_…`` and get them back. The
 conversion is generic (:func:`parse`, :func:`dump`) and driven by the type hints, so a new field is one line here.
-Mappings keyed by data (split, intervention, edit, source and threshold names) stay ``dict[str, …]``.
+Mappings keyed by data (split, intervention, edit, source, threshold and test names) stay ``dict[str, …]``.
 
 Old files: unknown keys are ignored; a field that older runs lack has a default (``None``), and :func:`dump` leaves
 it out while it is None, so a file written without it is written the same way again. A missing required key or a
@@ -23,6 +23,7 @@ import pandas as pd
 
 WITH = "with"            # field metadata: an optional field written (null too) whenever the named field is there
 REST = "rest"            # field metadata: the object's other keys (each a row of the field's value type)
+INLINE = "inline"        # field metadata: a dataclass whose keys sit in the enclosing object, not under the field
 
 
 class FieldError(ValueError):
@@ -43,6 +44,12 @@ def rest() -> Any:
     """A field holding every key of the JSON object that no other field names (e.g. one row per intervention beside
     fixed keys)."""
     return field(default_factory=dict, metadata={REST: True})
+
+
+def inline() -> Any:
+    """A dataclass field whose keys are written into the enclosing JSON object (e.g. a site profile's operating
+    point, which ``core.sites`` computes on its own, beside the profile's name and source)."""
+    return field(metadata={INLINE: True})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,6 +90,8 @@ def _parse_object(cls: type, value: Any, key: str) -> Any:
         if f.metadata.get(REST):
             row = typing.get_args(hints[f.name])[1]
             values[f.name] = {k: parse(row, v, f"{key}.{k}" if key else k) for k, v in value.items() if k not in named}
+        elif f.metadata.get(INLINE):
+            values[f.name] = _parse_object(hints[f.name], value, key)
         elif f.name in value:
             values[f.name] = parse(hints[f.name], value[f.name], path)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -115,6 +124,8 @@ def dump(value: Any) -> Any:
             item = getattr(value, f.name)
             if f.metadata.get(REST):
                 out |= {k: dump(v) for k, v in item.items()}
+            elif f.metadata.get(INLINE):
+                out |= dump(item)
             elif item is not None or f.default is not None or getattr(value, f.metadata.get(WITH, f.name)) is not None:
                 out[f.name] = dump(item)
         return out
@@ -513,3 +524,134 @@ class OODSummary:
     style_threshold: float | None = None
     flag_rate: dict[str, float]
     mistakes_test: MistakeScores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics_external_<name>.json (train.py evaluate --data), and train.py shift --out
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ModelFingerprint:
+    """What a threshold or a set's predictions belong to: the weights' hash and the calibration (``core.sites``)."""
+    weights: str
+    calibration: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlaggedPart:
+    """The flagged or the unflagged images of a set: AUROC (None with one class) and the metrics at the val
+    thresholds."""
+    n: int
+    auroc: float | None
+    at_threshold: dict[str, ThresholdMetrics]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlaggedReport:
+    """The OOD guard on a labelled set (``core.ood.flagged_report``); a part is None where no image falls in it."""
+    threshold: float
+    share_flagged: float
+    flagged: FlaggedPart | None
+    unflagged: FlaggedPart | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistanceTest:
+    """Whether a set's distances to the training images exceed val's (one-sided Mann–Whitney U), and the shares
+    beyond the guard's threshold."""
+    test: str
+    statistic: float
+    p_value: float
+    median: float
+    median_reference: float
+    share_flagged: float
+    share_flagged_reference: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaseMixTest:
+    """A test beside the verdict (P(malignant): medians; features: the permutation count)."""
+    test: str
+    statistic: float
+    p_value: float
+    median: float | None = None
+    median_reference: float | None = None
+    permutations: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShiftReport:
+    """The set-level shift verdict against val (``core.shift.compare``): distance tests → verdict, the case-mix
+    tests beside it; ``against_val`` adds the advice, ``train.py shift`` the image folder."""
+    shifted: bool
+    p_value: float
+    alpha: float
+    n: int
+    n_reference: int
+    adjustment: str
+    tests: dict[str, DistanceTest]
+    case_mix: dict[str, CaseMixTest]
+    date: str
+    advice: str | None = None
+    images: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExternalMetrics:
+    """``metrics_external_<name>.json``: a labelled set at the run's val thresholds. Sets evaluated before the
+    folder, the fingerprint, the sources, the OOD guard or the shift check were recorded lack them (None)."""
+    name: str
+    n: int
+    data: str | None = None
+    images: str | None = None
+    date: str | None = None
+    model: ModelFingerprint | None = None
+    auroc: float
+    auroc_ci: Interval
+    at_threshold: dict[str, ThresholdMetrics]
+    sources: SourceReport | None = None
+    ood: FlaggedReport | None = None
+    shift: ShiftReport | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sites/<name>.json (train.py site, the Threshold explorer's form)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class OperatingPoint:
+    """A threshold chosen on a site's labelled sample and what it is expected to give there
+    (``core.sites.choose_operating_point``); ``confidence`` is None except for the pac rule."""
+    threshold: float
+    rule: str
+    target_sensitivity: float
+    confidence: float | None
+    guarantee: str
+    k: int
+    n: int
+    n_malignant: int
+    n_benign: int
+    malignant_needed: int
+    expected_sensitivity: float
+    sensitivity_ci: Interval
+    expected_specificity: float
+    specificity_ci: Interval
+    sample_sensitivity: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSource:
+    """Where a site's sample came from: a labels CSV and its images, or an evaluated external set."""
+    set: str | None = None
+    data: str | None = None
+    images: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteProfile:
+    """``sites/<name>.json``: a site's operating point (its keys at the top level of the file), where the sample
+    came from, and the model it is a threshold of."""
+    name: str
+    point: OperatingPoint = inline()
+    sample_date: str
+    created: str
+    source: SampleSource
+    model: ModelFingerprint

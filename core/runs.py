@@ -21,9 +21,12 @@ from core.io import atomic_write, atomic_write_text
 from core.run_files import (
     AcquisitionSection,
     AttentionSummary,
+    ExternalMetrics,
     FieldError,
     Metrics,
     OODSummary,
+    ShiftReport,
+    SiteProfile,
     StressSection,
     dump,
     parse,
@@ -307,13 +310,20 @@ def write_ood_summary(run: str | Path, summary: OODSummary) -> Path:
     return _write_typed(Path(run) / OOD_SUMMARY, summary)
 
 
-def read_external(run: str | Path, name: str) -> dict:
+def _external_fix(run: str | Path, name: str) -> str:
+    return f"run `python train.py evaluate --run {run} --data LABELS.csv --images DIR --name {name}`"
+
+
+def read_external(run: str | Path, name: str) -> ExternalMetrics:
     """``metrics_external_<name>.json``: an external set's metrics, where it was read from, its shift verdict."""
-    return _read_json(Path(run) / external_metrics_file(name),
-                      f"run `python train.py evaluate --run {run} --data LABELS.csv --images DIR --name {name}`")
+    return _read_typed(ExternalMetrics, Path(run) / external_metrics_file(name), _external_fix(run, name))
 
 
-def external_sets(run: str | Path) -> dict[str, dict]:
+def write_external(run: str | Path, report: ExternalMetrics) -> Path:
+    return _write_typed(Path(run) / external_metrics_file(check_name(report.name, "set")), report)
+
+
+def external_sets(run: str | Path) -> dict[str, ExternalMetrics]:
     """Every labelled set evaluated with ``train.py evaluate --data`` (name → its metrics file), sorted by name;
     an unreadable file is left out here and named when the set is opened."""
     sets = {}
@@ -326,13 +336,26 @@ def external_sets(run: str | Path) -> dict[str, dict]:
     return sets
 
 
-def read_site_profile(run: str | Path, name: str) -> dict:
+def read_shift_report(path: str | Path) -> ShiftReport:
+    """A shift verdict that ``train.py shift --out FILE`` wrote."""
+    return _read_typed(ShiftReport, Path(path), f"run `python train.py shift --run RUN --images DIR --out {path}`")
+
+
+def write_shift_report(path: str | Path, report: ShiftReport) -> Path:
+    """``train.py shift --out FILE``: the shift verdict of a folder, outside the run (the same JSON as an external
+    set's ``shift`` part)."""
+    return _write_typed(Path(path), report)
+
+
+def read_site_profile(run: str | Path, name: str) -> SiteProfile:
     """``sites/<name>.json``: a site's threshold and what it is expected to give there (``train.py site``)."""
     check_name(name, "site")
-    return _read_json(Path(run) / site_file(name), f"run `python train.py site --run {run} --name {name} …`")
+    return _read_typed(SiteProfile, Path(run) / site_file(name),
+                       f"run `python train.py site --run {run} --name {name} --data LABELS.csv --images DIR "
+                       "--overwrite`")
 
 
-def site_profiles(run: str | Path) -> dict[str, dict]:
+def site_profiles(run: str | Path) -> dict[str, SiteProfile]:
     """Every site profile of the run (name → profile), sorted by name."""
     profiles = {}
     for path in sorted((Path(run) / SITES_DIR).glob("*.json")):
@@ -343,14 +366,14 @@ def site_profiles(run: str | Path) -> dict[str, dict]:
     return profiles
 
 
-def write_site_profile(run: str | Path, profile: dict, overwrite: bool = False) -> Path:
+def write_site_profile(run: str | Path, profile: SiteProfile, overwrite: bool = False) -> Path:
     """Write ``sites/<name>.json`` atomically; an existing profile of that name is kept unless ``overwrite``."""
-    name = check_name(profile["name"], "site")
+    name = check_name(profile.name, "site")
     path = Path(run) / site_file(name)
     if path.exists() and not overwrite:
         raise RunError(f"{path} already holds the site profile '{name}'; choose another --name or pass --overwrite")
     path.parent.mkdir(exist_ok=True)
-    return write_json(path, profile)
+    return _write_typed(path, profile)
 
 
 def read_members(run: str | Path) -> dict[str, TrainConfig]:
@@ -422,11 +445,6 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
     extra = [c for c in frame.columns if c not in PREDICTION_ORDER + ("path", "mask_path", "split")]
     out = frame[list(PREDICTION_ORDER) + extra]
     return atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))
-
-
-def write_json(path: str | Path, report: dict) -> Path:
-    """``metrics.json`` and the other summaries: indented, written atomically."""
-    return atomic_write_text(path, json.dumps(report, indent=1))
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame, float_format: str | None = "%.6f") -> Path:

@@ -21,6 +21,7 @@ penultimate features (maximum mean discrepancy, Gaussian kernel at the median di
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from scipy import stats
 
 from core import runs
+from core.run_files import CaseMixTest, DistanceTest, ShiftReport
 
 DEFAULT_ALPHA = 0.01
 MIN_IMAGES = 20
@@ -63,19 +65,19 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int = PERMUTATIONS, see
     return float(mmd2[0]), float(p_value)
 
 
-def _farther(scores: np.ndarray, reference: np.ndarray, threshold: float, what: str) -> dict:
+def _farther(scores: np.ndarray, reference: np.ndarray, threshold: float, what: str) -> DistanceTest:
     u = stats.mannwhitneyu(scores, reference, alternative="greater")
-    return {"test": f"Mann–Whitney U, one-sided: {what} farther from the training images than val's",
-            "statistic": float(u.statistic / (len(scores) * len(reference))), "p_value": float(u.pvalue),
-            "median": float(np.median(scores)), "median_reference": float(np.median(reference)),
-            "share_flagged": float(np.mean(scores > threshold)),
-            "share_flagged_reference": float(np.mean(reference > threshold))}
+    return DistanceTest(test=f"Mann–Whitney U, one-sided: {what} farther from the training images than val's",
+                        statistic=float(u.statistic / (len(scores) * len(reference))), p_value=float(u.pvalue),
+                        median=float(np.median(scores)), median_reference=float(np.median(reference)),
+                        share_flagged=float(np.mean(scores > threshold)),
+                        share_flagged_reference=float(np.mean(reference > threshold)))
 
 
 def compare(scores: pd.DataFrame, reference: pd.DataFrame, thresholds: dict[str, float],
             probabilities: np.ndarray | None = None, reference_probabilities: np.ndarray | None = None,
             features: np.ndarray | None = None, reference_features: np.ndarray | None = None,
-            alpha: float = DEFAULT_ALPHA) -> dict:
+            alpha: float = DEFAULT_ALPHA) -> ShiftReport:
     """The shift verdict for a set against its reference (val). ``scores`` and ``reference`` hold ``ood_score``
     and (where the guard has a style index) ``style_score`` per image, ``thresholds`` the guard's flag threshold
     for each; the probabilities and features, where given, are compared for the case-mix report."""
@@ -87,29 +89,29 @@ def compare(scores: pd.DataFrame, reference: pd.DataFrame, thresholds: dict[str,
     what = {"ood_score": "its features", "style_score": "its style statistics"}
     tests = {name: _farther(scores[name].to_numpy(), reference[name].to_numpy(), thresholds[name], what[name])
              for name in what if name in scores and name in reference and scores[name].notna().all()}
-    p_value = min(1.0, len(tests) * min(test["p_value"] for test in tests.values()))
-    case_mix: dict[str, dict] = {}
+    p_value = min(1.0, len(tests) * min(test.p_value for test in tests.values()))
+    case_mix: dict[str, CaseMixTest] = {}
     if probabilities is not None and reference_probabilities is not None:
         ks = stats.ks_2samp(probabilities, reference_probabilities)
-        case_mix["probability"] = {"test": "Kolmogorov–Smirnov", "statistic": float(ks.statistic),
-                                   "p_value": float(ks.pvalue), "median": float(np.median(probabilities)),
-                                   "median_reference": float(np.median(reference_probabilities))}
+        case_mix["probability"] = CaseMixTest(test="Kolmogorov–Smirnov", statistic=float(ks.statistic),
+                                              p_value=float(ks.pvalue), median=float(np.median(probabilities)),
+                                              median_reference=float(np.median(reference_probabilities)))
     if features is not None and reference_features is not None:
         mmd2, p = mmd_test(features, reference_features)
-        case_mix["features"] = {"test": "MMD, Gaussian kernel, permutation", "statistic": mmd2, "p_value": p,
-                                "permutations": PERMUTATIONS}
-    return {"shifted": bool(p_value < alpha), "p_value": p_value, "alpha": alpha, "n": int(len(scores)),
-            "n_reference": int(len(reference)), "adjustment": f"Bonferroni over {len(tests)} tests",
-            "tests": tests, "case_mix": case_mix, "date": time.strftime("%Y-%m-%d")}
+        case_mix["features"] = CaseMixTest(test="MMD, Gaussian kernel, permutation", statistic=mmd2, p_value=p,
+                                           permutations=PERMUTATIONS)
+    return ShiftReport(shifted=bool(p_value < alpha), p_value=p_value, alpha=alpha, n=int(len(scores)),
+                       n_reference=int(len(reference)), adjustment=f"Bonferroni over {len(tests)} tests",
+                       tests=tests, case_mix=case_mix, date=time.strftime("%Y-%m-%d"))
 
 
-def advice(report: dict, run: str) -> str:
+def advice(report: ShiftReport, run: str) -> str:
     """What a user should do about a verdict, with the command."""
-    if report["shifted"]:
+    if report.shifted:
         return ("This set is unlike the val split the run's thresholds were chosen on, so their sensitivity and "
                 "specificity do not carry over to it. Choose a site threshold from labelled cases of this site: "
                 f"`python train.py site --run {run} --name SITE --data LABELS.csv --images DIR`.")
-    return (f"No evidence of a shift at a false-alarm rate of {report['alpha']:g} (p = {report['p_value']:.3g}). "
+    return (f"No evidence of a shift at a false-alarm rate of {report.alpha:g} (p = {report.p_value:.3g}). "
             "The run's val thresholds are the best guess here; only labelled cases of this site can confirm them.")
 
 
@@ -121,7 +123,7 @@ def require_index(guard, run_dir: str | Path) -> None:
 
 
 def against_val(run_dir: str | Path, probabilities: np.ndarray, features: list[np.ndarray], guard,
-                alpha: float = DEFAULT_ALPHA) -> dict:
+                alpha: float = DEFAULT_ALPHA) -> ShiftReport:
     """:func:`compare` of a predicted set (its probabilities and the two feature arrays ``predict_probabilities``
     gives) with the run's val split, through the run's OOD guard (``core.ood.OODGuard``): val's stored OOD scores
     and probabilities, and the index's val features. Adds the advice."""
@@ -132,5 +134,4 @@ def against_val(run_dir: str | Path, probabilities: np.ndarray, features: list[n
                      runs.read_predictions(run_dir, "val")["probability"].to_numpy(),
                      guard.index.points(features[0]) if guard.index.reference is not None else None,
                      guard.index.reference, alpha)
-    report["advice"] = advice(report, str(run_dir))
-    return report
+    return dataclasses.replace(report, advice=advice(report, str(run_dir)))

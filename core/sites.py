@@ -32,6 +32,7 @@ from scipy import stats
 
 from core import metrics, runs
 from core.embedding import sha256
+from core.run_files import ModelFingerprint, OperatingPoint, SampleSource, SiteProfile
 
 RULES = ("sample", "conformal", "pac")
 DEFAULT_RULE = "conformal"
@@ -85,7 +86,7 @@ def guarantee(rule: str, target: float, confidence: float) -> str:
 
 
 def choose_operating_point(labels: np.ndarray, probabilities: np.ndarray, target: float = DEFAULT_TARGET,
-                           rule: str = DEFAULT_RULE, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+                           rule: str = DEFAULT_RULE, confidence: float = DEFAULT_CONFIDENCE) -> OperatingPoint:
     """The threshold for one site's labelled sample and what it is expected to give there (sensitivity from the
     order statistic's law, specificity from the benign cases with an exact interval)."""
     labels, probabilities = np.asarray(labels).astype(int), np.asarray(probabilities, dtype=float)
@@ -104,51 +105,50 @@ def choose_operating_point(labels: np.ndarray, probabilities: np.ndarray, target
     threshold = float(malignant[k - 1])
     sensitivity = sensitivity_distribution(len(malignant), k)
     true_negatives = int((benign < threshold).sum())
-    return {
-        "threshold": threshold, "rule": rule, "target_sensitivity": target,
-        "confidence": confidence if rule == "pac" else None, "guarantee": guarantee(rule, target, confidence),
-        "k": k, "n": int(len(labels)), "n_malignant": int(len(malignant)), "n_benign": int(len(benign)),
-        "malignant_needed": needed,
-        "expected_sensitivity": float(sensitivity.mean()),
-        "sensitivity_ci": [float(sensitivity.ppf(0.025)), float(sensitivity.ppf(0.975))],
-        "expected_specificity": true_negatives / len(benign),
-        "specificity_ci": list(metrics.exact_interval(true_negatives, len(benign))),
-        "sample_sensitivity": float((malignant >= threshold).mean()),
-    }
+    return OperatingPoint(
+        threshold=threshold, rule=rule, target_sensitivity=target,
+        confidence=confidence if rule == "pac" else None, guarantee=guarantee(rule, target, confidence),
+        k=k, n=int(len(labels)), n_malignant=int(len(malignant)), n_benign=int(len(benign)),
+        malignant_needed=needed,
+        expected_sensitivity=float(sensitivity.mean()),
+        sensitivity_ci=(float(sensitivity.ppf(0.025)), float(sensitivity.ppf(0.975))),
+        expected_specificity=true_negatives / len(benign),
+        specificity_ci=metrics.exact_interval(true_negatives, len(benign)),
+        sample_sensitivity=float((malignant >= threshold).mean()),
+    )
 
 
-def model_fingerprint(run_dir: str | Path) -> dict:
+def model_fingerprint(run_dir: str | Path) -> ModelFingerprint:
     """What a site threshold is a threshold *of*: the weights and the calibration that map them to p."""
-    return {"weights": sha256(Path(run_dir) / runs.MODEL_FILE),
-            "calibration": [float(v) for v in runs.read_config(run_dir).calibration]}
+    return ModelFingerprint(weights=sha256(Path(run_dir) / runs.MODEL_FILE),
+                            calibration=tuple(float(v) for v in runs.read_config(run_dir).calibration))
 
 
-def make_profile(run_dir: str | Path, name: str, frame: pd.DataFrame, source: dict, target: float = DEFAULT_TARGET,
-                 rule: str = DEFAULT_RULE, confidence: float = DEFAULT_CONFIDENCE,
-                 sample_date: str | None = None) -> dict:
+def make_profile(run_dir: str | Path, name: str, frame: pd.DataFrame, source: SampleSource,
+                 target: float = DEFAULT_TARGET, rule: str = DEFAULT_RULE, confidence: float = DEFAULT_CONFIDENCE,
+                 sample_date: str | None = None) -> SiteProfile:
     """A site profile from a labelled sample's predictions (``label``, ``probability``); ``source`` says where the
     sample came from (labels CSV and images, or the evaluated set)."""
     runs.check_name(name, "site")
     point = choose_operating_point(frame["label"].to_numpy(), frame["probability"].to_numpy(), target, rule,
                                    confidence)
     today = time.strftime("%Y-%m-%d")
-    return {"name": name, **point, "sample_date": sample_date or today, "created": today, "source": source,
-            "model": model_fingerprint(run_dir)}
+    return SiteProfile(name=name, point=point, sample_date=sample_date or today, created=today, source=source,
+                       model=model_fingerprint(run_dir))
 
 
-def load_profile(run_dir: str | Path, name: str) -> dict:
+def load_profile(run_dir: str | Path, name: str) -> SiteProfile:
     """A site profile of this run, refused (RunError) when the run's weights or calibration changed since: its
     threshold would then be a threshold of another model."""
     profile = runs.read_site_profile(run_dir, name)
-    if profile.get("model") != model_fingerprint(run_dir):
+    if profile.model != model_fingerprint(run_dir):
         raise runs.RunError(f"site profile '{name}' was made for other weights or another calibration of "
                             f"{run_dir}; make it again with `python train.py site --run {run_dir} --name {name} "
                             "--overwrite …`")
     return profile
 
 
-def usable_profiles(run_dir: str | Path) -> dict[str, dict]:
+def usable_profiles(run_dir: str | Path) -> dict[str, SiteProfile]:
     """The run's site profiles that belong to its current weights and calibration."""
     fingerprint = model_fingerprint(run_dir) if (Path(run_dir) / runs.MODEL_FILE).is_file() else None
-    return {name: profile for name, profile in runs.site_profiles(run_dir).items()
-            if profile.get("model") == fingerprint}
+    return {name: profile for name, profile in runs.site_profiles(run_dir).items() if profile.model == fingerprint}

@@ -35,7 +35,7 @@ with st.sidebar:
                  help="What the Threshold explorer, the Case browser and the Error audit show: the run's test or val "
                       "split, or a labelled set evaluated with `train.py evaluate --data … --name NAME`.")
     profiles = ["", *loaders.site_profiles(run)]
-    st.session_state[state.SITE_KEY] = (state.site() or {}).get("name", "")
+    st.session_state[state.SITE_KEY] = site.name if (site := state.site()) else ""
     st.selectbox("Site operating point", profiles, key=state.SITE_KEY,
                  format_func=lambda name: f"site: {name}" if name else "none: the run's val thresholds",
                  on_change=lambda: state.select_site(st.session_state[state.SITE_KEY]),

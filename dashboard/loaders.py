@@ -18,7 +18,18 @@ from core.inference import model_view_masks
 from core.interventions import create_intervention, image_key
 from core.metrics import age_band, source_report
 from core.predictor import Predictor
-from core.run_files import AcquisitionSection, Metrics, OODSummary, SourceColours, StressSection
+from core.run_files import (
+    AcquisitionSection,
+    ExternalMetrics,
+    Metrics,
+    ModelFingerprint,
+    OODSummary,
+    SiteProfile,
+    SourceColours,
+    SourceReport,
+    StressSection,
+    parse,
+)
 from core.runs import (
     CONFIG_FILE,
     EXTERNAL_PREFIX,
@@ -141,7 +152,8 @@ def _cases(run: str, split: str, stamp: float, data_dir: str | None) -> pd.DataF
     if "age" in frame:
         frame["age_band"] = age_band(frame["age"]).astype(str)
     if split.startswith(EXTERNAL_PREFIX):  # its images lie where `train.py evaluate --data` read them
-        root = external_sets(Path(run)).get(split.removeprefix(EXTERNAL_PREFIX), {}).get("images")
+        report = external_sets(Path(run)).get(split.removeprefix(EXTERNAL_PREFIX))
+        root = None if report is None else report.images
         # gallery.cases_at_threshold checks the folder; a set evaluated before the folder was recorded has none
         frame["path"] = [str(Path(root) / name) for name in frame["file"]] if root and "file" in frame else None
         frame["mask_path"] = None
@@ -165,19 +177,19 @@ def images_problem(run: Path, split: str) -> str:
     report = external_sets(run).get(name) if split.startswith(EXTERNAL_PREFIX) else None
     if report is None:
         return ""
-    if "images" not in report:
+    if report.images is None:
         return (f"`{name}` was evaluated before runs recorded where a set's images are. Evaluate it again: "
                 f"`python train.py evaluate --run {run} --data LABELS.csv --images FOLDER --name {name}`.")
-    if Path(report["images"]).is_dir():
+    if Path(report.images).is_dir():
         return ""
-    return (f"The images of `{name}` were read from `{report['images']}`, which is not there any more. Move them "
+    return (f"The images of `{name}` were read from `{report.images}`, which is not there any more. Move them "
             f"back, or evaluate the set again from where they are now: `python train.py evaluate --run {run} --data "
             f"LABELS.csv --images NEW_FOLDER --name {name}`.")
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> dict:
-    return source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200)
+def _source_report(run: str, split: str, stamp: float, data_dir: str | None) -> SourceReport:
+    return parse(SourceReport, source_report(_cases(run, split, stamp, data_dir), {}, n_boot=200))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -190,28 +202,28 @@ def p_by_dx_source_spec(run: Path, split: str, data_dir: Path | None = None) -> 
     return _p_by_dx_source_spec(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
 
 
-def sources(run: Path, split: str, data_dir: Path | None = None) -> dict:
+def sources(run: Path, split: str, data_dir: Path | None = None) -> SourceReport:
     """The set's per-source AUROCs with their CIs and the source-stratified AUROC (``core.metrics.source_report``
     without thresholds), computed once per set: the bootstrap would cost 40 ms on every rerun of a dragged slider."""
     return _source_report(str(run), split, _run_stamp(run), None if data_dir is None else str(data_dir))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _external_sets(run: str, stamp: float) -> dict[str, dict]:
+def _external_sets(run: str, stamp: float) -> dict[str, ExternalMetrics]:
     return read_external_sets(run)
 
 
-def external_sets(run: Path) -> dict[str, dict]:
+def external_sets(run: Path) -> dict[str, ExternalMetrics]:
     """The labelled sets evaluated on the run (name → its metrics file, with where its images were read from)."""
     return _external_sets(str(run), _run_stamp(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _model_fingerprint(run: str, stamp: float) -> dict:
+def _model_fingerprint(run: str, stamp: float) -> ModelFingerprint:
     return core_model_fingerprint(run)
 
 
-def model_fingerprint(run: Path) -> dict:
+def model_fingerprint(run: Path) -> ModelFingerprint:
     """The run's weights and calibration (``core.sites.model_fingerprint``), hashed once per change of them: the
     weights are 16 MB, and the Threshold explorer asks on every rerun whether an external set's predictions are
     theirs."""
@@ -219,11 +231,11 @@ def model_fingerprint(run: Path) -> dict:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _site_profiles(run: str, stamp: float, sites_stamp: float) -> dict[str, dict]:
+def _site_profiles(run: str, stamp: float, sites_stamp: float) -> dict[str, SiteProfile]:
     return usable_profiles(run)
 
 
-def site_profiles(run: Path) -> dict[str, dict]:
+def site_profiles(run: Path) -> dict[str, SiteProfile]:
     """The run's site profiles that belong to its current weights and calibration (name → profile)."""
     sites = run / SITES_DIR  # the folder's own time changes when a profile is added or removed, a file's when rewritten
     return _site_profiles(str(run), _model_stamp(run), max(_mtime(sites), _run_stamp(sites)))

@@ -9,30 +9,31 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics, sites
+from core.run_files import ExternalMetrics, SampleSource, SiteProfile
 from core.runs import RunError, write_site_profile
 from dashboard import loaders, state
 
 
-def stale_warning(run: Path, report: dict) -> None:
+def stale_warning(run: Path, report: ExternalMetrics) -> None:
     """Say so when an external set's stored predictions were made by other weights or another calibration."""
-    if report.get("model") != loaders.model_fingerprint(run):
-        st.warning(f"The predictions of `{report['name']}` were made by other weights or another calibration of this "
+    if report.model != loaders.model_fingerprint(run):
+        st.warning(f"The predictions of `{report.name}` were made by other weights or another calibration of this "
                    f"run (or before runs recorded which): evaluate the set again with `python train.py evaluate --run "
-                   f"{run} --data LABELS.csv --images DIR --name {report['name']}`.", icon=":material/history:")
+                   f"{run} --data LABELS.csv --images DIR --name {report.name}`.", icon=":material/history:")
 
 
-def shift_verdict(report: dict) -> None:
+def shift_verdict(report: ExternalMetrics) -> None:
     """The set-level shift check that `train.py evaluate --data` ran on an external set."""
-    verdict = report.get("shift")
+    verdict = report.shift
     if verdict is None:
-        st.info(f"No shift check for `{report['name']}` (fewer than 20 images, a run without an embedding index, "
+        st.info(f"No shift check for `{report.name}` (fewer than 20 images, a run without an embedding index, "
                 "or evaluated before the check existed).")
         return
-    tests = ", ".join(f"{name.replace('_', ' ')}: p = {test['p_value']:.2g}, {test['share_flagged']:.0%} flagged "
-                      f"(val {test['share_flagged_reference']:.0%})" for name, test in verdict["tests"].items())
+    tests = ", ".join(f"{name.replace('_', ' ')}: p = {test.p_value:.2g}, {test.share_flagged:.0%} flagged "
+                      f"(val {test.share_flagged_reference:.0%})" for name, test in verdict.tests.items())
     text = (f"**Shift check against val** (are its images farther from the training images than val's?) — {tests}; "
-            f"{verdict['adjustment']}. {verdict['advice']}")
-    if verdict["shifted"]:
+            f"{verdict.adjustment}. {verdict.advice}")
+    if verdict.shifted:
         st.error(text, icon=":material/warning:")
     else:
         st.success(text, icon=":material/check_circle:")
@@ -69,14 +70,15 @@ def val_threshold_check(run: Path, label: str, labels: np.ndarray, probs: np.nda
                "split: choose a site operating point from this site's labelled cases.", icon=":material/warning:")
 
 
-def profile_caption(profile: dict) -> str:
+def profile_caption(profile: SiteProfile) -> str:
     """One site profile's threshold and what it is expected to give there, with intervals."""
-    s_low, s_high = profile["sensitivity_ci"]
-    c_low, c_high = profile["specificity_ci"]
-    return (f"site **{profile['name']}**, threshold **{profile['threshold']:.3f}** (rule *{profile['rule']}*: "
-            f"{profile['guarantee']}; chosen on {profile['n']} labelled images, {profile['n_malignant']} malignant, "
-            f"sampled {profile['sample_date']}): expected sensitivity **{profile['expected_sensitivity']:.1%}** "
-            f"(95 % interval {s_low:.1%}–{s_high:.1%}) and specificity **{profile['expected_specificity']:.1%}** "
+    point = profile.point
+    s_low, s_high = point.sensitivity_ci
+    c_low, c_high = point.specificity_ci
+    return (f"site **{profile.name}**, threshold **{point.threshold:.3f}** (rule *{point.rule}*: "
+            f"{point.guarantee}; chosen on {point.n} labelled images, {point.n_malignant} malignant, "
+            f"sampled {profile.sample_date}): expected sensitivity **{point.expected_sensitivity:.1%}** "
+            f"(95 % interval {s_low:.1%}–{s_high:.1%}) and specificity **{point.expected_specificity:.1%}** "
             f"({c_low:.1%}–{c_high:.1%})")
 
 
@@ -116,18 +118,18 @@ def make_profile(run: Path, set_name: str, frame: pd.DataFrame) -> None:
     the profile, or keep the reason it was refused for the page to show."""
     form = st.session_state
     report = loaders.external_sets(run)[set_name]
-    if report.get("model") != loaders.model_fingerprint(run):
+    if report.model != loaders.model_fingerprint(run):
         form[MADE_KEY] = ("refused", f"No site profile made: the predictions of `{set_name}` were made by other "
                                      f"weights or another calibration of `{run}`; evaluate the set again first.")
         return
     try:
-        source = {"set": set_name, **{k: report.get(k) for k in ("data", "images")}}
+        source = SampleSource(set=set_name, data=report.data, images=report.images)
         profile = sites.make_profile(run, form["site_name"].strip(), frame, source, form["site_target"],
                                      form["site_rule"], form["site_confidence"])
         write_site_profile(run, profile, form["site_overwrite"])
     except (sites.SiteError, RunError) as err:
         form[MADE_KEY] = ("refused", f"No site profile made: {err}")
         return
-    state.select_site(profile["name"])
+    state.select_site(profile.name)
     form[MADE_KEY] = ("made", "Made and in use: " + profile_caption(profile) + f". `train.py predict --site "
-                      f"{profile['name']}` and the Predict page use it.")
+                      f"{profile.name}` and the Predict page use it.")

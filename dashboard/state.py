@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.data import PROJECT_ROOT
+from core.run_files import SiteProfile
 from core.runs import DEFAULT_RUN, EXTERNAL_PREFIX, RunError, external_split, find_runs
 from dashboard import loaders
 
@@ -111,7 +112,7 @@ def data_sets(run: Path) -> dict[str, str]:
     with `train.py evaluate --data … --name NAME`."""
     sets = {"test": "test split", "val": "val split"}
     for name, report in loaders.external_sets(run).items():
-        sets[external_split(name)] = f"{name} (external, {report.get('n', '?')} images)"
+        sets[external_split(name)] = f"{name} (external, {report.n} images)"
     return sets
 
 
@@ -130,7 +131,7 @@ def external_name(split: str) -> str | None:
     return split.removeprefix(EXTERNAL_PREFIX) if split.startswith(EXTERNAL_PREFIX) else None
 
 
-def site() -> dict | None:
+def site() -> SiteProfile | None:
     """The site profile in use (``sites/<name>.json`` of the open run), or None."""
     name = st.session_state.get(SITE_KEY)
     return loaders.site_profiles(current_run()).get(name) if name else None
@@ -140,7 +141,7 @@ def select_site(name: str) -> None:
     """Use a site profile: its threshold becomes the shared threshold ("": back to the run's val Youden)."""
     st.session_state[SITE_KEY] = name
     profile = loaders.site_profiles(current_run()).get(name) if name else None
-    set_threshold(profile["threshold"] if profile else default_threshold(current_run()))
+    set_threshold(profile.point.threshold if profile else default_threshold(current_run()))
 
 
 def use_preset(value: float) -> None:
@@ -149,9 +150,9 @@ def use_preset(value: float) -> None:
     set_threshold(value)
 
 
-def at_site_threshold(profile: dict | None) -> bool:
+def at_site_threshold(profile: SiteProfile | None) -> bool:
     """Whether the shared threshold is still the site profile's (the user may have moved it since)."""
-    return profile is not None and abs(threshold() - profile["threshold"]) < 5e-4
+    return profile is not None and abs(threshold() - profile.point.threshold) < 5e-4
 
 
 def images_hint() -> str:

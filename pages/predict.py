@@ -36,7 +36,7 @@ if state.at_site_threshold(site):
     st.caption("At the operating point of " + site_panels.profile_caption(site) + ". Change it in the sidebar.")
 else:
     if site is not None:
-        st.caption(f"The threshold has moved from site {site['name']}'s ({site['threshold']:.3f}), so its expected "
+        st.caption(f"The threshold has moved from site {site.name}'s ({site.point.threshold:.3f}), so its expected "
                    "rates no longer apply; what the test split gives instead:")
     try:
         test = loaders.cases(run, "test")
@@ -87,7 +87,7 @@ for upload in uploads or []:
         st.error(gallery.ood_warning(result, predictor.ood), icon=":material/block:")
     elif result.out_of_distribution:  # only its style is unlike ours, and site's threshold was chosen on such images
         st.info(f"Its colour, texture or sharpness is unlike the training images (another camera?); decided at site "
-                f"{site['name']}'s threshold, which was chosen on that site's own images.")
+                f"{site.name}'s threshold, which was chosen on that site's own images.")
     image_col, cam_col, numbers = st.columns([1, 1, 1.2])
     image_col.image(result.model_input, caption=f"as the model sees it ({CROP_DESCRIPTIONS[predictor.config.crop]})",
                     width="stretch")

@@ -31,7 +31,7 @@ for column, (name, value) in zip(columns[1:], presets.items()):
     column.button(f"{state.PRESET_LABELS.get(name, name)} = {value:.3f}", key=f"preset-{name}",
                   on_click=state.use_preset, args=(value,), width="stretch")
 for column, (name, profile) in zip(columns[1 + len(presets):], profiles.items()):
-    column.button(f"site {name} = {profile['threshold']:.3f}", key=f"site-{name}", on_click=state.select_site,
+    column.button(f"site {name} = {profile.point.threshold:.3f}", key=f"site-{name}", on_click=state.select_site,
                   args=(name,), width="stretch")
 
 chart_key = f"explorer-{split}-{state.chart_threshold()}"
@@ -75,17 +75,17 @@ if "source" in frame and frame["source"].nunique() > 1:
     st.subheader(f"By source at threshold {threshold:.3f}")
     report = loaders.sources(run, split, loaders.data_dir_or_none()[0])
     parts = {str(name): part for name, part in frame.groupby("source")}
-    rows = [{"source": name, "images": row["n"], "malignant": row["n_malignant"], "AUROC": row["auroc"],
-             "AUROC 95 % CI": "" if row["auroc_ci"] is None else f"{row['auroc_ci'][0]:.3f}–{row['auroc_ci'][1]:.3f}",
+    rows = [{"source": name, "images": row.n, "malignant": row.n_malignant, "AUROC": row.auroc,
+             "AUROC 95 % CI": "" if row.auroc_ci is None else f"{row.auroc_ci[0]:.3f}–{row.auroc_ci[1]:.3f}",
              **{key: metrics.binary_metrics(parts[name]["label"], parts[name]["probability"], threshold)[key]
-                for key in ("sensitivity", "specificity")}} for name, row in report["sources"].items()]
+                for key in ("sensitivity", "specificity")}} for name, row in report.sources.items()]
     st.dataframe(pd.DataFrame(rows).style.format({"AUROC": "{:.3f}", "sensitivity": "{:.3f}",
                                                   "specificity": "{:.3f}"}, na_rep="—"),
                  hide_index=True, key="source_rows")
-    if report["stratified_auroc"] is not None:
+    if report.stratified_auroc is not None:
         st.markdown(f"Source-stratified AUROC (the mean of the within-source AUROCs, over "
-                    f"{len(report['stratified_over'])} sources with both classes): "
-                    f"**{report['stratified_auroc']:.3f}**, against {report['pooled_auroc']:.3f} pooled: a pooled "
+                    f"{len(report.stratified_over)} sources with both classes): "
+                    f"**{report.stratified_auroc:.3f}**, against {report.pooled_auroc:.3f} pooled: a pooled "
                     "AUROC can be carried by one easy source, or by sources whose malignant shares differ.")
     st.vega_lite_chart(loaders.p_by_dx_source_spec(run, split, loaders.data_dir_or_none()[0]), width="stretch")
 

@@ -21,15 +21,19 @@ from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
+from core.run_files import dump
 from core.runs import (
     DEFAULT_RUN,
     read_acquisition,
     read_acquisition_summary,
+    read_external,
     read_lineage,
     read_metrics,
     read_ood_scores,
     read_predictions,
+    read_site_profile,
     read_stress_summary,
+    write_external,
 )
 from dashboard import charts, loaders
 from tests.helpers import DashboardServer, corner_dependence
@@ -466,14 +470,13 @@ def test_an_external_set_drives_the_explorer_browser_and_audit(external_run: Pat
 def test_the_explorer_says_when_the_val_threshold_does_not_hold(external_run: Path) -> None:
     """A set whose probabilities collapse as on another clinic's images (the clinic_x predictions scaled by 0.05):
     the run's val threshold misses almost every melanoma there, and the page says so."""
-    import json
+    import dataclasses
     import shutil
 
     frame = read_predictions(external_run, "external_clinic_x")
     frame.assign(probability=frame["probability"] * 0.05).to_csv(
         external_run / "predictions_external_collapsed.csv", index=False)
-    report = json.loads((external_run / "metrics_external_clinic_x.json").read_text()) | {"name": "collapsed"}
-    (external_run / "metrics_external_collapsed.json").write_text(json.dumps(report))
+    write_external(external_run, dataclasses.replace(read_external(external_run, "clinic_x"), name="collapsed"))
     try:
         at = open_page("threshold", run=external_run)
         at.sidebar.selectbox(key="data_set").set_value("external_collapsed").run()
@@ -502,16 +505,16 @@ def test_a_site_profile_made_on_the_explorer_is_used_by_predict(external_run: Pa
         at.selectbox(key="site_rule").set_value("conformal")
         at.button[-1].click().run()
         assert not at.exception and any("Made and in use" in s.value for s in at.success)
-        profile = json.loads((external_run / "sites" / "clinic_x.json").read_text())
+        profile = read_site_profile(external_run, "clinic_x")
         frame = read_predictions(external_run, "external_clinic_x")
         expected = sites.choose_operating_point(frame["label"], frame["probability"], 0.85, "conformal")
-        assert profile["threshold"] == pytest.approx(expected["threshold"]) and profile["source"]["set"] == "clinic_x"
-        assert at.session_state["threshold"] == pytest.approx(profile["threshold"])
+        assert profile.point.threshold == pytest.approx(expected.threshold) and profile.source.set == "clinic_x"
+        assert at.session_state["threshold"] == pytest.approx(profile.point.threshold)
         assert at.sidebar.selectbox(key="site").value == "clinic_x"
         at.switch_page(str(PROJECT_ROOT / "pages" / "predict.py")).run()
         caption = next(c.value for c in at.caption if "At the operating point of site" in c.value)
-        low, high = profile["sensitivity_ci"]
-        assert f"{profile['expected_sensitivity']:.1%}" in caption and f"{low:.1%}–{high:.1%}" in caption
+        low, high = profile.point.sensitivity_ci
+        assert f"{profile.point.expected_sensitivity:.1%}" in caption and f"{low:.1%}–{high:.1%}" in caption
         at.sidebar.slider[0].set_value(0.5).run()  # moved away from the site's threshold: its rates no longer apply
         assert any("has moved from site clinic_x" in c.value for c in at.caption)
     finally:
@@ -521,7 +524,7 @@ def test_a_site_profile_made_on_the_explorer_is_used_by_predict(external_run: Pa
 def test_a_moved_image_folder_is_named_not_a_crash(external_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    images = Path(json.loads((external_run / "metrics_external_clinic_x.json").read_text())["images"])
+    images = Path(str(read_external(external_run, "clinic_x").images))
     moved = tmp_path / "moved"
     shutil.move(images, moved)
     try:
@@ -537,7 +540,7 @@ def test_a_set_evaluated_before_sets_recorded_their_folder_is_explained(external
     how to evaluate it again, and is not used for a site profile (its probabilities may be another model's)."""
     frame = read_predictions(external_run, "external_clinic_x").drop(columns="file")
     frame.to_csv(external_run / "predictions_external_old.csv", index=False)
-    report = json.loads((external_run / "metrics_external_clinic_x.json").read_text())
+    report = dump(read_external(external_run, "clinic_x"))
     old = {key: report[key] for key in ("n", "auroc", "auroc_ci", "at_threshold")} | {"name": "old"}
     (external_run / "metrics_external_old.json").write_text(json.dumps(old))
     try:

@@ -1,7 +1,6 @@
 """The engine end to end on real images, small enough for a CPU: fit, checkpoint, evaluate, predict, resume."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -115,8 +114,8 @@ def test_evaluate_command_on_an_external_labelled_csv(tiny_run: Path, ham: pd.Da
     images = Path(rows["path"].iloc[0]).parent
     assert train.main(["evaluate", "--run", str(tiny_run), "--data", str(tmp_path / f"{name}.csv"),
                        "--images", str(images), "--device", "cpu"]) == 0
-    report = json.loads((tiny_run / f"metrics_external_{name}.json").read_text())
-    assert report["n"] == 20 and 0 <= report["auroc"] <= 1
+    report = runs.read_external(tiny_run, name)
+    assert report.n == 20 and 0 <= report.auroc <= 1
     assert len(pd.read_csv(tiny_run / f"predictions_external_{name}.csv")) == 20
     assert (tiny_run / "predictions_val.csv").read_bytes() == own_val
 

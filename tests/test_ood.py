@@ -3,7 +3,6 @@ finds a training image as its own nearest neighbour, a stale index is refused, t
 shipped model non-dermoscopic images are flagged while ≤ 5 % of the HAM10000 test split is."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from core.inference import Preprocess, predict_probabilities
 from core.model import create_model
 from core.ood import KNNDistance, Mahalanobis
 from core.predictor import Predictor
-from core.runs import DEFAULT_RUN, RunError, read_ood_scores, read_ood_summary, read_predictions
+from core.runs import DEFAULT_RUN, RunError, read_external, read_ood_scores, read_ood_summary, read_predictions
 from tests.helpers import run_main
 
 SIZE = 48
@@ -184,10 +183,11 @@ def test_predict_and_evaluate_data_carry_the_flag(small_run: Path, ham_dir: Path
                               str(folder), "--device", "cpu")
     assert code == 0, err
     assert "of the images flagged" in out
-    report = json.loads((small_run / "metrics_external_labels.json").read_text())["ood"]
-    parts = [report[part]["n"] for part in ("flagged", "unflagged") if report[part] is not None]
-    flagged = report["flagged"]["n"] if report["flagged"] is not None else 0
-    assert sum(parts) == 5 and report["share_flagged"] == pytest.approx(flagged / 5)
+    report = read_external(small_run, "labels").ood
+    assert report is not None
+    parts = [part.n for part in (report.flagged, report.unflagged) if part is not None]
+    flagged = report.flagged.n if report.flagged is not None else 0
+    assert sum(parts) == 5 and report.share_flagged == pytest.approx(flagged / 5)
     written = pd.read_csv(small_run / "predictions_external_labels.csv")
     assert {"ood_score", "out_of_distribution"} <= set(written.columns)
 

@@ -3,7 +3,6 @@ each test catching the shift it is for, and on the shipped model: a few hundred 
 shifted, the same images re-photographed (colour, resampling, JPEG) are; bad folders are named."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,8 @@ from PIL import Image
 
 import train
 from core import shift
-from core.runs import DEFAULT_RUN, read_predictions
+from core.run_files import ShiftReport
+from core.runs import DEFAULT_RUN, read_predictions, read_shift_report
 from tests.helpers import run_main
 
 IN_DISTRIBUTION = 150  # "a random few hundred images of our own test split"
@@ -26,7 +26,7 @@ def _draw(rng: np.random.Generator, n: int) -> dict:
     return {"scores": scores, "probabilities": rng.beta(1, 4, n), "features": rng.normal(0, 1, (n, 6))}
 
 
-def _compare(sample: dict, reference: dict, alpha: float = shift.DEFAULT_ALPHA) -> dict:
+def _compare(sample: dict, reference: dict, alpha: float = shift.DEFAULT_ALPHA) -> ShiftReport:
     return shift.compare(sample["scores"], reference["scores"], THRESHOLDS, sample["probabilities"],
                          reference["probabilities"], sample["features"], reference["features"], alpha)
 
@@ -34,7 +34,7 @@ def _compare(sample: dict, reference: dict, alpha: float = shift.DEFAULT_ALPHA) 
 def test_false_alarms_stay_near_alpha_on_draws_from_one_distribution() -> None:
     rng = np.random.default_rng(0)
     reference = _draw(rng, 400)
-    alarms = [_compare(_draw(rng, 60), reference, alpha=0.05)["shifted"] for _ in range(80)]
+    alarms = [_compare(_draw(rng, 60), reference, alpha=0.05).shifted for _ in range(80)]
     assert np.mean(alarms) <= 0.05 + 2 * (0.05 * 0.95 / 80) ** 0.5  # Bonferroni keeps it at or below alpha
 
 
@@ -44,9 +44,9 @@ def test_each_distance_catches_its_shift(moved: str) -> None:
     reference, sample = _draw(rng, 400), _draw(rng, 100)
     sample["scores"][moved] += {"ood_score": 0.06, "style_score": 0.03}[moved]
     report = _compare(sample, reference)
-    assert report["shifted"] and report["tests"][moved]["p_value"] < 0.01 / 2
-    assert report["p_value"] == pytest.approx(min(1.0, 2 * min(t["p_value"] for t in report["tests"].values())))
-    assert report["tests"][moved]["share_flagged"] >= report["tests"][moved]["share_flagged_reference"]
+    assert report.shifted and report.tests[moved].p_value < 0.01 / 2
+    assert report.p_value == pytest.approx(min(1.0, 2 * min(t.p_value for t in report.tests.values())))
+    assert report.tests[moved].share_flagged >= report.tests[moved].share_flagged_reference
 
 
 def test_another_case_mix_is_reported_but_is_not_a_shift() -> None:
@@ -55,8 +55,8 @@ def test_another_case_mix_is_reported_but_is_not_a_shift() -> None:
     reference, sample = _draw(rng, 400), _draw(rng, 100)
     sample["probabilities"], sample["features"] = rng.beta(2, 2, 100), sample["features"] + 0.6
     report = _compare(sample, reference)
-    assert not report["shifted"]
-    assert report["case_mix"]["probability"]["p_value"] < 0.01 and report["case_mix"]["features"]["p_value"] < 0.01
+    assert not report.shifted
+    assert report.case_mix["probability"].p_value < 0.01 and report.case_mix["features"].p_value < 0.01
 
 
 def test_too_few_images_or_a_bad_alpha_are_refused() -> None:
@@ -101,19 +101,18 @@ def test_our_own_test_images_are_not_shifted_and_rephotographed_ones_are(own_ima
     code, stdout, err = run_main(train.main, "shift", "--run", str(DEFAULT_RUN), "--images", str(own_images),
                                  "--out", str(out), "--device", "cpu")
     assert code == 0, err
-    report = json.loads(out.read_text())
-    assert report["shifted"] is False and report["p_value"] >= 0.01 and report["n"] == IN_DISTRIBUTION
-    assert set(report["tests"]) == {"ood_score", "style_score"} and set(report["case_mix"]) == {"probability",
-                                                                                                "features"}
-    assert "not shifted" in stdout and "No evidence of a shift" in report["advice"]
+    report = read_shift_report(out)
+    assert report.shifted is False and report.p_value >= 0.01 and report.n == IN_DISTRIBUTION
+    assert set(report.tests) == {"ood_score", "style_score"} and set(report.case_mix) == {"probability", "features"}
+    assert "not shifted" in stdout and "No evidence of a shift" in str(report.advice)
 
     moved = rephotographed(own_images, tmp_path / "moved")
     code, stdout, err = run_main(train.main, "shift", "--run", str(DEFAULT_RUN), "--images", str(moved),
                                  "--out", str(out), "--device", "cpu")
     assert code == 0, err
-    report = json.loads(out.read_text())
-    assert report["shifted"] is True and report["p_value"] < 0.01
-    assert "SHIFTED" in stdout and "train.py site" in report["advice"]
+    report = read_shift_report(out)
+    assert report.shifted is True and report.p_value < 0.01
+    assert "SHIFTED" in stdout and "train.py site" in str(report.advice)
 
 
 def test_bad_folders_are_named(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ or one-sided are refused with the number of malignant cases the target needs; pr
 overwritten by accident, and refused once the run's weights or calibration change."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from core import runs, sites
+from core.run_files import SampleSource
 from core.sites import SiteError, choose_operating_point, malignant_needed, order_statistic
 
 TARGET = 0.85
@@ -57,15 +59,15 @@ def test_the_operating_point_of_a_sample() -> None:
     labels = np.r_[np.ones(30), np.zeros(70)]
     point = choose_operating_point(labels, np.r_[malignant, benign], TARGET, "conformal")
     k = order_statistic(30, TARGET, "conformal")
-    assert point["threshold"] == np.sort(malignant)[k - 1] and point["k"] == k == 4
-    assert point["sample_sensitivity"] == pytest.approx(27 / 30)
-    assert point["expected_sensitivity"] == pytest.approx(1 - k / 31)
-    assert point["expected_specificity"] == pytest.approx((benign < point["threshold"]).mean())
-    low, high = point["specificity_ci"]
-    assert low < point["expected_specificity"] < high
-    assert (point["n"], point["n_malignant"], point["n_benign"]) == (100, 30, 70)
+    assert point.threshold == np.sort(malignant)[k - 1] and point.k == k == 4
+    assert point.sample_sensitivity == pytest.approx(27 / 30)
+    assert point.expected_sensitivity == pytest.approx(1 - k / 31)
+    assert point.expected_specificity == pytest.approx((benign < point.threshold).mean())
+    low, high = point.specificity_ci
+    assert low < point.expected_specificity < high
+    assert (point.n, point.n_malignant, point.n_benign) == (100, 30, 70)
     sample = choose_operating_point(labels, np.r_[malignant, benign], TARGET, "sample")
-    assert sample["sample_sensitivity"] >= TARGET and sample["threshold"] >= point["threshold"]
+    assert sample.sample_sensitivity >= TARGET and sample.threshold >= point.threshold
 
 
 @pytest.mark.parametrize("labels, rule, message", [
@@ -97,24 +99,26 @@ def _frame(n_malignant: int = 20, n_benign: int = 40):
 
 
 def test_profiles_are_named_safely_and_kept_from_accidental_overwrites(run_copy: Path) -> None:
-    profile = sites.make_profile(run_copy, "clinic_a", _frame(), {"data": "labels.csv"}, sample_date="2026-11-30")
+    profile = sites.make_profile(run_copy, "clinic_a", _frame(), SampleSource(data="labels.csv"),
+                                 sample_date="2026-11-30")
     path = runs.write_site_profile(run_copy, profile)
     assert path == run_copy / "sites" / "clinic_a.json"
     loaded = sites.load_profile(run_copy, "clinic_a")
-    assert loaded["threshold"] == profile["threshold"] and loaded["sample_date"] == "2026-11-30"
+    assert loaded == profile and loaded.sample_date == "2026-11-30"
     assert set(sites.usable_profiles(run_copy)) == {"clinic_a"}
     with pytest.raises(runs.RunError, match="already holds the site profile 'clinic_a'"):
         runs.write_site_profile(run_copy, profile)
-    runs.write_site_profile(run_copy, profile | {"threshold": 0.5}, overwrite=True)
-    assert sites.load_profile(run_copy, "clinic_a")["threshold"] == 0.5
+    moved = dataclasses.replace(profile, point=dataclasses.replace(profile.point, threshold=0.5))
+    runs.write_site_profile(run_copy, moved, overwrite=True)
+    assert sites.load_profile(run_copy, "clinic_a").point.threshold == 0.5
     for bad in ("../metrics", "a/b", "", ".hidden", "x" * 65):
         with pytest.raises(runs.RunError, match="not allowed"):
-            sites.make_profile(run_copy, bad, _frame(), {})
+            sites.make_profile(run_copy, bad, _frame(), SampleSource())
     assert sorted(p.name for p in run_copy.iterdir()) == ["config.yaml", "model.safetensors", "sites"]
 
 
 def test_a_profile_is_refused_once_the_calibration_changes(run_copy: Path) -> None:
-    runs.write_site_profile(run_copy, sites.make_profile(run_copy, "clinic_a", _frame(), {}))
+    runs.write_site_profile(run_copy, sites.make_profile(run_copy, "clinic_a", _frame(), SampleSource()))
     config = yaml.safe_load((run_copy / runs.CONFIG_FILE).read_text())
     (run_copy / runs.CONFIG_FILE).write_text(yaml.safe_dump(config | {"calibration": [1.5, -0.2]}, sort_keys=False))
     with pytest.raises(runs.RunError, match="made for other weights or another calibration"):
@@ -157,9 +161,10 @@ def test_site_then_predict_with_its_threshold(site_sample: tuple[Path, Path, Pat
                               "--images", str(images), "--sample-date", "2026-11-30", "--device", "cpu")
     assert code == 0, err
     profile = sites.load_profile(run, "clinic_a")
-    assert (profile["n"], profile["n_malignant"], profile["sample_date"]) == (40, 12, "2026-11-30")
-    assert profile["rule"] == "conformal" and profile["source"]["images"] == str(images.resolve())
-    assert f"threshold {profile['threshold']:.4f}" in out and "expected sensitivity" in out
+    point = profile.point
+    assert (point.n, point.n_malignant, profile.sample_date) == (40, 12, "2026-11-30")
+    assert point.rule == "conformal" and profile.source.images == str(images.resolve())
+    assert f"threshold {point.threshold:.4f}" in out and "expected sensitivity" in out
     code, _, err = run_main(train.main, "site", "--run", str(run), "--name", "clinic_a", "--data", str(labels),
                             "--images", str(images))
     assert code == 2 and "already holds the site profile 'clinic_a'" in err
@@ -168,8 +173,8 @@ def test_site_then_predict_with_its_threshold(site_sample: tuple[Path, Path, Pat
                               str(out_csv), "--site", "clinic_a", "--device", "cpu")
     assert code == 0, err
     table = pd.read_csv(out_csv)
-    assert len(table) == 40 and np.allclose(table["threshold"], profile["threshold"], rtol=0, atol=1e-12)
-    decided = np.where(table["probability"] >= profile["threshold"], "malignant", "benign")
+    assert len(table) == 40 and np.allclose(table["threshold"], point.threshold, rtol=0, atol=1e-12)
+    decided = np.where(table["probability"] >= point.threshold, "malignant", "benign")
     guard = Predictor.load(run).ood
     # At a site's threshold only images unlike the training data in content are withheld.
     assert (table["decision"] == np.where(table["ood_score"] > guard.threshold, "withheld", decided)).all()
@@ -215,8 +220,6 @@ def test_site_refusals_name_the_problem(site_sample: tuple[Path, Path, Path], tm
 
 
 def test_evaluate_names_the_set_and_records_where_its_images_are(site_sample: tuple[Path, Path, Path]) -> None:
-    import json
-
     import train
     from tests.helpers import run_main
 
@@ -224,9 +227,9 @@ def test_evaluate_names_the_set_and_records_where_its_images_are(site_sample: tu
     code, out, err = run_main(train.main, "evaluate", "--run", str(run), "--data", str(labels), "--images",
                               str(images), "--name", "clinic_a", "--device", "cpu")
     assert code == 0, err
-    report = json.loads((run / "metrics_external_clinic_a.json").read_text())
-    assert report["images"] == str(images.resolve()) and report["n"] == 40
-    assert set(report["shift"]["tests"]) == {"ood_score", "style_score"} and "advice" in report["shift"]
+    report = runs.read_external(run, "clinic_a")
+    assert report.images == str(images.resolve()) and report.n == 40 and report.shift is not None
+    assert set(report.shift.tests) == {"ood_score", "style_score"} and report.shift.advice is not None
     written = runs.read_predictions(run, "external_clinic_a")
     assert sorted(written["file"]) == sorted(p.name for p in images.iterdir())
     assert set(runs.external_sets(run)) == {"clinic_a"}
@@ -254,7 +257,7 @@ def test_at_a_site_threshold_another_camera_is_decided_not_withheld(site_sample:
     other.mkdir()
     for path in sorted(images.iterdir())[:8]:
         SHIFTS["camera"](open_rgb(path)).save(other / path.name)
-    runs.write_site_profile(run, sites.make_profile(run, "camera_site", _frame(), {}), overwrite=True)
+    runs.write_site_profile(run, sites.make_profile(run, "camera_site", _frame(), SampleSource()), overwrite=True)
     tables = {}
     for site in (None, "camera_site"):
         out = tmp_path / f"{site}.csv"
