@@ -32,10 +32,10 @@ from core import runs
 from core.config import TrainConfig, add_config_arguments, field_choices
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
 from core.download import add_parser as add_download_parser
-from core.fit import Interrupted
 from core.inference import DeviceError
 from core.run_files import SampleSource, ShiftReport
-from core.training import TrainingError
+from core.train.fit import Interrupted
+from core.train.training import TrainingError
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -69,7 +69,7 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from core.fit import fit
+    from core.train.fit import fit
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -85,7 +85,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
-    from core.cv import cross_validate, leave_source_out
+    from core.train.cv import cross_validate, leave_source_out
 
     cfg = (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).override(args)
     if args.by == "source":
@@ -104,7 +104,7 @@ def cmd_cv(args: argparse.Namespace) -> None:
 
 
 def cmd_shipped(args: argparse.Namespace) -> None:
-    from core.shipped import replay
+    from core.train.shipped import replay
 
     given = {"data_dir": args.data_dir, "split_file": args.split_file, "train_limit": args.train_limit,
              "epochs": args.epochs, "input_size": args.input_size}
@@ -221,7 +221,7 @@ def cmd_site(args: argparse.Namespace) -> None:
 
 
 def cmd_shift(args: argparse.Namespace) -> None:
-    from core import shift
+    from core.audit import shift
     from core.predictor import Predictor
 
     files = image_files(args.images)
@@ -275,7 +275,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
-    from core.audit import explain_split
+    from core.audit.attention import explain_split
 
     summary = explain_split(args.run, args.split, args.method, args.limit, corner_threshold=args.corner_threshold,
                             device_name=args.device)
@@ -293,7 +293,7 @@ def cmd_stress(args: argparse.Namespace) -> None:
         return stress_acquisition(args)
     if args.edits:
         raise ValueError("--edits names acquisition edits; add --suite acquisition")
-    from core.stress import stress_split
+    from core.audit.stress import stress_split
 
     section = stress_split(args.run, args.split, args.interventions, args.limit, args.seed, args.min_delta,
                            args.device, train_corners=not args.no_train_corners)
@@ -309,7 +309,7 @@ def cmd_stress(args: argparse.Namespace) -> None:
 
 
 def stress_acquisition(args: argparse.Namespace) -> None:
-    from core.stress import ACQUISITION_LIMIT, acquisition_split
+    from core.audit.stress import ACQUISITION_LIMIT, acquisition_split
 
     if args.interventions:
         raise ValueError("--interventions names artifacts; the acquisition suite takes --edits")
@@ -334,7 +334,7 @@ def stress_acquisition(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from core.ood import build_index
+    from core.audit.ood import build_index
 
     summary = build_index(args.run, args.device, args.method, args.dims, args.k, args.percentile)
     rates, mistakes = summary.flag_rate, summary.mistakes_test
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_cv)
 
-    from core.shipped import RECIPE
+    from core.train.shipped import RECIPE
     p = sub.add_parser("shipped", help="rebuild the shipped model from configs/shipped: every stage of every member "
                        "from the ImageNet weights, then ensemble, calibrate, evaluate, explain, stress-test, index")
     run = p.add_argument_group("replay")
@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the set's name in the run and the dashboard (default: the label file's stem)")
     p.set_defaults(func=cmd_evaluate)
 
-    from core import shift, sites
+    from core import sites
+    from core.audit import shift
     p = sub.add_parser("site", help="a site's own operating point: the threshold for a target sensitivity, chosen "
                        "on a labelled sample of that site's images (sites/NAME.json in the run)")
     add_run_and_device(p)
@@ -488,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag attention as corner-focused when corner_fraction >= this (uniform = 0.25)")
     p.set_defaults(func=cmd_explain)
 
-    from core.acquisition import COLOUR_PREFIX, EDITS
-    from core.interventions import DEFAULT_MIN_DELTA, INTERVENTIONS
+    from core.audit.acquisition import COLOUR_PREFIX, EDITS
+    from core.audit.interventions import DEFAULT_MIN_DELTA, INTERVENTIONS
     p = sub.add_parser("stress", help="artifact stress test: p before and after painting vignettes, corner fills, "
                        "ink, rulers and hairs beside the lesion; --suite acquisition: before and after another "
                        "camera's JPEG, resolution, focus, white balance, tone curve and colours")
@@ -513,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the table of dark corners by class on the training split")
     p.set_defaults(func=cmd_stress)
 
-    from core.ood import DEFAULT_DIMS, DEFAULT_K, DEFAULT_PERCENTILE
+    from core.audit.ood import DEFAULT_DIMS, DEFAULT_K, DEFAULT_PERCENTILE
     p = sub.add_parser("index", help="embedding index of the training split and the out-of-distribution threshold "
                        "(the val split's percentile)")
     add_run_and_device(p)

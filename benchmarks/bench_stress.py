@@ -1,8 +1,8 @@
-"""CPU time of the artifact stress test (``core.stress.intervened_probabilities``: paint, then predict the clean
+"""CPU time of the artifact stress test (``core.audit.stress.intervened_probabilities``: paint, then predict the clean
 and every intervened copy with the run's TTA and calibration) on N test images, median of R repeats, and what that
 makes for the whole 1,500-image test split. Decoding the images and masks is timed apart (done once per split).
-``--suite acquisition`` times the acquisition stress test the same way (``core.stress.edited_probabilities``: every
-edit of ``train.py stress --suite acquisition`` on the file's pixels, then crop, resize and predict) and projects
+``--suite acquisition`` times the acquisition stress test the same way (``core.audit.stress.edited_probabilities``:
+every edit of ``train.py stress --suite acquisition`` on the file's pixels, then crop, resize and predict) and projects
 it for its default sample of 500 images.
 
     python benchmarks/bench_stress.py --run models/default [--images 150] [--repeats 3] [--threads 2]
@@ -17,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from core.acquisition import create_edits, default_edits
-from core.inference import model_view_masks
-from core.interventions import INTERVENTIONS, image_key
-from core.run import load
-from core.runs import model_label
-from core.stress import (
+from core.audit.acquisition import create_edits, default_edits
+from core.audit.interventions import INTERVENTIONS, image_key
+from core.audit.stress import (
     ACQUISITION_LIMIT,
     edited_probabilities,
     intervened_probabilities,
@@ -30,6 +27,9 @@ from core.stress import (
     run_scorer,
     training_colours,
 )
+from core.inference import model_view_masks
+from core.run import load
+from core.runs import model_label
 
 TEST_IMAGES = 1500
 

@@ -13,7 +13,7 @@ import torch
 
 from core.config import TrainConfig
 from core.inference import autocast, resolve_device
-from core.training import create_training_parts
+from core.train.training import create_training_parts
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core import explain, metrics
+from core import metrics
+from core.audit import explain
+from core.audit.stress import image_flags
 from core.run import load
 from core.runs import read_metrics, read_stress
-from core.stress import image_flags
 
 
 def main(argv: list[str] | None = None) -> None:

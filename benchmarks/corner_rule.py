@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from core import metrics, runs
-from core.interventions import CORNER_INTERVENTIONS
+from core.audit.interventions import CORNER_INTERVENTIONS
 
 MAX_FLIP = 0.03       # step 1: the largest val flip share a corner intervention may cause
 MAX_FORWARDS = 4      # step 2: network passes per prediction (members × TTA views) that fit 60 ms on 2 CPU cores

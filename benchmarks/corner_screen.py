@@ -23,10 +23,10 @@ import torch
 from benchmarks.corner_rule import MAX_FLIP, MAX_FORWARDS, MAX_MB, MIN_GAIN_LOW, paired_gain
 from benchmarks.ensemble_search import compatible_pairs
 from core import metrics, runs
+from core.audit.interventions import CORNER_INTERVENTIONS, image_key
+from core.audit.stress import STRESS_BATCH, intervened_probabilities
 from core.inference import FLIP_DIMS, load_splits, model_view_masks
-from core.interventions import CORNER_INTERVENTIONS, image_key
 from core.run import load
-from core.stress import STRESS_BATCH, intervened_probabilities
 
 VERSIONS = ("clean", *CORNER_INTERVENTIONS)
 

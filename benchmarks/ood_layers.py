@@ -8,7 +8,7 @@ indexes (``train.py index``: ``index.safetensors`` and ``index_style.safetensors
 
 Rules: ``penultimate`` alone at the val 95th percentile (the guard before issue #30), ``style`` alone at its val 95th
 percentile, and ``either`` (what ships): flagged when either distance is above its threshold, both at the val
-percentile q at which the union flags 5 % of val (``core.ood.union_percentile``).
+percentile q at which the union flags 5 % of val (``core.audit.ood.union_percentile``).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from PIL import Image
 
 from benchmarks import ood_probes
 from benchmarks.site_shifts import SHIFTS, pool
+from core.audit.ood import DEFAULT_PERCENTILE, KNNDistance, OODGuard, union_percentile
 from core.data import read_ham10000
-from core.ood import DEFAULT_PERCENTILE, KNNDistance, OODGuard, union_percentile
 from core.predictor import Predictor
 from core.runs import read_config
 

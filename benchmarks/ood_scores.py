@@ -21,8 +21,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import ood_probes
+from core.audit.ood import create_score, split_features
 from core.embedding import EmbeddingIndex
-from core.ood import create_score, split_features
 from core.run import Run, load
 from core.transforms import resize_transform
 

@@ -3,8 +3,8 @@
 False alarms: sets of n images drawn from the test split as it is (in distribution: the check should call at most
 ``alpha`` of them shifted), and sets with half of them malignant (another case mix, which is not a camera shift).
 Power: sets drawn from the re-photographed copies of the test split in ``benchmarks/site_shifts.py``. Each set gets
-the verdict ``train.py shift`` gives (``core.shift.compare`` on the guard's two distances, against val's), from the
-cached predictions and features, so the images are predicted once, not per draw. The case-mix tests are reported
+the verdict ``train.py shift`` gives (``core.audit.shift.compare`` on the guard's two distances, against val's), from
+the cached predictions and features, so the images are predicted once, not per draw. The case-mix tests are reported
 beside it: the probability test on every draw, the feature MMD (1,000 permutations, the slow one) on the half-
 malignant draws.
 
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.site_shifts import SHIFTS, pool
-from core import shift
-from core.ood import OODGuard
+from core.audit import shift
+from core.audit.ood import OODGuard
 from core.runs import read_config, read_ood_scores, read_predictions
 
 

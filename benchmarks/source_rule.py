@@ -29,8 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import corner_rule
-from core import acquisition as acquisition_module
 from core import metrics, runs
+from core.audit import acquisition as acquisition_module
 
 MIN_GAIN_LOW = -0.005    # step 1
 MAX_AUROC_DROP = 0.01    # step 4

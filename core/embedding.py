@@ -125,7 +125,7 @@ class EmbeddingIndex:
     dx: list[str]
     labels: np.ndarray        # (N,) 0/1
     meta: dict                # fingerprint, the OOD score's method and threshold, what it was built with
-    # The val split as [coords, residual] (M, d + 1): the reference of the set-level shift check (core.shift);
+    # The val split as [coords, residual] (M, d + 1): the reference of the set-level shift check (core.audit.shift);
     # None in indexes built before it.
     reference: np.ndarray | None = None
 

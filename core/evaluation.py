@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from core import metrics, ood, runs, shift, sites
+from core import metrics, runs, sites
+from core.audit import ood, shift
 from core.calibration import apply_platt, fit_platt
 from core.data import read_dataset
 from core.inference import device_description
@@ -32,7 +33,7 @@ def evaluate_external(run_dir: str | Path, data: str, images: str | None, device
                       name: str | None = None) -> ExternalMetrics:
     """A labelled set from outside the split (ISIC ground truth, image,label CSV, a HAM10000-shaped folder): the
     run's val-chosen thresholds are applied, never new ones chosen, and the set is checked for a shift against val
-    (``core.shift``). Writes predictions_external_<name>.csv (each image's ``file`` under the image folder, which
+    (``core.audit.shift``). Writes predictions_external_<name>.csv (each image's ``file`` under the image folder, which
     the report records, so the dashboard can show it) and metrics_external_<name>.json; the prefix keeps a set named
     e.g. ``val`` from overwriting the run's own split outputs. ``name`` defaults to the label file's stem."""
     run_dir = Path(run_dir)

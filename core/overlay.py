@@ -1,6 +1,6 @@
 """Pictures of explanations: a CAM blended over the image the model saw, and a lesion mask's outline.
 
-Kept out of ``core.explain`` (which computes and scores CAMs) so viewers need neither torch nor a model for them.
+Kept out of ``core.audit.explain`` (which computes and scores CAMs) so viewers need neither torch nor a model for them.
 """
 from __future__ import annotations
 

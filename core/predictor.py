@@ -12,12 +12,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from core.acquisition import EDITS, create_edits, retaken_view
-from core.corners import dark_corner_score
+from core.audit.acquisition import EDITS, create_edits, retaken_view
+from core.audit.corners import dark_corner_score
+from core.audit.interventions import CORNER_CHECK, corner_dependent, create_intervention
+from core.audit.ood import OODGuard
 from core.data import DataError
 from core.images import open_rgb
-from core.interventions import CORNER_CHECK, corner_dependent, create_intervention
-from core.ood import OODGuard
 from core.run import load
 from core.transforms import resize_transform
 
@@ -37,8 +37,8 @@ class Prediction:
     thresholds: dict[str, float] = field(default_factory=dict)  # chosen on val: "0.5", "youden", "sens95"
     cam: np.ndarray | None = None          # with explain=True: Grad-CAM (H, W) in [0, 1], aligned with model_input
     attention: dict = field(default_factory=dict)  # with explain=True: corner/border fractions, flag, dark corners
-    # With corner_check=True: P(malignant) with the corners covered / a vignette added (core.interventions), those
-    # images as the model saw them, and whether the decision depends on the corners (core.interventions rule).
+    # With corner_check=True: P(malignant) with the corners covered / a vignette added (core.audit.interventions), those
+    # images as the model saw them, and whether the decision depends on the corners (core.audit.interventions rule).
     corner_probabilities: dict[str, float] = field(default_factory=dict)
     corner_views: dict[str, np.ndarray] = field(default_factory=dict)
     corner_dependent: bool | None = None
@@ -103,15 +103,15 @@ class Predictor:
 
     def predict(self, image: ImageInput, explain: bool = False, method: str = "gradcam",
                 threshold: float | None = None, corner_check: bool = False) -> Prediction:
-        """P(malignant) for one image; with ``explain`` also its CAM (``method`` from ``core.explain.CAM_METHODS``)
-        and attention scores; with ``corner_check`` also p with the corners covered and with a vignette added, sent
-        through the network in the same batch. The CAM and the corner check judge the decision at ``threshold``
-        (default: Youden on val)."""
+        """P(malignant) for one image; with ``explain`` also its CAM (``method`` from
+        ``core.audit.explain.CAM_METHODS``) and attention scores; with ``corner_check`` also p with the corners covered
+        and with a vignette added, sent through the network in the same batch. The CAM and the corner check judge the
+        decision at ``threshold`` (default: Youden on val)."""
         return self.predict_view(self.model_input(image), explain, method, threshold, corner_check)
 
     def camera_check(self, image: ImageInput) -> dict[str, float]:
         """P(malignant) of the photo as if taken by another camera: each acquisition edit that needs no source
-        (``core.acquisition``: JPEG qualities, resolution, focus, white balance, tone curve, and the neutral edits
+        (``core.audit.acquisition``: JPEG qualities, resolution, focus, white balance, tone curve, and the neutral edits
         that set the floor) applied to the file's own pixels, then cropped and resized as usual. Edit name → p."""
         original = np.asarray(open_rgb(image))
         edits = create_edits(list(EDITS))
@@ -195,7 +195,7 @@ class Predictor:
             result.corner_dependent = bool(corner_dependent(result.probability, result.corner_probabilities,
                                                             threshold))
         if explain:
-            from core import explain as xai
+            from core.audit import explain as xai
             decided = int(result.probability >= threshold)  # explain what was decided
             result.cam = xai.compute_cam(self.model, self.preprocess(batch.to(self.device)), method, [decided])[0]
             result.attention = {**xai.attention_scores(result.cam), "dark_corner_score": dark_corner_score(view)}

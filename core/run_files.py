@@ -396,7 +396,7 @@ class DarknessBin:
 
 @dataclass(frozen=True, kw_only=True)
 class DarkCorners:
-    """How dark the training images' corners are by class (``core.stress.dark_corners_by_class``)."""
+    """How dark the training images' corners are by class (``core.audit.stress.dark_corners_by_class``)."""
     n: int
     by_dx: dict[str, DxDarkness]
     by_label: dict[str, LabelDarkness]
@@ -473,7 +473,7 @@ class Decisions:
 
 @dataclass(frozen=True, kw_only=True)
 class SourceColours:
-    """A source's typical CIELAB colours (``core.acquisition.ColourStats``)."""
+    """A source's typical CIELAB colours (``core.audit.acquisition.ColourStats``)."""
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -547,7 +547,8 @@ class FlaggedPart:
 
 @dataclass(frozen=True, kw_only=True)
 class FlaggedReport:
-    """The OOD guard on a labelled set (``core.ood.flagged_report``); a part is None where no image falls in it."""
+    """The OOD guard on a labelled set (``core.audit.ood.flagged_report``); a part is None where no image falls
+    in it."""
     threshold: float
     share_flagged: float
     flagged: FlaggedPart | None
@@ -580,7 +581,7 @@ class CaseMixTest:
 
 @dataclass(frozen=True, kw_only=True)
 class ShiftReport:
-    """The set-level shift verdict against val (``core.shift.compare``): distance tests → verdict, the case-mix
+    """The set-level shift verdict against val (``core.audit.shift.compare``): distance tests → verdict, the case-mix
     tests beside it; ``against_val`` adds the advice, ``train.py shift`` the image folder."""
     shifted: bool
     p_value: float

@@ -42,7 +42,7 @@ def view_shape(input_size: int, crop: Crop = "square") -> tuple[int, int]:
 
 def ellipse_radius(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``(H, W)``: per pixel, the radius in units of the circle (square view) or ellipse (4:3 view) inscribed in the
-    view: 1 on it, > 1 in the corners, √2 at the very corner (as ``core.corners.ellipse_radius``)."""
+    view: 1 on it, > 1 in the corners, √2 at the very corner (as ``core.audit.corners.ellipse_radius``)."""
     v = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
     u = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
     return torch.sqrt(u[None, :] ** 2 + v[:, None] ** 2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.acquisition import EDITS
+from core.audit.acquisition import EDITS
 from core.data import DX_NAMES
 from core.run_files import AcquisitionSection
 from dashboard import charts, gallery, loaders, state
@@ -116,7 +116,7 @@ def camera_check(predictor, upload, probability: float, threshold: float, run: P
     whether the decision at ``threshold`` would flip; the neutral edits say how much moves for nothing."""
     if not st.toggle("Camera check: would another camera change this decision?", key=f"camera_{upload.file_id}",
                      help="The photo re-taken as another JPEG quality, resolution, focus, white balance and tone "
-                          f"curve would (core.acquisition; {len(EDITS)} network passes, about a second)."):
+                          f"curve would (core.audit.acquisition; {len(EDITS)} network passes, about a second)."):
         return
     checks = st.session_state.setdefault(CAMERA_KEY, {})
     key = (str(run), upload.file_id)  # another run's check is another model's numbers

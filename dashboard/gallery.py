@@ -11,8 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics
+from core.audit.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_delta_p, corner_dependent
 from core.data import DX_NAMES, DataError
-from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA, corner_delta_p, corner_dependent
 from core.overlay import cam_overlay, outline_mask
 from dashboard import loaders, state
 from dashboard.labels import readable_index
@@ -54,7 +54,7 @@ def cases_at_threshold() -> Cases:
 
 
 def add_corner_dependence(cases: pd.DataFrame, threshold: float) -> None:
-    """``corner_dependent`` at ``threshold`` (the rule of ``core.interventions.corner_dependent``) and
+    """``corner_dependent`` at ``threshold`` (the rule of ``core.audit.interventions.corner_dependent``) and
     ``corner_delta_p``, from the stress test's p columns; nothing when the run has no stress test."""
     if not has_stress(cases):
         return

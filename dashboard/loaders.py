@@ -10,12 +10,13 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from core.acquisition import ColourStats, create_edits, retaken_view
+from core.audit.acquisition import ColourStats, create_edits, retaken_view
+from core.audit.interventions import create_intervention, image_key
+from core.audit.stress import wide
 from core.config import TrainConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
 from core.images import open_rgb
 from core.inference import model_view_masks
-from core.interventions import create_intervention, image_key
 from core.metrics import age_band, source_report
 from core.predictor import Predictor
 from core.run_files import (
@@ -61,7 +62,6 @@ from core.runs import (
 from core.sites import model_fingerprint as core_model_fingerprint
 from core.sites import usable_profiles
 from core.split import read_split
-from core.stress import wide
 from core.transforms import CornerMask, resize_transform
 from dashboard import charts
 

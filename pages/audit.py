@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics
-from core.interventions import CORNER_INTERVENTIONS
+from core.audit.interventions import CORNER_INTERVENTIONS
 from core.run_files import frame
 from dashboard import acquisition_panel, charts, gallery, loaders, state
 from dashboard.labels import readable

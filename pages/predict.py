@@ -4,9 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics
+from core.audit.explain import CAM_METHODS
+from core.audit.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA
 from core.data import DataError
-from core.explain import CAM_METHODS
-from core.interventions import CORNER_CHECK, DEFAULT_MIN_DELTA
 from core.overlay import cam_overlay
 from core.predictor import Prediction
 from core.runs import RunError

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from benchmarks.load_dashboard import free_port, start_server
+from core.audit.interventions import CORNER_CHECK, corner_dependent
+from core.audit.stress import wide
 from core.data import PROJECT_ROOT
-from core.interventions import CORNER_CHECK, corner_dependent
 from core.runs import DEFAULT_RUN, read_predictions, read_stress
-from core.stress import wide
 
 ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", PROJECT_ROOT / "tests" / "artifacts"))  # screenshots, server log
 

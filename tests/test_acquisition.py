@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import train
-from core import acquisition
-from core.acquisition import EDITS, NEUTRAL_EDITS, ColourMatch, ColourStats, create_edits, image_colour
+from core.audit import acquisition
+from core.audit.acquisition import EDITS, NEUTRAL_EDITS, ColourMatch, ColourStats, create_edits, image_colour
+from core.audit.stress import edited_probabilities, stress_table, summarize_acquisition
 from core.runs import DEFAULT_RUN, RunError, read_acquisition, read_acquisition_summary, read_metrics
-from core.stress import edited_probabilities, stress_table, summarize_acquisition
 from tests.helpers import run_main
 
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from core import metrics
+from core.audit.interventions import CORNER_CHECK
 from core.data import PROJECT_ROOT
-from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, read_acquisition_summary, read_metrics, read_predictions
 from tests.helpers import ARTIFACTS, DashboardServer, corner_dependence

@@ -127,7 +127,7 @@ def test_training_goes_on_uncalibrated(tmp_path: Path, monkeypatch: pytest.Monke
                                        capsys: pytest.CaptureFixture, resume: bool) -> None:
     """A calibration is fitted to one run's weights: neither `fit --config <a calibrated run's config>` nor
     `fit --resume <a calibrated run>` (a later epoch may replace the best weights) may keep it."""
-    from core import fit
+    from core.train import fit
 
     started = []
     monkeypatch.setattr(fit, "_fit", lambda cfg, run_dir, resume: started.append(cfg))

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from core import checkpoint, runs
-from core.augment import BatchAugment
+from core.audit.interventions import CORNER_INTERVENTIONS, create_intervention
 from core.config import TrainConfig
 from core.inference import Preprocess, predict_probabilities, preload_images
-from core.interventions import CORNER_INTERVENTIONS, create_intervention
 from core.model import create_model, head_outputs
 from core.predictor import Predictor
-from core.training import create_training_parts, training_loss
+from core.train.augment import BatchAugment
+from core.train.training import create_training_parts, training_loss
 from core.transforms import CORNER_FILL, CornerMask, ellipse_radius, view_shape
 from tests.helpers import write_image
 

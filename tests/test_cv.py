@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 
 import train
-from core import cv, metrics, runs
+from core import metrics, runs
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT, DataError
 from core.split import read_folds, read_split
+from core.train import cv
 
 TINY = dict(input_size=64, epochs=1, batch_size=16, eval_batch_size=256, head_warmup_epochs=0, ema_decay=0.0,
             amp=False, device="cpu")

@@ -16,10 +16,10 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import metrics, sites
-from core.acquisition import EDITS
+from core.audit.acquisition import EDITS
+from core.audit.interventions import CORNER_CHECK
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.interventions import CORNER_CHECK
 from core.predictor import Predictor
 from core.run_files import dump
 from core.runs import (

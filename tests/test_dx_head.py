@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from core import runs
-from core.explain import MalignantTarget
-from core.fit import fit
-from core.losses import SoftmaxFocalLoss, create_loss
+from core.audit.explain import MalignantTarget
 from core.model import DX_CLASSES, MALIGNANT_OUTPUTS, malignant_log_odds, malignant_probability
 from core.predictor import Predictor
-from core.training import TrainingError, training_targets
+from core.train.fit import fit
+from core.train.losses import SoftmaxFocalLoss, create_loss
+from core.train.training import TrainingError, training_targets
 from tests.helpers import SMALL_SPLIT
 
 

@@ -14,14 +14,14 @@ from torch import nn
 
 import train
 from core import checkpoint, runs
-from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.fit import fit
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images
-from core.losses import create_loss
 from core.predictor import Predictor
-from core.training import TrainingError, out_of_memory_advice, train_one_epoch
+from core.train.augment import BatchAugment
+from core.train.fit import fit
+from core.train.losses import create_loss
+from core.train.training import TrainingError, out_of_memory_advice, train_one_epoch
 from tests.helpers import SMALL_SPLIT
 
 
@@ -177,14 +177,14 @@ def assert_same_training(run: Path, reference: Path) -> None:
 HELD_AFTER_EPOCH_1 = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import core.fit, train
-real = core.fit.train_one_epoch
+import core.train.fit, train
+real = core.train.fit.train_one_epoch
 def held(**kwargs):
     if kwargs["epoch"] == 1:
         print("EPOCH 1 COMMITTED", flush=True)
         time.sleep(300)
     return real(**kwargs)
-core.fit.train_one_epoch = held
+core.train.fit.train_one_epoch = held
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -224,9 +224,9 @@ def test_signal_or_kill_then_resume_matches_an_uninterrupted_run(stop: signal.Si
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: str, tiny_config, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN loss in epoch 2, or weights gone NaN at its last step: a clear TrainingError, and epoch 1's files stay."""
-    import core.fit
+    import core.train.fit
 
-    real = core.fit.train_one_epoch
+    real = core.train.fit.train_one_epoch
 
     def poisoned(**kwargs):
         if kwargs["epoch"] != 1:
@@ -239,7 +239,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(poison: st
             next(kwargs["model"].parameters()).fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(core.fit, "train_one_epoch", poisoned)
+    monkeypatch.setattr(core.train.fit, "train_one_epoch", poisoned)
     run = tmp_path / "run"
     message = {"loss": r"loss became nan at epoch 2, step 1; stopping\. The last good checkpoint is kept: lower --lr",
                "weights": r"val predictions are not finite after epoch 2; stopping\. The last good checkpoint is kept"}

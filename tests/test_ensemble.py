@@ -11,7 +11,8 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import train
-from core import checkpoint, explain, runs
+from core import checkpoint, runs
+from core.audit import explain
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.ensemble import Ensemble, create_ensemble

@@ -20,7 +20,7 @@ import timm
 import torch
 from torchvision import tv_tensors
 
-from core import corners, explain
+from core.audit import corners, explain
 from core.images import open_mask, open_rgb
 from core.model import create_model
 from core.transforms import resize_transform

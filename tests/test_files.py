@@ -22,9 +22,9 @@ import core.io
 from core import checkpoint, runs, split
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.fit import restore_state
 from core.inference import load_run
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
+from core.train.fit import restore_state
 
 
 def temp_files(folder: Path) -> list[Path]:

@@ -10,13 +10,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import train
-from core import audit, runs
+from core import runs
+from core.audit import attention as audit
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
-from core.fit import fit
 from core.images import open_rgb
 from core.inference import load_splits, preload_images
 from core.predictor import Predictor
+from core.train.fit import fit
 from core.transforms import view_shape
 from dashboard import loaders
 from tests.helpers import SMALL_SPLIT

@@ -15,13 +15,13 @@ from PIL import Image
 
 import train
 from benchmarks import ood_probes
+from core.audit.ood import KNNDistance, Mahalanobis
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.embedding import INDEX_FILE, EmbeddingIndex, captured_features, feature_layers
 from core.ensemble import Ensemble
 from core.inference import Preprocess, predict_probabilities
 from core.model import create_model
-from core.ood import KNNDistance, Mahalanobis
 from core.predictor import Predictor
 from core.runs import DEFAULT_RUN, RunError, read_external, read_ood_scores, read_ood_summary, read_predictions
 from tests.helpers import run_main

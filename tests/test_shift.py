@@ -1,6 +1,6 @@
-"""The set-level shift check (``core.shift``, ``train.py shift``): its false-alarm rate on draws from one distribution,
-each test catching the shift it is for, and on the shipped model: a few hundred of our own test images are not
-shifted, the same images re-photographed (colour, resampling, JPEG) are; bad folders are named."""
+"""The set-level shift check (``core.audit.shift``, ``train.py shift``): its false-alarm rate on draws from one
+distribution, each test catching the shift it is for, and on the shipped model: a few hundred of our own test images are
+not shifted, the same images re-photographed (colour, resampling, JPEG) are; bad folders are named."""
 from __future__ import annotations
 
 import shutil
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import train
-from core import shift
+from core.audit import shift
 from core.run_files import ShiftReport
 from core.runs import DEFAULT_RUN, read_predictions, read_shift_report
 from tests.helpers import run_main

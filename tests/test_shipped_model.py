@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import corner_rule
-from core import acquisition, runs
+from core import runs
+from core.audit import acquisition
 from core.config import TrainConfig
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor

@@ -9,7 +9,7 @@ import pytest
 from core import runs
 from core.config import TrainConfig
 from core.runs import DEFAULT_RUN, read_lineage
-from core.shipped import RECIPE, read_recipe, stage_config, stages_dir
+from core.train.shipped import RECIPE, read_recipe, stage_config, stages_dir
 from tests.helpers import run_main
 
 
@@ -44,8 +44,8 @@ def test_a_bad_recipe_is_refused_with_its_problem_named(tmp_path: Path) -> None:
 def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path: Path, monkeypatch) -> None:
     """An unchanged stage is kept; one whose parent was retrained is trained again (what it was fine-tuned from is
     gone); a changed config is refused without --overwrite; a stage cut short resumes."""
-    import core.fit
-    from core.shipped import train_stage
+    import core.train.fit
+    from core.train.shipped import train_stage
 
     calls: list[tuple[Path, bool]] = []
 
@@ -56,7 +56,7 @@ def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path:
             (run_dir / name).write_bytes(b"")
         return run_dir
 
-    monkeypatch.setattr(core.fit, "fit", fake_fit)
+    monkeypatch.setattr(core.train.fit, "fit", fake_fit)
     cfg, run_dir = TrainConfig(epochs=1), tmp_path / "stage"
     run_dir.mkdir()
     assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=False) == "trained"

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import train
-from core.corners import ellipse_radius, unmasked_region
-from core.inference import model_view_masks, preload_images
-from core.interventions import (
+from core.audit.corners import ellipse_radius, unmasked_region
+from core.audit.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
     INTERVENTIONS,
@@ -22,10 +21,11 @@ from core.interventions import (
     create_intervention,
     image_key,
 )
+from core.audit.stress import image_flags, intervened_probabilities, run_scorer, stress_table, summarize
+from core.inference import model_view_masks, preload_images
 from core.predictor import Predictor
 from core.run import load
 from core.runs import DEFAULT_RUN, RunError, read_metrics, read_stress, read_stress_summary
-from core.stress import image_flags, intervened_probabilities, run_scorer, stress_table, summarize
 from core.transforms import view_shape
 from tests.helpers import run_main
 

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from core import checkpoint
-from core.augment import BatchAugment
 from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
-from core.losses import BinaryFocalLoss, create_loss, jensen_shannon
-from core.sampler import BalancedSampler, balanced_probabilities
-from core.training import consistency_weights, create_training_parts, training_loss
+from core.train.augment import BatchAugment
+from core.train.losses import BinaryFocalLoss, create_loss, jensen_shannon
+from core.train.sampler import BalancedSampler, balanced_probabilities
+from core.train.training import consistency_weights, create_training_parts, training_loss
 from core.transforms import ellipse_radius
 from tests.helpers import l_shaped_mask
 

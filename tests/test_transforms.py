@@ -9,9 +9,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.augment import BatchAugment
 from core.config import TrainConfig
 from core.images import open_mask, open_rgb
+from core.train.augment import BatchAugment
 from core.transforms import (
     IMAGENET_MEAN,
     CenterFrameCrop,

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 from tqdm import tqdm
 
 from core import checkpoint
-from core.augment import BatchAugment, Twin
 from core.config import TrainConfig
-from core.distributed import SINGLE_PROCESS, Distributed
 from core.inference import Preprocess, autocast
-from core.losses import create_loss, jensen_shannon
 from core.model import DX_CLASSES, classifier, create_model, head_outputs
-from core.sampler import BalancedSampler
+from core.train.augment import BatchAugment, Twin
+from core.train.distributed import SINGLE_PROCESS, Distributed
+from core.train.losses import create_loss, jensen_shannon
+from core.train.sampler import BalancedSampler
 
 LOSS_CHECK_STEPS = 20  # on a GPU, how often the running loss is read back (and checked for NaN)
 

@@ -1,8 +1,8 @@
 """Acquisition edits: the same lesion as another camera, another compression or another light would have recorded it.
 
 HAM10000's four sources differ sixty-fold in malignant share and also in camera, JPEG quality and colour, so a model
-can learn to read the camera. The artifact interventions (``core.interventions``) paint *things* beside the lesion;
-these edits change *how the whole image was taken*, lesion included, as a clinic's camera does. Each edit is a
+can learn to read the camera. The artifact interventions (``core.audit.interventions``) paint *things* beside the
+lesion; these edits change *how the whole image was taken*, lesion included, as a clinic's camera does. Each edit is a
 deterministic callable on one RGB uint8 image ``(H, W, 3)`` at its file's own resolution, applied before the run's
 crop and resize: a camera acts at capture, before our pipeline ever sees the file.
 

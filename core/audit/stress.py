@@ -1,6 +1,6 @@
 """``train.py stress``: does the model *use* the corners, or the camera? Intervene on every image, see what moves.
 
-For each image of a split and each intervention (``core.interventions``), P(malignant) is predicted with the run's
+For each image of a split and each intervention (``core.audit.interventions``), P(malignant) is predicted with the run's
 own preprocessing, TTA and calibration on the clean and the intervened image, and the decision is read at the val
 Youden threshold. An image's decision is **corner-dependent** when covering its corners with skin or adding a
 dermoscope ring flips it, or moves p by at least ``min_delta``: evidence from behaviour, where a CAM's corner share
@@ -10,8 +10,8 @@ Writes into the run directory ``stress_<split>.csv`` (image_id, intervention, p_
 change, …) and ``stress_summary.json`` (one section per split).
 
 ``--suite acquisition`` (:func:`acquisition_split`) re-takes a sample of the split's images with the edits of
-``core.acquisition`` (another JPEG quality, resolution, focus, white balance, tone curve, another source's colours)
-and reads each edit's flip rate against the neutral-edit floor: ``acquisition_<split>.csv`` and
+``core.audit.acquisition`` (another JPEG quality, resolution, focus, white balance, tone curve, another source's
+colours) and reads each edit's flip rate against the neutral-edit floor: ``acquisition_<split>.csv`` and
 ``acquisition_summary.json``.
 """
 from __future__ import annotations
@@ -25,12 +25,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from core import acquisition, metrics, runs
-from core.config import TrainConfig
-from core.corners import dark_corner_score
-from core.images import open_rgb
-from core.inference import model_view_masks
-from core.interventions import (
+from core import metrics, runs
+from core.audit import acquisition
+from core.audit.corners import dark_corner_score
+from core.audit.interventions import (
     CORNER_CHECK,
     CORNER_INTERVENTIONS,
     DEFAULT_MIN_DELTA,
@@ -40,6 +38,9 @@ from core.interventions import (
     create_intervention,
     image_key,
 )
+from core.config import TrainConfig
+from core.images import open_rgb
+from core.inference import model_view_masks
 from core.run import Run, load
 from core.run_files import AcquisitionSection, StressSection, parse
 from core.runs import RunError, read_attention, read_metrics
@@ -291,7 +292,7 @@ def summarize_acquisition(table: pd.DataFrame, threshold: float, edits: Sequence
                           n_boot: int = 1000, seed: int = 0) -> dict:
     """Per edit: flip rate (exact 95 % CI) and its multiple of the **floor** (the largest flip rate of the neutral
     edits), flips each way, Δp, AUROC with its paired lesion-grouped change, and flips per source of the image;
-    then whether every camera edit stays within :data:`~core.acquisition.FLOOR_FACTOR` × the floor."""
+    then whether every camera edit stays within :data:`~core.audit.acquisition.FLOOR_FACTOR` × the floor."""
     first = table.drop_duplicates("image_id")
     labels, clean = first["label"].to_numpy(), first["p_clean"].to_numpy()
     report: dict = {"n": int(len(first)), "threshold_youden_val": threshold,

@@ -27,11 +27,9 @@ if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
 
 from core import checkpoint, metrics, runs
-from core.augment import BatchAugment
 from core.calibration import IDENTITY
 from core.config import TrainConfig
 from core.data import DataError, project_path
-from core.distributed import Distributed, check_ranks_agree, setup_distributed
 from core.ensemble import init_weights
 from core.evaluation import evaluate_run
 from core.inference import (
@@ -43,9 +41,11 @@ from core.inference import (
     resolve_device,
 )
 from core.io import remove_stale_temp_files
-from core.losses import create_loss
-from core.sampler import BalancedSampler
-from core.training import (
+from core.train.augment import BatchAugment
+from core.train.distributed import Distributed, check_ranks_agree, setup_distributed
+from core.train.losses import create_loss
+from core.train.sampler import BalancedSampler
+from core.train.training import (
     TrainingError,
     create_training_parts,
     set_backbone_trainable,

@@ -17,10 +17,10 @@ import pandas as pd
 from core import metrics, runs
 from core.config import TrainConfig
 from core.data import DataError, project_path, read_dataset
-from core.fit import fit
 from core.io import atomic_write
 from core.run_files import Metrics
 from core.split import SPLIT_COLUMNS, read_folds, read_split, write_csv
+from core.train.fit import fit
 
 RATES = ("sensitivity", "specificity", "balanced_accuracy", "macro_f1", "ppv", "npv")
 

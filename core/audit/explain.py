@@ -21,7 +21,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 
-from core.corners import border_region, corner_region
+from core.audit.corners import border_region, corner_region
 from core.ensemble import Ensemble
 from core.model import malignant_log_odds, malignant_probability
 

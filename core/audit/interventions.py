@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.corners import ellipse_radius, unmasked_region
+from core.audit.corners import ellipse_radius, unmasked_region
 
 Masks = Sequence[np.ndarray | None] | None
 
@@ -200,7 +200,7 @@ INTERVENTIONS: dict[str, Callable[[int], Intervention]] = {
     "hair": lambda seed: Hair(seed=seed),
 }
 CORNER_INTERVENTIONS = ("vignette_light", "vignette", "vignette_strong", "corner_fill")
-# What the per-image corner-dependence flag (core.stress) and the Predict page's corner check use: the corners
+# What the per-image corner-dependence flag (core.audit.stress) and the Predict page's corner check use: the corners
 # covered with skin, and a dermoscope ring added.
 CORNER_CHECK = ("corner_fill", "vignette")
 DEFAULT_MIN_DELTA = 0.2  # |Δp| that counts as dependence without a flip: a fifth of the probability scale
@@ -208,7 +208,7 @@ DEFAULT_MIN_DELTA = 0.2  # |Δp| that counts as dependence without a flip: a fif
 
 def corner_dependent(p_clean: np.ndarray | float, p_checked: Mapping[str, np.ndarray | float], threshold: float,
                      min_delta: float = DEFAULT_MIN_DELTA) -> np.ndarray:
-    """Per image: does any of the :data:`~core.interventions.CORNER_CHECK` interventions flip the decision at
+    """Per image: does any of the :data:`~core.audit.interventions.CORNER_CHECK` interventions flip the decision at
     ``threshold`` or move p by ``min_delta`` or more? One rule for the stress test, the Predictor and the pages."""
     clean = np.asarray(p_clean, dtype=float)
     flags = np.zeros(clean.shape, dtype=bool)

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from core import corners, explain, metrics, runs
+from core import metrics, runs
+from core.audit import corners, explain
 from core.inference import model_view_masks
 from core.run import load
 from core.run_files import AttentionSummary, parse

@@ -125,7 +125,7 @@ def require_index(guard, run_dir: str | Path) -> None:
 def against_val(run_dir: str | Path, probabilities: np.ndarray, features: list[np.ndarray], guard,
                 alpha: float = DEFAULT_ALPHA) -> ShiftReport:
     """:func:`compare` of a predicted set (its probabilities and the two feature arrays ``predict_probabilities``
-    gives) with the run's val split, through the run's OOD guard (``core.ood.OODGuard``): val's stored OOD scores
+    gives) with the run's val split, through the run's OOD guard (``core.audit.ood.OODGuard``): val's stored OOD scores
     and probabilities, and the index's val features. Adds the advice."""
     require_index(guard, run_dir)
     reference = runs.read_ood_scores(run_dir, "val")

@@ -86,7 +86,7 @@ def stage_config(stage: Stage, parent: Path | None, overrides: dict[str, Any]) -
 def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool, parent_retrained: bool) -> str:
     """Train one stage; keep it when it is already trained with this config from an unchanged parent, resume it
     when it was cut short. Returns what was done: "trained", "kept" or "resumed"."""
-    from core.fit import fit
+    from core.train.fit import fit
 
     held = (run_dir / runs.CONFIG_FILE).is_file()
     same = held and runs.read_config(run_dir, need_weights=False) == cfg
@@ -108,12 +108,12 @@ def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[st
            log: Callable[[str], None] = print) -> Path:
     """Every stage of every member, then the ensemble and what shipping does; returns the shipped run's folder.
     ``limit`` caps the images of the audit and the stress tests (None: as shipped)."""
-    from core.audit import explain_split
+    from core.audit.attention import explain_split
+    from core.audit.ood import build_index
+    from core.audit.stress import ACQUISITION_LIMIT, acquisition_split, stress_split
     from core.calibration import CalibrationError
     from core.ensemble import create_ensemble
     from core.evaluation import calibrate_run, evaluate_run
-    from core.ood import build_index
-    from core.stress import ACQUISITION_LIMIT, acquisition_split, stress_split
 
     out = Path(out)
     recipe = read_recipe(recipe_path)

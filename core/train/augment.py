@@ -88,7 +88,7 @@ def corner_artifacts(images: torch.Tensor, p: float, u, ring_start: Sequence[flo
                      fill_share: float = 0.25) -> torch.Tensor:
     """With probability ``p`` per image, whatever its class, a random dermoscope ring or a corner fill, so that dark
     or covered corners carry no information about the label. The stress test's ``vignette`` and ``corner_fill``
-    (``core.interventions``) with their parameters drawn at random instead of fixed:
+    (``core.audit.interventions``) with their parameters drawn at random instead of fixed:
 
     * ring (1 − ``fill_share`` of the artifacts): darkness ramping up from a radius drawn in ``ring_start``
       (1 = the inscribed circle/ellipse) over 0.05–0.3 to 0.5–1, in a dark colour of random tint;
@@ -130,8 +130,8 @@ MAX_BLUR_SIGMA = 1.2  # px
 
 def camera_edits(images: torch.Tensor, p: float, u) -> torch.Tensor:
     """A share ``p`` of the images re-taken as another camera might, on the training device: the acquisition stress
-    test's kinds of edit (``core.acquisition``) at random strengths, drawn per image: a tone curve (γ in 0.75–1.33),
-    a white balance (red and blue gains 0.88–1.12 in linear light), a lower resolution (area down to one of
+    test's kinds of edit (``core.audit.acquisition``) at random strengths, drawn per image: a tone curve (γ in
+    0.75–1.33), a white balance (red and blue gains 0.88–1.12 in linear light), a lower resolution (area down to one of
     ``RESAMPLE_LADDER``'s sides, then back up, bilinear) and a Gaussian blur (σ 0–1.2 px). Every draw stays on the
     device (no host read-back, so no sync a step); JPEG is left to the stress test: it has no batched form there."""
     n, _, h, w = images.shape

@@ -1,9 +1,10 @@
 """Corner geometry, in one place: where the dermoscope's vignette ring sits in the model's view, and how dark it is.
 
-The corner squares and the outer frame are where the CAM audit measures attention (``core.explain``), where the
-artifact interventions may paint on an image without a lesion mask (``core.interventions``) and what the dark-corner
-score reads (``core.stress``); the inscribed circle/ellipse is what the corner mask keeps (``core.transforms``).
-None of it needs a model, so importing it costs nothing (no pytorch-grad-cam on a Predictor's import).
+The corner squares and the outer frame are where the CAM audit measures attention (``core.audit.explain``), where the
+artifact interventions may paint on an image without a lesion mask (``core.audit.interventions``) and what the
+dark-corner score reads (``core.audit.stress``); the inscribed circle/ellipse is what the corner mask keeps
+(``core.transforms``). None of it needs a model, so importing it costs nothing (no pytorch-grad-cam on a Predictor's
+import).
 """
 from __future__ import annotations
 
