@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -254,6 +254,15 @@ def stored_cams(run: Path) -> dict[str, np.ndarray]:
         return {}
 
 
+def _or_none(read: Callable[..., T], run: Path, *args: Any) -> T | None:
+    """A cached reader's answer for ``run`` (keyed on the run directory's stamp), or None when the run lacks what
+    it reads: the pages then show that part as not made yet, with the command that makes it."""
+    try:
+        return read(str(run), *args, _run_stamp(run))
+    except RunError:
+        return None
+
+
 @st.cache_data(show_spinner=False, max_entries=4)
 def _stress(run: str, split: str, stamp: float) -> pd.DataFrame:
     return read_stress(run, split)
@@ -261,10 +270,7 @@ def _stress(run: str, split: str, stamp: float) -> pd.DataFrame:
 
 def stress_table(run: Path, split: str = "test") -> pd.DataFrame | None:
     """The long stress table of ``train.py stress`` (None when the run has none)."""
-    try:
-        return _stress(str(run), split, _run_stamp(run))
-    except RunError:
-        return None
+    return _or_none(_stress, run, split)
 
 
 def with_image_paths(similar: pd.DataFrame, data_dir: Path | None) -> pd.DataFrame:
@@ -280,10 +286,7 @@ def _ood_summary(run: str, stamp: float) -> OODSummary:
 
 
 def ood_summary(run: Path) -> OODSummary | None:
-    try:
-        return _ood_summary(str(run), _run_stamp(run))
-    except RunError:
-        return None
+    return _or_none(_ood_summary, run)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -292,10 +295,7 @@ def _stress_summary(run: str, split: str, stamp: float) -> StressSection:
 
 
 def stress_summary(run: Path, split: str = "test") -> StressSection | None:
-    try:
-        return _stress_summary(str(run), split, _run_stamp(run))
-    except RunError:
-        return None
+    return _or_none(_stress_summary, run, split)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -305,10 +305,7 @@ def _acquisition(run: str, split: str, stamp: float) -> pd.DataFrame:
 
 def acquisition_table(run: Path, split: str = "test") -> pd.DataFrame | None:
     """The long table of the acquisition stress test (None when the run has none for ``split``)."""
-    try:
-        return _acquisition(str(run), split, _run_stamp(run))
-    except RunError:
-        return None
+    return _or_none(_acquisition, run, split)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -317,10 +314,7 @@ def _acquisition_summary(run: str, split: str, stamp: float) -> AcquisitionSecti
 
 
 def acquisition_summary(run: Path, split: str = "test") -> AcquisitionSection | None:
-    try:
-        return _acquisition_summary(str(run), split, _run_stamp(run))
-    except RunError:
-        return None
+    return _or_none(_acquisition_summary, run, split)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
