@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from core import runs
-from core.config import TrainConfig, add_config_arguments, field_choices
+from core.config import TrainConfig, add_config_arguments, field_choices, given_settings
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
 from core.download import add_parser as add_download_parser
 from core.inference import DeviceError
@@ -106,10 +106,11 @@ def cmd_cv(args: argparse.Namespace) -> None:
 def cmd_shipped(args: argparse.Namespace) -> None:
     from core.train.shipped import replay
 
-    given = {"data_dir": args.data_dir, "split_file": args.split_file, "train_limit": args.train_limit,
-             "epochs": args.epochs, "input_size": args.input_size}
-    out = replay(args.out, args.recipe, {k: v for k, v in given.items() if v is not None}, args.device, args.limit,
-                 args.overwrite)
+    overrides = given_settings(args)
+    if "init_from" in overrides:
+        raise ValueError("--init-from: each stage of the replay starts from the one before it (the first from "
+                         "ImageNet); the recipe, not a flag, says so")
+    out = replay(args.out, args.recipe, overrides, args.limit, args.overwrite)
     print(f"next: python train.py evaluate --run {out}, or `make dashboard` and pick {out.name}")
 
 
@@ -410,17 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True,
                      help="the shipped run to create (its stages go to OUT_stages beside it)")
     run.add_argument("--recipe", type=Path, default=RECIPE, help="the member chains (default: %(default)s)")
-    run.add_argument("--device", choices=DEVICES, default="auto",
-                     help="auto: a CUDA GPU if there is one, else the CPU (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a run in --out, and retrain stages whose config changed")
-    small = p.add_argument_group("a smaller replay (a smoke test; its figures are not the shipped model's)")
-    small.add_argument("--data-dir", help="HAM10000 folder (default: as `fit` finds it)")
-    small.add_argument("--split-file", help="split file (default: the committed one)")
-    small.add_argument("--train-limit", type=int, help="train every stage on N random training images")
-    small.add_argument("--epochs", type=int, help="every stage this many epochs")
-    small.add_argument("--input-size", type=int, help="every stage at this size (px)")
-    small.add_argument("--limit", type=int, help="audit and stress-test N images a split")
+    run.add_argument("--limit", type=int, help="audit and stress-test N images a split (default: as shipped)")
+    p.epilog = ("Any training flag below is set on every stage: --device cuda; a candidate recipe through the "
+                "whole chain (e.g. --camera-consistency 5); or a smoke replay (--epochs 1 --input-size 64 "
+                "--train-limit 64), whose figures are not the shipped model's.")
+    add_config_arguments(p)
     p.set_defaults(func=cmd_shipped)
 
     p = sub.add_parser("ensemble", help="one run directory averaging the P(malignant) of trained runs")

@@ -154,8 +154,12 @@ class TrainConfig:
 
     def override(self, args: argparse.Namespace) -> TrainConfig:
         """Flags the user actually gave (not None) win over the file and the defaults."""
-        given = {f.name: getattr(args, f.name) for f in fields(self) if getattr(args, f.name, None) is not None}
-        return dataclasses.replace(self, **given)
+        return dataclasses.replace(self, **given_settings(args))
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags the user actually gave (argparse leaves the others None)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
 
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -105,3 +105,5 @@ def test_the_whole_chain_replays_at_a_tiny_size(ham_dir: Path, small_split: Path
     assert code == 0 and again.count(": kept (") == sum(len(s) for s in recipe.members.values())
     code, _, err = run_main(train.main, *argv)
     assert code == 2 and "already holds a run" in err
+    code, _, err = run_main(train.main, *argv, "--overwrite", "--init-from", "runs/x")
+    assert code == 2 and "starts from the one before it" in err

@@ -104,9 +104,9 @@ def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool, parent_retrain
 
 
 def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[str, Any] | None = None,
-           device: str = "auto", limit: int | None = None, overwrite: bool = False,
-           log: Callable[[str], None] = print) -> Path:
+           limit: int | None = None, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Every stage of every member, then the ensemble and what shipping does; returns the shipped run's folder.
+    ``overrides`` are config settings set on every stage (the device, a candidate's options, a smaller size);
     ``limit`` caps the images of the audit and the stress tests (None: as shipped)."""
     from core.audit.attention import explain_split
     from core.audit.ood import build_index
@@ -120,7 +120,8 @@ def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[st
     if runs.is_run_dir(out) and not overwrite:
         raise ValueError(f"{out} already holds a run; pass --overwrite to replace it with the replay (stages already "
                          "trained with the same config are kept), or choose another --out")
-    overrides = {"device": device, **(overrides or {})}
+    overrides = overrides or {}
+    device = overrides.get("device", "auto")
     last_stages: list[str | Path] = []
     for member, stages in recipe.members.items():
         parent: Path | None = None
