@@ -22,6 +22,12 @@
 #                                              # pair ensembled, stress-tested on val and judged by
 #                                              # benchmarks/corner_rule.py; back come the members of the best pairs
 #                                              # on val (never chosen on test)
+#   bash benchmarks/gpu_session.sh camera      # there: issue 31's step 2d and issue 32's replay. Leave one source
+#                                              # out (Rosendahl, ViDIR-modern) with the base recipe and candidates
+#                                              # A (source-balanced + camera augmentation) and B (A + camera
+#                                              # consistency λ 5), beside `train.py shipped` replaying models/default
+#                                              # from ImageNet weights; back come cv_sources.csv of each and the
+#                                              # replayed ensemble (resumable: a stopped replay goes on next time)
 # QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
 set -u
 cd "$(dirname "$0")/.."
@@ -56,7 +62,7 @@ EOF
     exit 0
 fi
 
-case "$MODE" in run|candidates|corner) ;; *) echo "usage: $0 prepare|run|candidates|corner" >&2; exit 2 ;; esac
+case "$MODE" in run|candidates|corner|camera) ;; *) echo "usage: $0 prepare|run|candidates|corner|camera" >&2; exit 2 ;; esac
 T0=$SECONDS
 OUT=${OUT:?set OUT to the folder to write results to}
 R=${RUNS_DIR:-/tmp/gpu_runs}
@@ -193,6 +199,30 @@ for pair in pairs:
             sent.append(member)
 print("returning the weights of", ", ".join(sent) or "nothing")
 EOF
+fi
+tar czf "$OUT/runs.tgz" -C "$R" --exclude='*.safetensors' .
+log "done"
+exit 0
+fi
+
+if [ "$MODE" = camera ]; then
+# Issue 31's step 2d for every candidate recipe at once: each held-out source's sensitivity at its fold's own val
+# threshold (benchmarks/experiments.md, "Camera shortcut"; CPU runs 85-88 are the same commands). Beside them,
+# issue 32's replay of the shipped model, whose figures go next to the shipped ones in docs/training.md.
+LOSO=(cv --by source --hold-out rosendahl vidir_modern --config configs/default.yaml --tta-views 2)
+pids=()
+launch loso_default "${LOSO[@]}" --out "$R/loso_default"
+launch loso_A "${LOSO[@]}" --source-balanced true --camera-augment 0.5 --out "$R/loso_A"
+launch loso_B "${LOSO[@]}" --source-balanced true --camera-augment 0.5 --camera-consistency 5 --out "$R/loso_B"
+launch shipped shipped --out "$R/shipped" --device $DEVICE ${QUICK_LIMIT[@]+"${QUICK_LIMIT[@]}"}
+train_until_deadline
+for run in "$R"/loso_*; do
+    echo "== $(basename "$run")"; cat "$run/cv_sources.csv" 2>/dev/null || echo "(no finished fold)"
+done >> "$OUT/session.log"
+grep -E "stage [0-9]|ensemble|calibrat|done|rror" "$R/logs/shipped.log" >> "$OUT/session.log"
+if [ -f "$R/shipped/metrics.json" ]; then
+    cp "$R/shipped/model.safetensors" "$OUT/shipped_replay.safetensors"
+    log "the replayed ensemble is back"
 fi
 tar czf "$OUT/runs.tgz" -C "$R" --exclude='*.safetensors' .
 log "done"
