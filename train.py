@@ -125,7 +125,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from core.evaluation import calibrate_run
 
     before, after = calibrate_run(args.run, args.device)
-    assert after.run is not None and after.calibration_test is not None  # evaluate_run always writes both
+    if after.run is None or after.calibration_test is None:  # evaluate_run always writes both
+        raise runs.RunError(f"{args.run}: the evaluation after calibrating wrote no calibration report")
     a, b = after.run.calibration
     was = f"{before.calibration_test.ece:.4f} → " if before and before.calibration_test else ""
     print(f"calibration a = {a:.4f}, b = {b:+.4f} (fitted on val); "

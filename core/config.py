@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -138,7 +139,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_config_file(Path(path)), source=str(path))
+        data = read_config_file(Path(path))
+        extends = re.search(r"^extends:", Path(path).read_text(), flags=re.M) is not None
+        return cls.from_dict(data, source=f"{path}{' (or a file it extends)' if extends else ''}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -166,8 +169,12 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config's settings over those of the file its ``extends:`` names (relative to it), recursively: the
     shipped model's stages (``configs/shipped``) state what each changes and share the base recipe."""
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        named_by = f" (named by `extends:` in {seen[-1]})" if seen else ""
+        raise ValueError(f"config file {path} does not exist{named_by}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds `key: value` settings, got {type(data).__name__}")
     parent = data.pop("extends", None)

@@ -41,8 +41,8 @@ def written_with(other: str) -> Any:
 
 
 def rest() -> Any:
-    """A field holding every key of the JSON object that no other field names (e.g. one row per intervention beside
-    fixed keys)."""
+    """A field holding every key of the JSON object that no other field names and whose value is an object (e.g. one
+    row per intervention beside fixed keys)."""
     return field(default_factory=dict, metadata={REST: True})
 
 
@@ -89,7 +89,8 @@ def _parse_object(cls: type, value: Any, key: str) -> Any:
         path = f"{key}.{f.name}" if key else f.name
         if f.metadata.get(REST):
             row = typing.get_args(hints[f.name])[1]
-            values[f.name] = {k: parse(row, v, f"{key}.{k}" if key else k) for k, v in value.items() if k not in named}
+            values[f.name] = {k: parse(row, v, f"{key}.{k}" if key else k) for k, v in value.items()
+                              if k not in named and isinstance(v, dict)}  # a newer scalar key is ignored, as elsewhere
         elif f.metadata.get(INLINE):
             values[f.name] = _parse_object(hints[f.name], value, key)
         elif f.name in value:

@@ -416,9 +416,12 @@ def read_lineage(run: str | Path) -> pd.DataFrame:
     own = read_history(run).assign(stage=run.name)
     path = run / LINEAGE_FILE
     earlier = _read_csv(path, ("stage",) + HISTORY_COLUMNS[:1] + ("val_auroc",),
-                        "it is written when `python train.py fit --init-from PARENT` starts: fine-tune") \
+                        "fine-tune from its parent (`python train.py fit --init-from PARENT`)") \
         if path.is_file() else pd.DataFrame(columns=["stage", "epoch"])
     lineage = pd.concat([earlier, own], ignore_index=True)
+    if lineage["epoch"].isna().any():
+        raise RunError(f"{path if path.is_file() else run / HISTORY_FILE} has a row without its epoch; fine-tune "
+                       "from its parent (`python train.py fit --init-from PARENT`) again")
     lineage["stage_epoch"] = lineage["epoch"].astype(int)
     lineage["epoch"] = np.arange(1, len(lineage) + 1)
     if "note" not in lineage:
@@ -459,6 +462,14 @@ def write_cam_store(path: str | Path, image_ids: np.ndarray, cams: np.ndarray) -
             np.savez_compressed(f, image_id=image_ids, cam=cams)
 
     return atomic_write(path, write)
+
+
+def clear_for_training(run: str | Path) -> None:
+    """Before a fresh (not resumed) fit into ``run``: remove the old weights, training state, history, lineage and
+    everything derived from them, so that a fit stopped early never sits beside an older run's finished files."""
+    for name in (MODEL_FILE, STATE_FILE, STATE_META, HISTORY_FILE, LINEAGE_FILE):
+        (Path(run) / name).unlink(missing_ok=True)
+    remove_derived_outputs(run)
 
 
 def remove_derived_outputs(run: str | Path) -> None:

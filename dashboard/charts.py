@@ -153,12 +153,15 @@ def history_charts(lineage: pd.DataFrame) -> alt.HConcatChart:
         color=colour, detail="loss:N",
         strokeDash=alt.StrokeDash("loss:N", sort=["train", "val"], legend=None),
         tooltip=[*where, "loss", alt.Tooltip("value:Q", format=".4f")])
-    final = lineage[lineage["stage"] == stages[-1]]
-    best = int(final.loc[final["val_auroc"].idxmax(), "epoch"])
+    final = lineage[lineage["stage"] == stages[-1]]["val_auroc"].dropna()
     auroc = alt.Chart(lineage).mark_line(point=True).encode(
         x=epoch, y=alt.Y("val_auroc:Q", title="val AUROC", scale=alt.Scale(zero=False), axis=alt.Axis(format=".3f")),
         color=colour, tooltip=[*where, alt.Tooltip("val_auroc:Q", format=".4f"), alt.Tooltip("note:N")])
     through = alt.Chart(lineage).mark_line(color="lightgray").encode(x=epoch, y="val_auroc:Q")  # stage to stage
+    if final.empty:  # e.g. a val split with one class: no AUROC, so no best epoch to mark
+        return alt.hconcat(loss.properties(width=380, title="Loss (solid: train, dashed: val)"),
+                           (through + auroc).properties(width=380, title="Validation AUROC"))
+    best = int(lineage.loc[final.idxmax(), "epoch"])
     marker = alt.Chart(pd.DataFrame({"epoch": [best]})).mark_rule(strokeDash=[4, 4]).encode(x="epoch:Q")
     title = f"Validation AUROC (the weights kept: epoch {best})"
     return alt.hconcat(loss.properties(width=380, title="Loss (solid: train, dashed: val)"),

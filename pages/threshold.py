@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core import metrics
-from core.run_files import Calibration
+from core.run_files import Calibration, parse
 from dashboard import charts, loaders, site_panels, state
 from dashboard.labels import readable
 
@@ -69,7 +69,7 @@ st.markdown(f"**Operating points on {split}** — AUROC {metrics.auroc(labels, p
 st.dataframe(readable(comparison[["operating point", "threshold", "sensitivity", "specificity", "ppv", "npv",
                                          "balanced_accuracy", "f1", "tp", "fp", "fn", "tn"]]).style.format(precision=3),
              hide_index=True)
-st.altair_chart(charts.calibration_chart(Calibration(**metrics.calibration(labels, probs))))
+st.altair_chart(charts.calibration_chart(parse(Calibration, metrics.calibration(labels, probs))))
 
 if "source" in frame and frame["source"].nunique() > 1:
     st.subheader(f"By source at threshold {threshold:.3f}")

@@ -1,6 +1,7 @@
 """The engine end to end on real images, small enough for a CPU: fit, checkpoint, evaluate, predict, resume."""
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from torch import nn
 import train
 from core import checkpoint, runs
 from core.config import TrainConfig
-from core.data import PROJECT_ROOT
+from core.data import PROJECT_ROOT, DataError
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images
 from core.predictor import Predictor
 from core.train.augment import BatchAugment
@@ -81,6 +82,22 @@ def test_a_source_balanced_camera_augmented_fit_runs(tiny_config, tmp_path: Path
     assert (run / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="needs --positive-fraction > 0"):
         fit(tiny_config(source_balanced=True, positive_fraction=0.0), tmp_path / "plain")
+
+
+def test_a_fine_tune_carries_the_lineage_and_a_fresh_fit_clears_the_folder(tiny_run: Path, tiny_config,
+                                                                           tmp_path: Path) -> None:
+    """A fine-tune inherits its parent's stages; a fresh fit into the same folder removes the old weights, metrics,
+    history and lineage before anything else, so a fit stopped early never sits beside an older run's files (a
+    resumable replay would keep such a stage)."""
+    from core.runs import read_lineage
+
+    child = fit(tiny_config(epochs=1, head_warmup_epochs=0, init_from=str(tiny_run)), tmp_path / "child")
+    lineage = read_lineage(child)
+    assert lineage["stage"].tolist() == [tiny_run.name] * 2 + ["child"]
+    assert lineage["epoch"].tolist() == [1, 2, 3] and lineage["stage_epoch"].tolist() == [1, 2, 1]
+    with pytest.raises(DataError):  # stops while loading the data, after the folder was cleared
+        fit(dataclasses.replace(tiny_config(), split_file=str(tmp_path / "no_split.csv")), child)
+    assert sorted(p.name for p in child.iterdir()) == ["config.yaml"]
 
 
 def test_loss_falls_when_overfitting_a_few_images(tiny_config, tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def test_the_shipped_model_carries_its_acquisition_stress_test() -> None:
 
 
 def test_the_readme_reports_the_committed_acquisition_figures() -> None:
-    """The results' acquisition table and the README's headline figures are the committed summary."""
+    """The results' acquisition table and the README's headline figures are the committed test."""
     summary_line = next(line for line in (PROJECT_ROOT / "README.md").read_text().splitlines()
                         if line.startswith("| camera (acquisition stress test"))
     test = runs.read_acquisition_summary(RUN, "test")
@@ -115,13 +115,12 @@ def test_the_readme_reports_the_committed_acquisition_figures() -> None:
     readme = (PROJECT_ROOT / "docs" / "results.md").read_text()
     section = readme.split("### Does it use the camera? The acquisition stress test of the test split")[1]
     section = section.split("\n## ")[0].split("\n### ")[0]
-    summary = runs.read_acquisition_summary(RUN, "test")
     rows = {line.split("|")[1].strip(" `*"): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in section.splitlines() if line.startswith("| `") or line.startswith("| **`")}
-    assert set(rows) == set(summary.edits)
-    for name, figures in summary.edits.items():
+    assert set(rows) == set(test.edits)
+    for name, figures in test.edits.items():
         flipped = rows[name][2].split(" (")[0].strip("*")
         assert flipped == f"{100 * figures.flipped:.1f} %", name
         assert rows[name][4] == f"{100 * figures.to_malignant:.1f} %", name
         assert rows[name][5] == f"{100 * figures.to_benign:.1f} %", name
-    assert f"floor **{100 * summary.floor.rate:.1f} %**" in section
+    assert f"floor **{100 * test.floor.rate:.1f} %**" in section

@@ -31,14 +31,38 @@ def test_the_recipe_is_the_shipped_models_recipe() -> None:
         assert lineage == [s.name for s in stages]  # the Training report shows the same chain
 
 
-def test_a_bad_recipe_is_refused_with_its_problem_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("recipe", "problem"), [
+    ("members:\n  m:\n    - {stage: other, config: STAGE}\n", "last stage must be named m"),
+    ("members:\n  m:\n    - {stage: m, config: missing.yaml}\n", "missing.yaml, which does not exist"),
+    ("members: [m: {stage: m\n", "not valid YAML"),
+    ("- m\n- n\n", "`members` must map"),
+    ("members:\n  m:\n    - {stage: m, config: STAGE}\n  n:\n    - {stage: m, config: STAGE}\n    - {stage: n, "
+     "config: STAGE}\n", "stage names must be unique"),
+    ("tta_views: 5\nmembers:\n  m:\n    - {stage: m, config: STAGE}\n", "tta_views must be 1, 2, 3 or 4"),
+    ("members:\n  m:\n    - {stage: m, config: STAGE, run: fifty}\n", "row number in experiments.md"),
+])
+def test_a_bad_recipe_is_refused_with_its_problem_named(recipe: str, problem: str, tmp_path: Path) -> None:
     stage = (RECIPE.parent / "lite0_mask090_scratch.yaml").resolve()
-    (tmp_path / "r.yaml").write_text(f"members:\n  m:\n    - {{stage: other, config: {stage}}}\n")
-    with pytest.raises(ValueError, match="last stage must be named m"):
+    (tmp_path / "r.yaml").write_text(recipe.replace("STAGE", str(stage)))
+    with pytest.raises(ValueError, match=problem):
         read_recipe(tmp_path / "r.yaml")
-    (tmp_path / "r.yaml").write_text("members:\n  m:\n    - {stage: m, config: missing.yaml}\n")
-    with pytest.raises(ValueError, match="missing.yaml, which does not exist"):
-        read_recipe(tmp_path / "r.yaml")
+
+
+def test_a_replay_never_writes_over_the_shipped_model_or_a_single_run(tmp_path: Path) -> None:
+    """Refused before any training: the shipped run itself, a trained single run, a stage file that does not load."""
+    import shutil
+
+    from core.train.shipped import replay
+
+    with pytest.raises(ValueError, match="the shipped model itself"):
+        replay(DEFAULT_RUN, overwrite=True)
+    single = tmp_path / "single"
+    shutil.copytree(DEFAULT_RUN / "members" / "lite0_160_mask090_cons15", single)
+    (single / runs.MODEL_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match="single run"):
+        replay(single, overwrite=True)
+    with pytest.raises(ValueError, match="unknown config key"):
+        replay(tmp_path / "new", overrides={"no_such_setting": 1})
 
 
 def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path: Path, monkeypatch) -> None:
@@ -101,9 +125,7 @@ def test_the_whole_chain_replays_at_a_tiny_size(ham_dir: Path, small_split: Path
     for made in (runs.METRICS_FILE, runs.attention_file("test"), runs.stress_file("val"), runs.stress_file("test"),
                  runs.acquisition_file("val"), runs.acquisition_file("test"), runs.INDEX_FILE, runs.OOD_SUMMARY):
         assert (out / made).is_file(), made
-    code, again, _ = run_main(train.main, *argv, "--overwrite")
+    code, again, _ = run_main(train.main, *argv)  # an earlier replay of the recipe goes on: nothing to train
     assert code == 0 and again.count(": kept (") == sum(len(s) for s in recipe.members.values())
-    code, _, err = run_main(train.main, *argv)
-    assert code == 2 and "already holds a run" in err
-    code, _, err = run_main(train.main, *argv, "--overwrite", "--init-from", "runs/x")
+    code, _, err = run_main(train.main, *argv, "--init-from", "runs/x")
     assert code == 2 and "starts from the one before it" in err

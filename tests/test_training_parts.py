@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core import checkpoint
@@ -200,6 +201,23 @@ def test_paired_augmentation_differs_only_by_the_corner_artifact() -> None:
     assert torch.equal(plain, BatchAugment(jitter=0.1)(x, torch.Generator().manual_seed(4)))  # ...unpaired as ever
 
 
+def test_gaussian_blur_gives_each_image_its_own_sigma() -> None:
+    """The batched blur equals blurring each image alone with a plain separable kernel of its σ."""
+    from core.train.augment import gaussian_blur
+
+    images, sigma = torch.rand(3, 3, 20, 24), torch.tensor([0.0, 0.6, 1.2])
+    blurred = gaussian_blur(images, sigma)
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)  # σ 0: unchanged
+    for i in (1, 2):
+        x = torch.arange(-4, 5, dtype=torch.float32)
+        k = torch.exp(-x ** 2 / (2 * float(sigma[i]) ** 2))
+        k = k / k.sum()
+        one = F.pad(images[i:i + 1], (4, 4, 0, 0), mode="reflect")
+        one = F.conv2d(one, k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+        one = F.conv2d(F.pad(one, (0, 0, 4, 4), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+        assert torch.allclose(blurred[i], one[0], atol=1e-5)
+
+
 def test_camera_twin_differs_by_a_camera_edit_and_keeps_the_corner_twin() -> None:
     """A camera twin shares the crop, flips and jitter with its clean image and differs by a re-take (resolution,
     blur, tone curve, white balance) over the whole frame, corners included; asking for both twins returns both,
@@ -212,6 +230,10 @@ def test_camera_twin_differs_by_a_camera_edit_and_keeps_the_corner_twin() -> Non
     assert (differs > 0.005).all()  # every image re-taken
     inner = ellipse_radius(32, 32) < 0.5
     assert ((clean[:, :, inner] - camera[:, :, inner]).abs().flatten(1).mean(1) > 0.005).all()  # the lesion too
+    same = x[:1].repeat(16, 1, 1, 1)  # one image sixteen times: each copy gets its own tone, balance, size and blur
+    retaken = BatchAugment(rotation=0, jitter=0, crop_scale=(1, 1), zoom=(1, 1), camera=1.0)(same, torch.Generator()
+                                                                                            .manual_seed(7))
+    assert len({round(float(v), 4) for v in retaken.mean(dim=(1, 2, 3))}) == 16
     both, corner, camera_too = augment(x, torch.Generator().manual_seed(6), twins=("corner", "camera"))
     centre = ellipse_radius(32, 32) < 0.74
     assert (both[:, :, centre] - corner[:, :, centre]).abs().max() < 0.05  # the corner twin: corners only
@@ -252,6 +274,9 @@ def test_consistency_adds_its_weight_times_a_positive_divergence(kind: str) -> N
     assert slope > 1e-4 and slope == pytest.approx(2 * (by_weight[1.0] - by_weight[0.5]), rel=1e-4)
     with pytest.raises(ValueError, match=f"{kind}_consistency.*mixup"):
         TrainConfig(mixup=0.2, **{f"{kind}_consistency": 1.0})
+    with pytest.raises(ValueError, match="mixup"):
+        training_loss(model, loss_fn, augment, preprocess, images.clone(), targets, False, mixup_lam=0.5,
+                      consistency={kind: 1.0})
 
 
 def test_fine_tuning_starts_from_an_ensemble_member() -> None:

@@ -132,11 +132,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick the fastest kernels
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_config(cfg, run_dir)
         if not resume:
-            (run_dir / runs.LINEAGE_FILE).unlink(missing_ok=True)  # an overwritten run's stages are not this one's
-            if cfg.init_from:
-                runs.inherit_lineage(run_dir, project_path(cfg.init_from))
+            runs.clear_for_training(run_dir)
+        runs.write_config(cfg, run_dir)
+        if not resume and cfg.init_from:
+            runs.inherit_lineage(run_dir, project_path(cfg.init_from))
     torch.manual_seed(cfg.seed)
     data = load_training_data(cfg, device)
     parts = build_training_parts(cfg, device, dist_info, data, init=not resume)

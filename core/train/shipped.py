@@ -44,8 +44,11 @@ def read_recipe(path: str | Path = RECIPE) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data.get("members"), dict) or not data["members"]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path} is not valid YAML ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("members"), dict) or not data["members"]:
         raise ValueError(f"{path}: `members` must map each member's name to its list of stages")
     members: dict[str, list[Stage]] = {}
     for member, entries in data["members"].items():
@@ -58,7 +61,11 @@ def read_recipe(path: str | Path = RECIPE) -> Recipe:
             config = path.parent / str(entry["config"])
             if not config.is_file():
                 raise ValueError(f"{path}: stage {entry['stage']} names {config}, which does not exist")
-            stages.append(Stage(runs.check_name(str(entry["stage"]), "stage"), config, entry.get("run")))
+            run = entry.get("run")
+            if run is not None and not isinstance(run, int):
+                raise ValueError(f"{path}: stage {entry['stage']}'s `run` is its row number in experiments.md, "
+                                 f"got {run!r}")
+            stages.append(Stage(runs.check_name(str(entry["stage"]), "stage"), config, run))
         if stages[-1].name != member:
             raise ValueError(f"{path}: member {member}'s last stage must be named {member}, got {stages[-1].name}")
         members[member] = stages
@@ -79,28 +86,53 @@ def stages_dir(out: Path) -> Path:
 def stage_config(stage: Stage, parent: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """The stage's file over the base recipe, with ``overrides`` (data, device, a smaller size) on top and the
     previous stage's run as its starting weights."""
-    cfg = dataclasses.replace(TrainConfig.from_yaml(stage.config), **overrides)
-    return dataclasses.replace(cfg, init_from=None if parent is None else str(parent))
+    settings = {**dataclasses.asdict(TrainConfig.from_yaml(stage.config)), **overrides,
+                "init_from": None if parent is None else str(parent)}
+    return TrainConfig.from_dict(settings, source=f"stage {stage.name} with the replay's settings")
+
+
+MACHINE_SETTINGS: dict[str, Any] = {"device": "auto", "eval_batch_size": 1, "compile": False}  # how, not what, trains
+
+
+def same_recipe(a: TrainConfig, b: TrainConfig) -> bool:
+    """Equal but for the machine it ran on: a replay started on a CPU may go on on a GPU."""
+    return dataclasses.replace(a, **MACHINE_SETTINGS) == dataclasses.replace(b, **MACHINE_SETTINGS)
 
 
 def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool, parent_retrained: bool) -> str:
-    """Train one stage; keep it when it is already trained with this config from an unchanged parent, resume it
+    """Train one stage; keep it when it is already trained with this recipe from an unchanged parent, resume it
     when it was cut short. Returns what was done: "trained", "kept" or "resumed"."""
     from core.train.fit import fit
 
     held = (run_dir / runs.CONFIG_FILE).is_file()
-    same = held and runs.read_config(run_dir, need_weights=False) == cfg
+    same = held and same_recipe(runs.read_config(run_dir, need_weights=False), cfg)
     if same and not parent_retrained:
         if (run_dir / runs.MODEL_FILE).is_file() and (run_dir / runs.METRICS_FILE).is_file():
             return "kept"
         if (run_dir / runs.STATE_FILE).is_file():
-            fit(cfg, run_dir, resume=True)
+            fit(runs.read_config(run_dir, need_weights=False), run_dir, resume=True)
             return "resumed"
     elif held and not same and not overwrite:
         raise ValueError(f"{run_dir} holds a run with another config than this stage's; pass --overwrite to "
                          "train the stage again, or choose another --out")
     fit(cfg, run_dir)  # new, or its parent's weights changed: what it was fine-tuned from is gone
     return "trained"
+
+
+def check_destination(out: Path, recipe: Recipe, overwrite: bool) -> None:
+    """The replay writes into ``out``: an earlier replay of this recipe there goes on; the shipped model itself,
+    a trained single run, or (without --overwrite) any other run there is refused."""
+    if out == runs.DEFAULT_RUN.resolve():
+        raise ValueError(f"{out} is the shipped model itself: replay into another --out and compare")
+    if not runs.is_run_dir(out):
+        return
+    cfg = runs.read_config(out, need_weights=False)
+    if not cfg.ensemble:
+        raise ValueError(f"{out} holds a trained single run; choose another --out")
+    own = cfg.ensemble == [f"{runs.MEMBERS_DIR}/{m}" for m in recipe.members] and stages_dir(out).is_dir()
+    if not own and not overwrite:
+        raise ValueError(f"{out} already holds another run; pass --overwrite to replace it with the replay, or "
+                         "choose another --out")
 
 
 def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[str, Any] | None = None,
@@ -115,13 +147,14 @@ def replay(out: str | Path, recipe_path: str | Path = RECIPE, overrides: dict[st
     from core.ensemble import create_ensemble
     from core.evaluation import calibrate_run, evaluate_run
 
-    out = Path(out)
+    out = Path(out).resolve()  # a stage's init_from must name the same folder from wherever it is read
     recipe = read_recipe(recipe_path)
-    if runs.is_run_dir(out) and not overwrite:
-        raise ValueError(f"{out} already holds a run; pass --overwrite to replace it with the replay (stages already "
-                         "trained with the same config are kept), or choose another --out")
+    check_destination(out, recipe, overwrite)
     overrides = overrides or {}
     device = overrides.get("device", "auto")
+    for stages in recipe.members.values():  # every stage's settings checked before hours of training, not after
+        for stage in stages:
+            stage_config(stage, None, overrides)
     last_stages: list[str | Path] = []
     for member, stages in recipe.members.items():
         parent: Path | None = None

@@ -85,6 +85,8 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
     the clean and the twin's prediction: the edit is then trained to change nothing, not only to say nothing about
     the label on average."""
     twins = {kind: weight for kind, weight in (consistency or {}).items() if weight > 0}
+    if twins and mixup_lam is not None:
+        raise ValueError("a consistency term cannot be combined with mixup: a blended image has no unedited twin")
     if twins:
         views = augment(images.float().div_(255), generator, twins=tuple(twins))
         with autocast(views[0].device, amp):
