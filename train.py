@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from core import runs
-from core.config import TrainConfig, add_config_arguments, field_choices, given_settings
+from core.config import RunConfig, add_config_arguments, field_choices, given_settings
 from core.data import DEFAULT_FOLDS_FILE, DEFAULT_SPLIT_FILE, IMAGE_EXTENSIONS, DataError, read_dataset
 from core.download import add_parser as add_download_parser
 from core.inference import DeviceError
@@ -77,7 +77,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise ValueError("fit needs --out RUN_DIR (or --resume RUN_DIR)")
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     cfg = cfg.override(args)
     if (args.out / runs.MODEL_FILE).exists() and not args.overwrite:
         raise ValueError(f"{args.out} already holds a trained run; use --resume, --overwrite or another --out")
@@ -87,7 +87,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_cv(args: argparse.Namespace) -> None:
     from core.train.cv import cross_validate, leave_source_out
 
-    cfg = (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).override(args)
+    cfg = (RunConfig.from_yaml(args.config) if args.config else RunConfig()).override(args)
     if args.by == "source":
         table = leave_source_out(cfg, args.out, args.hold_out)
         shown = ["held_out", "test_n", "test_malignant_share", "val_auroc", "test_auroc",

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.inference import autocast, resolve_device
 from core.train.training import create_training_parts
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit does
-    cfg = TrainConfig(model=args.model, input_size=args.input_size, batch_size=args.batch_size)
+    cfg = RunConfig(model=args.model, input_size=args.input_size, batch_size=args.batch_size)
     model, loss_fn, augment, preprocess = create_training_parts(cfg, device)  # what fit builds
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from core import metrics
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.ensemble import check_compatible
 from core.inference import FLIP_DIMS, load_splits
 from core.run import load
@@ -59,7 +59,7 @@ def ensemble_probabilities(probabilities: dict[str, dict[str, np.ndarray]], memb
     return np.mean([probabilities[name][split][:views].mean(0) for name in members], axis=0)
 
 
-def compatible_pairs(configs: dict[str, TrainConfig]) -> set[tuple[str, str]]:
+def compatible_pairs(configs: dict[str, RunConfig]) -> set[tuple[str, str]]:
     """Pairs of runs that one ensemble may hold: the same input tensor and split (``check_compatible``), so a
     square-crop and a frame-crop run are never averaged into an ensemble ``train.py ensemble`` would refuse."""
     pairs = set()

@@ -1,8 +1,11 @@
-"""One configuration for a training run: defaults here, a YAML file over them, command-line flags over that.
-The resolved config is saved in the run directory (``config.yaml``) and is what evaluation and prediction read.
+"""A run's configuration: defaults here, a YAML file over them, command-line flags over that. The resolved
+:class:`RunConfig` is saved in the run directory (``config.yaml``) and is what every command and the dashboard read.
+It is two parts in one flat file: :class:`TrainConfig`, how the model is trained, and :class:`PredictionSettings`,
+how the trained run predicts (TTA views, the evaluation batch, the Platt calibration): of those, training reads only
+the batch size of its per-epoch validation.
 
 Each field is declared once, with its help text and flag group as field metadata and ``Literal`` types for its
-choices, so ``train.py fit --help`` explains every flag and argparse (or :meth:`TrainConfig.from_dict`, for a YAML
+choices, so ``train.py fit --help`` explains every flag and argparse (or :meth:`RunConfig.from_dict`, for a YAML
 file) refuses a bad choice by itself.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Self, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -33,6 +36,7 @@ def option(default: Any, help: str, group: str) -> Any:
 
 @dataclass
 class TrainConfig:
+    """How a model is trained: its data, network, loss, sampling, augmentation and optimisation."""
     data_dir: str | None = option(None, "HAM10000 folder; without it $HAM10000_DIR, data/ham10000, then "
                                         "../shared/data/ham10000 are tried", "data")
     split_file: str = option(DEFAULT_SPLIT_FILE, "lesion-wise train/val/test split file (`train.py split` writes "
@@ -102,12 +106,6 @@ class TrainConfig:
     amp: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)", "optimisation")
     channels_last: bool = option(True, "channels-last memory format (faster convolutions)", "optimisation")
     compile: bool = option(False, "run the training model through torch.compile", "optimisation")
-    tta_views: Literal[1, 2, 3, 4] = option(1, "flip views averaged at evaluation and prediction: 1 = none, 2 = "
-                                               "identity + horizontal flip, 4 = all four", "evaluation")
-    eval_batch_size: int = option(128, "images per batch when predicting val, test or other sets",
-                                  "evaluation")
-    calibration: list[float] = option([1.0, 0.0], "Platt scaling (a, b) of P(malignant), p = σ(a·logit p + b), "
-                                                  "written by `train.py calibrate`", "evaluation")
     seed: int = option(0, "seed of every random draw (sampler, augmentation, dropout, head init)",
                      "seed and device")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: a CUDA GPU if there is one, else the CPU",
@@ -115,7 +113,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, choices in field_choices().items():
-            if getattr(self, name) not in choices:
+            if hasattr(self, name) and getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {getattr(self, name)!r}")
         for name in ("corner_consistency", "camera_consistency"):
@@ -126,11 +124,6 @@ class TrainConfig:
         if not 0 < self.mask_radius <= math.sqrt(2):
             raise ValueError(f"mask_radius must be in (0, √2] (1 = the inscribed circle/ellipse, √2 = the view's "
                              f"corners), got {self.mask_radius}")
-        a_b = self.calibration
-        if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
-                and float(a_b[0]) > 0):
-            raise ValueError(f"calibration must be two finite numbers [a, b] with a > 0 (p = σ(a·logit p + b)), "
-                             f"got {a_b!r}")
 
     @property
     def corner_mask(self) -> float | None:
@@ -138,13 +131,13 @@ class TrainConfig:
         return self.mask_radius if self.mask_corners else None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
+    def from_yaml(cls, path: str | Path) -> Self:
         data = read_config_file(Path(path))
         extends = re.search(r"^extends:", Path(path).read_text(), flags=re.M) is not None
         return cls.from_dict(data, source=f"{path}{' (or a file it extends)' if extends else ''}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Self:
         data = _migrate(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -155,14 +148,43 @@ class TrainConfig:
     def to_yaml(self, path: str | Path) -> Path:
         return atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
-    def override(self, args: argparse.Namespace) -> TrainConfig:
+    def override(self, args: argparse.Namespace) -> Self:
         """Flags the user actually gave (not None) win over the file and the defaults."""
         return dataclasses.replace(self, **given_settings(args))
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config flags the user actually gave (argparse leaves the others None)."""
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+
+
+@dataclass
+class PredictionSettings:
+    """How a trained run predicts (evaluation, ``predict``, the Predictor, the dashboard); ``train.py calibrate`` and
+    ``ensemble`` rewrite them without touching the weights. Training reads only ``eval_batch_size`` (validation)."""
+    tta_views: Literal[1, 2, 3, 4] = option(1, "flip views averaged at evaluation and prediction: 1 = none, 2 = "
+                                               "identity + horizontal flip, 4 = all four", "evaluation")
+    eval_batch_size: int = option(128, "images per batch when predicting val, test or other sets",
+                                  "evaluation")
+    calibration: list[float] = option([1.0, 0.0], "Platt scaling (a, b) of P(malignant), p = σ(a·logit p + b), "
+                                                  "written by `train.py calibrate`", "evaluation")
+
+    def check_prediction_settings(self) -> None:
+        a_b = self.calibration
+        if not (isinstance(a_b, list | tuple) and len(a_b) == 2 and all(math.isfinite(float(v)) for v in a_b)
+                and float(a_b[0]) > 0):
+            raise ValueError(f"calibration must be two finite numbers [a, b] with a > 0 (p = σ(a·logit p + b)), "
+                             f"got {a_b!r}")
+
+
+@dataclass
+class RunConfig(PredictionSettings, TrainConfig):
+    """A run's ``config.yaml``: how it was trained and how it predicts, one flat file. What every command and the
+    dashboard read; ``fit`` writes it, ``calibrate`` and ``ensemble`` update its prediction settings."""
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        self.check_prediction_settings()
 
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -207,8 +229,8 @@ def literal_choices(hint: Any) -> tuple:
 def field_choices() -> dict[str, tuple]:
     """Each ``Literal`` field's allowed values, resolved once: every config built (``dataclasses.replace`` too) is
     checked against them, and resolving the type hints each time cost ~1.5 ms a config."""
-    hints = get_type_hints(TrainConfig)
-    return {f.name: choices for f in fields(TrainConfig) if (choices := literal_choices(hints[f.name]))}
+    hints = get_type_hints(RunConfig)
+    return {f.name: choices for f in fields(RunConfig) if (choices := literal_choices(hints[f.name]))}
 
 
 NOT_FLAGS = {"ensemble", "calibration"}  # written by `train.py ensemble` / `calibrate`, not training options
@@ -224,8 +246,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, in its group, with its help sentence; flags default to None so that only the
     given ones override the YAML file."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+    hints = get_type_hints(RunConfig)
+    for f in fields(RunConfig):
         if f.name in NOT_FLAGS:
             continue
         if f.metadata["group"] not in groups:

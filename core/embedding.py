@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import project_path
 from core.io import atomic_write
 from core.model import classifier
@@ -108,7 +108,7 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def run_fingerprint(run_dir: str | Path, cfg: TrainConfig) -> dict:
+def run_fingerprint(run_dir: str | Path, cfg: RunConfig) -> dict:
     """What an index depends on: the weights, the split file (which images are "training") and the view."""
     return {"weights": sha256(Path(run_dir) / MODEL_FILE), "split": sha256(project_path(cfg.split_file)),
             # the mask: False without one (as in indexes built before its radius was a setting), else its radius

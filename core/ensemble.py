@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import tv_tensors
 
 from core import checkpoint
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import project_path
 from core.model import malignant_probability, model_from_config, resolve_normalization
 from core.runs import (
@@ -65,14 +65,14 @@ class Ensemble(nn.Module):
         return torch.logit(p, eps=LOGIT_EPS).unsqueeze(1)
 
 
-def shared_corner_mask(configs: list[TrainConfig]) -> float | None:
+def shared_corner_mask(configs: list[RunConfig]) -> float | None:
     """The corner mask the ensemble's shared view carries: the members' own when they all have the same one, none
     when they differ (an unmasked member must see the corners)."""
     masks = {cfg.corner_mask for cfg in configs}
     return masks.pop() if len(masks) == 1 else None
 
 
-def member_input_masks(configs: list[TrainConfig], shared: float | None) -> list[CornerMask | None]:
+def member_input_masks(configs: list[RunConfig], shared: float | None) -> list[CornerMask | None]:
     """Per member, the mask it must add to the shared view (``shared``: that view's radius, or None): its own, in
     normalised units (:data:`CORNER_FILL` through the normalisation, exact because check_compatible allows
     differing masks only with a fixed per-channel normalisation), or None where the shared view already is its own."""
@@ -88,7 +88,7 @@ def member_input_masks(configs: list[TrainConfig], shared: float | None) -> list
     return out
 
 
-def model_for_run(run_dir: str | Path, cfg: TrainConfig) -> nn.Module:
+def model_for_run(run_dir: str | Path, cfg: RunConfig) -> nn.Module:
     """The network a run's weights file fits: one model, or an :class:`Ensemble` of its members' networks."""
     if cfg.ensemble:
         configs = member_configs(run_dir, cfg)
@@ -114,7 +114,7 @@ def init_weights(model: nn.Module, source: str | Path) -> nn.Module:
                                  f"{run / MODEL_FILE} [{name}]")
 
 
-def check_compatible(configs: list[TrainConfig], names: list[str]) -> None:
+def check_compatible(configs: list[RunConfig], names: list[str]) -> None:
     """Members must take the very same input tensor: one preprocessing serves them all (up to each member's own
     corner mask, which it can add to the normalised tensor when the normalisation does not look at the pixels)."""
     first = configs[0]

@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 
 from core import checkpoint, embedding
 from core.calibration import IDENTITY, apply_platt
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import project_path, read_dataset
 from core.ensemble import model_for_run
 from core.images import open_mask, open_rgb
@@ -71,7 +71,7 @@ def model_view_masks(paths: list[str | None], size: int, crop: Crop = "square") 
     return out
 
 
-def load_splits(cfg: TrainConfig) -> dict[str, pd.DataFrame]:
+def load_splits(cfg: RunConfig) -> dict[str, pd.DataFrame]:
     """train/val/test frames from the configured data folder and split file."""
     split_path = project_path(cfg.split_file)
     data = apply_split(read_dataset(cfg.data_dir), read_split(split_path), str(split_path))
@@ -87,7 +87,7 @@ class Preprocess(nn.Module):
     run's config). The one place the corner mask is applied: training (after augmentation), evaluation, the stress
     test (after the intervention), the Predictor and Grad-CAM all go through here."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         self.corner_mask = None if cfg.corner_mask is None else CornerMask(cfg.corner_mask)
         self.normalize = normalize_transform(resolve_normalization(cfg), cfg.shades_of_gray)
@@ -153,7 +153,7 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[TrainConfig, nn.Module]:
+def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[RunConfig, nn.Module]:
     """A run's config and best weights, ready for inference."""
     cfg = read_config(run_dir)
     model = checkpoint.load_weights(model_for_run(run_dir, cfg), Path(run_dir) / MODEL_FILE)

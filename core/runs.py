@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from safetensors import safe_open
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.io import atomic_write, atomic_write_text
 from core.run_files import (
@@ -131,7 +131,7 @@ def _fix(run: Path, command: str) -> str:
     return f"run `python train.py {command} --run {run}` to make it"
 
 
-def read_config(run: str | Path, need_weights: bool = True) -> TrainConfig:
+def read_config(run: str | Path, need_weights: bool = True) -> RunConfig:
     """A run's ``config.yaml``; by default the run must also hold its weights (``need_weights=False`` for a run
     still training, which may not have finished an epoch)."""
     run = Path(run)
@@ -143,18 +143,18 @@ def read_config(run: str | Path, need_weights: bool = True) -> TrainConfig:
     return _load_config(run / CONFIG_FILE)
 
 
-def _load_config(path: Path) -> TrainConfig:
+def _load_config(path: Path) -> RunConfig:
     try:
-        return TrainConfig.from_yaml(path)
+        return RunConfig.from_yaml(path)
     except Exception as err:  # any parse or field error means the same thing to the user
         raise RunError(f"{path} is not a valid run config ({err})") from err
 
 
-def write_config(cfg: TrainConfig, run: str | Path) -> Path:
+def write_config(cfg: RunConfig, run: str | Path) -> Path:
     return cfg.to_yaml(Path(run) / CONFIG_FILE)
 
 
-def member_configs(run: str | Path, cfg: TrainConfig) -> list[TrainConfig]:
+def member_configs(run: str | Path, cfg: RunConfig) -> list[RunConfig]:
     """An ensemble run's members' training configs (``members/<name>/config.yaml``), in the ensemble's order."""
     run = Path(run)
     missing = [member for member in cfg.ensemble if not (run / member / CONFIG_FILE).is_file()]
@@ -376,7 +376,7 @@ def write_site_profile(run: str | Path, profile: SiteProfile, overwrite: bool = 
     return _write_typed(path, profile)
 
 
-def read_members(run: str | Path) -> dict[str, TrainConfig]:
+def read_members(run: str | Path) -> dict[str, RunConfig]:
     """An ensemble run's members (``members/<name>`` → its training config); empty for a single model."""
     cfg = read_config(run)
     return dict(zip(cfg.ensemble, member_configs(run, cfg)))
@@ -479,7 +479,7 @@ def remove_derived_outputs(run: str | Path) -> None:
             path.unlink()
 
 
-def model_label(cfg: TrainConfig) -> str:
+def model_label(cfg: RunConfig) -> str:
     """What a run predicts with: the architecture, or "ensemble of N: member + member"."""
     if not cfg.ensemble:
         return cfg.model

@@ -13,7 +13,7 @@ import torch
 from core.audit.acquisition import ColourStats, create_edits, retaken_view
 from core.audit.interventions import create_intervention, image_key
 from core.audit.stress import wide
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import DEFAULT_SPLIT_FILE, DataError, project_path, read_ham10000, resolve_data_dir
 from core.images import open_rgb
 from core.inference import model_view_masks
@@ -353,7 +353,7 @@ def thumbnail(path: str, size: int = 160) -> np.ndarray:
 @st.cache_data(show_spinner=False, max_entries=256)
 def model_view(path: str, size: int, crop: str = "square", corner_mask: float | None = None) -> np.ndarray:
     """uint8 (H, W, 3): the photo cropped and resized as the model sees it (and as stored CAMs are aligned), with
-    the run's corner mask (``TrainConfig.corner_mask``: its radius, None without one) painted by the same transform
+    the run's corner mask (``RunConfig.corner_mask``: its radius, None without one) painted by the same transform
     the model's preprocessing uses."""
     view = resize_transform(size, crop)(open_rgb(path))
     return (view if corner_mask is None else CornerMask(corner_mask)(view)).permute(1, 2, 0).numpy().copy()
@@ -391,20 +391,20 @@ def explorer_spec(run: Path, split: str, value: float) -> dict:
 
 # Small run files, read once per change rather than on every rerun (every widget move reruns the page).
 @st.cache_data(show_spinner=False, max_entries=64)
-def _config(run: str, stamp: float) -> TrainConfig:
+def _config(run: str, stamp: float) -> RunConfig:
     return read_config(run)
 
 
-def run_config(run: Path) -> TrainConfig:
+def run_config(run: Path) -> RunConfig:
     return _config(str(run), _run_stamp(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _members(run: str, stamp: float) -> dict[str, TrainConfig]:
+def _members(run: str, stamp: float) -> dict[str, RunConfig]:
     return read_members(run)
 
 
-def run_members(run: Path) -> dict[str, TrainConfig]:
+def run_members(run: Path) -> dict[str, RunConfig]:
     """An ensemble's members (name → config); empty for a single model."""
     return _members(str(run), _run_stamp(run))
 

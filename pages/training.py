@@ -4,14 +4,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.runs import CONFIG_FILE, RunError
 from core.transforms import CROP_DESCRIPTIONS, view_shape
 from dashboard import charts, loaders, state
 from dashboard.labels import readable
 
 
-def recipe(cfg: TrainConfig) -> str:
+def recipe(cfg: RunConfig) -> str:
     """The last stage's settings; where it started from is in the lineage below the charts."""
     height, width = view_shape(cfg.input_size, cfg.crop)
     text = (f"**{cfg.model}** ({cfg.head} head) at {height}×{width} px ({CROP_DESCRIPTIONS[cfg.crop]}), "
@@ -48,7 +48,7 @@ def show_lineage(run: Path) -> None:
         st.caption(f"`{stage}`: {note}.")
 
 
-def tta(cfg: TrainConfig) -> str:
+def tta(cfg: RunConfig) -> str:
     return f"flip TTA {f'on ({cfg.tta_views} views)' if cfg.tta_views > 1 else 'off'}"
 
 

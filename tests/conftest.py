@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import DEFAULT_SPLIT_FILE, PROJECT_ROOT, DataError, read_ham10000, resolve_data_dir
 from tests.helpers import ARTIFACTS, SMALL_SPLIT, TINY, DashboardServer, streamlit_server
 
@@ -53,8 +53,8 @@ def small_split(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def tiny_config(ham_dir: Path, small_split: Path):
     """The run factory's config: ``tiny_config(**overrides)`` is :data:`TINY` on the small split, overridden."""
-    def make(**overrides) -> TrainConfig:
-        return TrainConfig(data_dir=str(ham_dir), split_file=str(small_split), **{**TINY, **overrides})
+    def make(**overrides) -> RunConfig:
+        return RunConfig(data_dir=str(ham_dir), split_file=str(small_split), **{**TINY, **overrides})
     return make
 
 

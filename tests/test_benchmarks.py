@@ -22,7 +22,7 @@ from benchmarks import (
     ood_scores,
     source_rule,
 )
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from tests.helpers import run_main
 
@@ -115,7 +115,7 @@ def test_search_never_mixes_runs_one_ensemble_cannot_hold() -> None:
     """A square-crop and a frame-crop run take different input tensors: ``train.py ensemble`` refuses the pair, so
     the search must not offer it, however well it scores."""
     runs, _ = _fake_runs()
-    configs = {"weak_a": TrainConfig(), "weak_b": TrainConfig(crop="frame"), "strong": TrainConfig()}
+    configs = {"weak_a": RunConfig(), "weak_b": RunConfig(crop="frame"), "strong": RunConfig()}
     compatible = ensemble_search.compatible_pairs(configs)
     assert ("weak_a", "strong") in compatible and ("weak_a", "weak_b") not in compatible
     table = ensemble_search.search(runs, {"weak_a": 7.0, "weak_b": 7.0, "strong": 20.0}, [1], compatible)

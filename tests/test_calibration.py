@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss
 import train
 from core import runs
 from core.calibration import IDENTITY, apply_platt, fit_platt
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT, resolve_data_dir
 from core.evaluation import calibrate_run, evaluate_run
 from core.predictor import Predictor
@@ -119,7 +119,7 @@ def test_cli_explains_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_config_refuses_a_malformed_calibration() -> None:
     for bad in ([1.0], [0.0, 0.1], [-1.0, 0.0], [1.0, float("nan")]):
         with pytest.raises(ValueError, match="calibration"):
-            TrainConfig(calibration=bad)
+            RunConfig(calibration=bad)
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["new", "resumed"])
@@ -131,7 +131,7 @@ def test_training_goes_on_uncalibrated(tmp_path: Path, monkeypatch: pytest.Monke
 
     started = []
     monkeypatch.setattr(fit, "_fit", lambda cfg, run_dir, resume: started.append(cfg))
-    fit.fit(TrainConfig(calibration=[1.8, -0.4]), tmp_path / "run", resume=resume)
+    fit.fit(RunConfig(calibration=[1.8, -0.4]), tmp_path / "run", resume=resume)
     assert started[0].calibration == list(IDENTITY)
     assert "belongs to other weights" in capsys.readouterr().err
 

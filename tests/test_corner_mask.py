@@ -13,7 +13,7 @@ import torch
 
 from core import checkpoint, runs
 from core.audit.interventions import CORNER_INTERVENTIONS, create_intervention
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.inference import Preprocess, predict_probabilities, preload_images
 from core.model import create_model, head_outputs
 from core.predictor import Predictor
@@ -25,8 +25,8 @@ from tests.helpers import write_image
 SIZE = 48
 
 
-def masked_config(crop: str = "square", radius: float = 1.0) -> TrainConfig:
-    return TrainConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, mask_radius=radius,
+def masked_config(crop: str = "square", radius: float = 1.0) -> RunConfig:
+    return RunConfig(pretrained=False, input_size=SIZE, crop=crop, mask_corners=True, mask_radius=radius,
                        normalization="imagenet", tta_views=2)
 
 
@@ -34,7 +34,7 @@ def outside(crop: str, radius: float = 1.0) -> torch.Tensor:
     return ellipse_radius(*view_shape(SIZE, crop)) > radius
 
 
-def saved_run(path: Path, cfg: TrainConfig) -> Path:
+def saved_run(path: Path, cfg: RunConfig) -> Path:
     """A run directory with random weights: enough for the Predictor and the dashboard to load."""
     path.mkdir()
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_a_mask_radius_outside_the_view_is_refused(radius: float) -> None:
 
 def test_without_the_flag_nothing_is_masked() -> None:
     images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
-    plain = Preprocess(TrainConfig(pretrained=False, normalization="imagenet"))
+    plain = Preprocess(RunConfig(pretrained=False, normalization="imagenet"))
     assert torch.equal(plain.view(images), images)
 
 
@@ -132,7 +132,7 @@ def test_corner_interventions_outside_the_circle_cannot_move_a_masked_model(tmp_
             assert np.array_equal(painted, clean), name
         else:
             assert not np.array_equal(painted, clean), name
-    unmasked = Preprocess(TrainConfig(pretrained=False, input_size=SIZE, normalization="imagenet"))
+    unmasked = Preprocess(RunConfig(pretrained=False, input_size=SIZE, normalization="imagenet"))
     filled = create_intervention("corner_fill")(images)
     assert not np.array_equal(predict_probabilities(predictor.model, filled, unmasked, torch.device("cpu")),
                               predict_probabilities(predictor.model, images, unmasked, torch.device("cpu")))

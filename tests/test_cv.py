@@ -8,7 +8,7 @@ import pytest
 
 import train
 from core import metrics, runs
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT, DataError
 from core.split import read_folds, read_split
 from core.train import cv
@@ -76,13 +76,13 @@ def test_three_fold_cv_end_to_end(ham_dir: Path, tmp_path: Path, monkeypatch: py
     summary = pd.read_csv(out / "cv_summary.csv").set_index("metric")
     assert summary.loc["test_auroc", "mean"] == pytest.approx(table["test_auroc"].mean(), abs=1e-6)
     assert summary.loc["test_auroc", "sd"] == pytest.approx(table["test_auroc"].std(ddof=1), abs=1e-6)
-    assert TrainConfig.from_yaml(out / "cv_config.yaml").input_size == 64
+    assert RunConfig.from_yaml(out / "cv_config.yaml").input_size == 64
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(cv, "fit", no_training)  # running it again reuses the finished folds
-    assert cv.cross_validate(TrainConfig.from_yaml(out / "cv_config.yaml"), out, folds_file).shape[0] == len(summary)
+    assert cv.cross_validate(RunConfig.from_yaml(out / "cv_config.yaml"), out, folds_file).shape[0] == len(summary)
 
 
 def test_source_split_holds_out_every_image_of_the_source() -> None:
@@ -134,8 +134,8 @@ def test_leave_one_source_out_end_to_end(ham_dir: Path, ham: pd.DataFrame, tmp_p
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(cv, "fit", no_training)
-    again = cv.leave_source_out(TrainConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl"])
+    again = cv.leave_source_out(RunConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl"])
     pd.testing.assert_frame_equal(again, table, check_exact=False, atol=1e-6, check_dtype=False)
     assert train.main(["cv", "--hold-out", "rosendahl", "--out", str(out)]) == 2  # --hold-out without --by source
     with pytest.raises(DataError, match="no image of the split comes from 'rosendhal'"):  # a typo: refused up front
-        cv.leave_source_out(TrainConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl", "rosendhal"])
+        cv.leave_source_out(RunConfig.from_yaml(out / "cv_config.yaml"), out, ["rosendahl", "rosendhal"])

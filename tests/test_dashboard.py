@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from core import metrics, sites
 from core.audit.acquisition import EDITS
 from core.audit.interventions import CORNER_CHECK
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 from core.run_files import dump
@@ -332,8 +332,8 @@ def test_training_report_shows_metrics_and_runs() -> None:
     runs = _table_with(at, "val AUROC")
     assert "default" in set(runs["run"])
     recipes = " ".join(m.value for m in at.markdown)  # what each shipped member's config says it was trained with
-    for name in TrainConfig.from_yaml(DEFAULT_RUN / "config.yaml").ensemble:
-        member = TrainConfig.from_yaml(DEFAULT_RUN / name / "config.yaml")
+    for name in RunConfig.from_yaml(DEFAULT_RUN / "config.yaml").ensemble:
+        member = RunConfig.from_yaml(DEFAULT_RUN / name / "config.yaml")
         assert f"**{member.model}**" in recipes
         assert ("corner mask" in recipes) >= (member.corner_mask is not None)
         assert (f"corner consistency λ {member.corner_consistency:g}" in recipes) == bool(member.corner_consistency)

@@ -15,7 +15,7 @@ from torch import nn
 
 import train
 from core import checkpoint, runs
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT, DataError
 from core.inference import Preprocess, load_run, load_splits, predict_probabilities, preload_images
 from core.predictor import Predictor
@@ -38,7 +38,7 @@ def test_run_directory_holds_everything(tiny_run: Path) -> None:
     history = pd.read_csv(tiny_run / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train_loss", "val_loss", "val_auroc", "lr", "seconds"} <= set(history.columns)
-    assert TrainConfig.from_yaml(tiny_run / "config.yaml").input_size == 64
+    assert RunConfig.from_yaml(tiny_run / "config.yaml").input_size == 64
 
 
 def test_predictions_and_metrics_are_consistent(tiny_run: Path) -> None:
@@ -77,7 +77,7 @@ def test_a_source_balanced_camera_augmented_fit_runs(tiny_config, tmp_path: Path
     """Issue 31's first candidates end to end at tiny size: sampling balanced within sources, camera edits on half
     the training images; source balancing without a sampler is refused."""
     run = fit(tiny_config(source_balanced=True, camera_augment=0.5), tmp_path / "balanced")
-    saved = TrainConfig.from_yaml(run / "config.yaml")
+    saved = RunConfig.from_yaml(run / "config.yaml")
     assert saved.source_balanced and saved.camera_augment == 0.5
     assert (run / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="needs --positive-fraction > 0"):
@@ -291,7 +291,7 @@ class OutOfMemoryModel(nn.Module):
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(where: str) -> None:
-    cfg = TrainConfig(batch_size=32, grad_accum=2, normalization="imagenet", device="cpu", amp=False)
+    cfg = RunConfig(batch_size=32, grad_accum=2, normalization="imagenet", device="cpu", amp=False)
     model = OutOfMemoryModel(where)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
@@ -305,8 +305,8 @@ def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(where: str) ->
 
 def test_out_of_memory_advice_at_odd_and_single_batches() -> None:
     assert "--batch-size 13 --grad-accum 2 (effective batch 26, as now 25" in out_of_memory_advice(
-        TrainConfig(batch_size=25))
-    assert "smaller --input-size or --model" in out_of_memory_advice(TrainConfig(batch_size=1))
+        RunConfig(batch_size=25))
+    assert "smaller --input-size or --model" in out_of_memory_advice(RunConfig(batch_size=1))
 
 
 def test_predictor_names_unreadable_input(tiny_run: Path) -> None:

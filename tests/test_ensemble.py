@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 import train
 from core import checkpoint, runs
 from core.audit import explain
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.ensemble import Ensemble, create_ensemble
 from core.inference import FLIP_DIMS, Preprocess, load_run, predict_probabilities
@@ -29,7 +29,7 @@ def make_run(path: Path, head: str = "binary", seed: int = 0, **overrides) -> Pa
     """A run directory as ``fit`` leaves it (config + weights + history), with random weights: no training needed
     to check how members are combined."""
     torch.manual_seed(seed)
-    cfg = TrainConfig(**{"input_size": SIZE, "head": head, "seed": seed, "amp": False, "device": "cpu", **overrides})
+    cfg = RunConfig(**{"input_size": SIZE, "head": head, "seed": seed, "amp": False, "device": "cpu", **overrides})
     model = create_model(cfg.model, pretrained=False, num_outputs=head_outputs(head))
     with torch.no_grad():  # a random head, so members disagree visibly
         for p in model.get_classifier().parameters():
@@ -75,7 +75,7 @@ def test_forward_is_the_log_odds_of_the_mean_probability(members: list[Path]) ->
 
 
 def test_run_directory_layout_and_config(ensemble_run: Path, members: list[Path]) -> None:
-    cfg = TrainConfig.from_yaml(ensemble_run / "config.yaml")
+    cfg = RunConfig.from_yaml(ensemble_run / "config.yaml")
     assert cfg.ensemble == ["members/single", "members/dx"]
     assert (cfg.head, cfg.tta_views, cfg.input_size) == ("binary", 2, SIZE)
     assert {name: c.head for name, c in read_members(ensemble_run).items()} == {"members/single": "binary",
@@ -100,7 +100,7 @@ def test_tta_views_is_checked() -> None:
     model = create_model("efficientnet_lite0", pretrained=False)
     images = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8)
     with pytest.raises(ValueError, match="tta_views must be 1 to 4"):
-        predict_probabilities(model, images, Preprocess(TrainConfig()), torch.device("cpu"), tta_views=5)
+        predict_probabilities(model, images, Preprocess(RunConfig()), torch.device("cpu"), tta_views=5)
     assert len(FLIP_DIMS) == 4
 
 
@@ -163,14 +163,14 @@ def test_overwrite_leaves_nothing_of_the_replaced_run(tmp_path: Path, members: l
     create_ensemble(members[:1], out, overwrite=True)
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in (out / MEMBERS_DIR).iterdir()) == [members[0].name]
-    assert TrainConfig.from_yaml(out / "config.yaml").ensemble == [f"{MEMBERS_DIR}/{members[0].name}"]
+    assert RunConfig.from_yaml(out / "config.yaml").ensemble == [f"{MEMBERS_DIR}/{members[0].name}"]
 
 
 def test_cli_builds_and_refuses(tmp_path: Path, members: list[Path], ensemble_run: Path,
                                 capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     assert train.main(["ensemble", "--members", *map(str, members), "--out", str(out)]) == 0
-    assert TrainConfig.from_yaml(out / "config.yaml").tta_views == 1  # the first member's setting
+    assert RunConfig.from_yaml(out / "config.yaml").tta_views == 1  # the first member's setting
     assert "next: python train.py evaluate" in capsys.readouterr().out
     assert train.main(["ensemble", "--members", *map(str, members), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from torch import nn
 
 import core.io
 from core import checkpoint, runs, split
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.inference import load_run
 from core.io import atomic_write, atomic_write_text, remove_stale_temp_files
@@ -109,7 +109,7 @@ WRITERS: dict[str, Callable[[Path], object]] = {
     "predictions": lambda p: runs.write_predictions(_frame(), p),
     "history": lambda p: runs.write_history([{"epoch": 1, "train_loss": 0.5}], p),
     "CAM store": lambda p: runs.write_cam_store(p, np.array(["I1"]), np.zeros((1, 4, 4), np.uint8)),
-    "config": lambda p: TrainConfig().to_yaml(p),
+    "config": lambda p: RunConfig().to_yaml(p),
 }
 
 
@@ -201,15 +201,15 @@ def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder holding an (untrained) EfficientNet-Lite0 and its config."""
     from core.model import create_model
     run = tmp_path_factory.mktemp("run")
-    TrainConfig(model="efficientnet_lite0").to_yaml(run / "config.yaml")
+    RunConfig(model="efficientnet_lite0").to_yaml(run / "config.yaml")
     checkpoint.save_weights(create_model("efficientnet_lite0", pretrained=False), run / runs.MODEL_FILE)
     return run
 
 
 def _copy_run(run: Path, to: Path, weights: bytes | None = None, **config) -> Path:
     to.mkdir()
-    cfg = TrainConfig.from_yaml(run / "config.yaml")
-    TrainConfig.from_dict({**cfg.__dict__, **config}).to_yaml(to / "config.yaml")
+    cfg = RunConfig.from_yaml(run / "config.yaml")
+    RunConfig.from_dict({**cfg.__dict__, **config}).to_yaml(to / "config.yaml")
     (to / runs.MODEL_FILE).write_bytes(weights if weights is not None
                                              else (run / runs.MODEL_FILE).read_bytes())
     return to

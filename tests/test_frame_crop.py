@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 import train
 from core import runs
 from core.audit import attention as audit
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.images import open_rgb
 from core.inference import load_splits, preload_images
@@ -36,7 +36,7 @@ def frame_run(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fit_trains_and_evaluates_on_the_whole_frame(frame_run: Path) -> None:
-    cfg = TrainConfig.from_yaml(frame_run / "config.yaml")
+    cfg = RunConfig.from_yaml(frame_run / "config.yaml")
     assert cfg.crop == "frame" and SHAPE == (64, 88)
     images = preload_images(load_splits(cfg)["test"]["path"].head(3).tolist(), cfg.input_size, cfg.crop)
     assert images.shape == (3, 3, *SHAPE)

@@ -16,7 +16,7 @@ from PIL import Image
 import train
 from benchmarks import ood_probes
 from core.audit.ood import KNNDistance, Mahalanobis
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.embedding import INDEX_FILE, EmbeddingIndex, captured_features, feature_layers
 from core.ensemble import Ensemble
@@ -37,7 +37,7 @@ def test_features_come_with_the_prediction_and_do_not_change_it(crop: str) -> No
     members = [create_model("efficientnet_lite0", pretrained=False, num_outputs=1),
                create_model("efficientnet_lite0", pretrained=False, num_outputs=7)]
     model = Ensemble(members).eval()
-    cfg = TrainConfig(pretrained=False, input_size=SIZE, crop=crop, normalization="imagenet")
+    cfg = RunConfig(pretrained=False, input_size=SIZE, crop=crop, normalization="imagenet")
     shape = (SIZE, SIZE) if crop == "square" else (SIZE, 64)
     images = torch.randint(0, 256, (5, 3, *shape), dtype=torch.uint8)
     features: list[np.ndarray] = []

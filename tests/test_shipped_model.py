@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 from benchmarks import corner_rule
 from core import runs
 from core.audit import acquisition
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 from core.predictor import Predictor
 
@@ -20,7 +20,7 @@ def test_run_files_are_there_and_small() -> None:
     for name in ("config.yaml", "model.safetensors", "metrics.json", "predictions_val.csv",
                  "predictions_test.csv", "attention_test.csv", "cams_test.npz", "attention_summary.json"):
         assert (RUN / name).is_file(), name
-    members = TrainConfig.from_yaml(RUN / "config.yaml").ensemble  # an ensemble keeps each member's history
+    members = RunConfig.from_yaml(RUN / "config.yaml").ensemble  # an ensemble keeps each member's history
     for folder in [RUN / m for m in members] or [RUN]:
         assert (folder / "history.csv").is_file(), folder
     assert (RUN / "model.safetensors").stat().st_size <= 25 * 2**20

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core import runs
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.runs import DEFAULT_RUN, read_lineage
 from core.train.shipped import RECIPE, read_recipe, stage_config, stages_dir
 from tests.helpers import run_main
@@ -18,12 +18,12 @@ def test_the_recipe_is_the_shipped_models_recipe() -> None:
     describes the weights that ship, not a look-alike. (Only where the weights started from differs: the shipped
     config names a run folder that no longer exists; the recipe names the stage before.)"""
     recipe = read_recipe()
-    shipped = TrainConfig.from_yaml(DEFAULT_RUN / "config.yaml")
+    shipped = RunConfig.from_yaml(DEFAULT_RUN / "config.yaml")
     assert [f"members/{m}" for m in recipe.members] == shipped.ensemble
     assert recipe.tta_views == shipped.tta_views
     for member, stages in recipe.members.items():
         built = stage_config(stages[-1], None, {})
-        member_cfg = TrainConfig.from_yaml(DEFAULT_RUN / "members" / member / "config.yaml")
+        member_cfg = RunConfig.from_yaml(DEFAULT_RUN / "members" / member / "config.yaml")
         assert dataclasses.replace(member_cfg, init_from=None) == built
         assert Path(member_cfg.init_from).name == stages[-2].name  # the stage before is the run it started from
         assert stage_config(stages[0], None, {}).pretrained and stage_config(stages[0], None, {}).init_from is None
@@ -73,7 +73,7 @@ def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path:
 
     calls: list[tuple[Path, bool]] = []
 
-    def fake_fit(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> Path:
+    def fake_fit(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         calls.append((run_dir, resume))
         runs.write_config(cfg, run_dir)
         for name in (runs.MODEL_FILE, runs.METRICS_FILE):
@@ -81,7 +81,7 @@ def test_a_stage_is_kept_only_when_its_config_and_parent_are_unchanged(tmp_path:
         return run_dir
 
     monkeypatch.setattr(core.train.fit, "fit", fake_fit)
-    cfg, run_dir = TrainConfig(epochs=1), tmp_path / "stage"
+    cfg, run_dir = RunConfig(epochs=1), tmp_path / "stage"
     run_dir.mkdir()
     assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=False) == "trained"
     assert train_stage(cfg, run_dir, overwrite=False, parent_retrained=False) == "kept"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import checkpoint
-from core.config import NOT_FLAGS, TrainConfig, add_config_arguments
+from core.config import NOT_FLAGS, PredictionSettings, RunConfig, TrainConfig, add_config_arguments
 from core.inference import FLIP_DIMS, Preprocess, predict_probabilities
 from core.train.augment import BatchAugment
 from core.train.losses import BinaryFocalLoss, create_loss, jensen_shannon
@@ -257,7 +257,7 @@ def test_consistency_adds_its_weight_times_a_positive_divergence(kind: str) -> N
     edit moves the prediction. Refused beside mixup, whose blends have no unedited
     twin."""
     torch.manual_seed(0)
-    cfg = TrainConfig(pretrained=False, input_size=32, **{f"{kind}_consistency": 1.0})
+    cfg = RunConfig(pretrained=False, input_size=32, **{f"{kind}_consistency": 1.0})
     model, loss_fn, augment, preprocess = create_training_parts(cfg, torch.device("cpu"))
     model.eval()  # BatchNorm on running statistics and no dropout: the same pass for every λ
     with torch.no_grad():  # an untrained net barely reacts to a ring (JS ~1e-6, float32's noise on the loss)
@@ -273,7 +273,7 @@ def test_consistency_adds_its_weight_times_a_positive_divergence(kind: str) -> N
     slope = by_weight[2.0] - by_weight[1.0]
     assert slope > 1e-4 and slope == pytest.approx(2 * (by_weight[1.0] - by_weight[0.5]), rel=1e-4)
     with pytest.raises(ValueError, match=f"{kind}_consistency.*mixup"):
-        TrainConfig(mixup=0.2, **{f"{kind}_consistency": 1.0})
+        RunConfig(mixup=0.2, **{f"{kind}_consistency": 1.0})
     with pytest.raises(ValueError, match="mixup"):
         training_loss(model, loss_fn, augment, preprocess, images.clone(), targets, False, mixup_lam=0.5,
                       consistency={kind: 1.0})
@@ -286,7 +286,7 @@ def test_fine_tuning_starts_from_an_ensemble_member() -> None:
 
     cfg, ensemble = load_run("models/default")
     first = Path("models/default") / cfg.ensemble[0]
-    model = init_weights(model_from_config(TrainConfig.from_yaml(first / "config.yaml")), first)
+    model = init_weights(model_from_config(RunConfig.from_yaml(first / "config.yaml")), first)
     expected = ensemble.members[0].state_dict()
     assert all(torch.equal(v.float(), expected[k].float()) for k, v in model.state_dict().items())
     with pytest.raises(checkpoint.CheckpointError, match="neither a trained run"):
@@ -307,7 +307,7 @@ META = torch.device("meta")  # a device other than the CPU, on any machine: stan
 def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
     """Every tensor a step uses follows the model to the training device: one left on the CPU fails here, not on
     the first GPU run."""
-    cfg = TrainConfig(pretrained=False, input_size=32, **settings)
+    cfg = RunConfig(pretrained=False, input_size=32, **settings)
     model, loss_fn, augment, preprocess = create_training_parts(cfg, META)
     outputs = 7 if cfg.head == "dx" else 1
     targets = torch.empty(4, outputs, device=META) if outputs > 1 else torch.empty(4, device=META)
@@ -319,7 +319,7 @@ def test_a_training_step_runs_wholly_on_another_device(settings: dict) -> None:
 
 
 def test_a_loss_left_on_the_cpu_is_caught_on_another_device() -> None:
-    cfg = TrainConfig(pretrained=False, input_size=32, head="dx")
+    cfg = RunConfig(pretrained=False, input_size=32, head="dx")
     model, _, augment, preprocess = create_training_parts(cfg, META)
     images = torch.empty(2, 3, 32, 32, dtype=torch.uint8, device=META)
     with pytest.raises(RuntimeError, match="device"):
@@ -330,9 +330,9 @@ def test_a_loss_left_on_the_cpu_is_caught_on_another_device() -> None:
 # --- config -------------------------------------------------------------------------------------------------------
 
 def test_config_yaml_round_trip_and_flag_override(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=7, zoom=[1.0, 1.2])
+    cfg = RunConfig(epochs=7, zoom=[1.0, 1.2])
     cfg.to_yaml(tmp_path / "c.yaml")
-    loaded = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    loaded = RunConfig.from_yaml(tmp_path / "c.yaml")
     assert loaded == cfg
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
@@ -344,7 +344,7 @@ def test_config_yaml_round_trip_and_flag_override(tmp_path: Path) -> None:
 def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown config key\\(s\\) learning_rate"):
-        TrainConfig.from_yaml(tmp_path / "c.yaml")
+        RunConfig.from_yaml(tmp_path / "c.yaml")
 
 
 def test_every_fit_flag_has_a_sentence_and_bad_choices_are_refused(capsys: pytest.CaptureFixture) -> None:
@@ -355,7 +355,7 @@ def test_every_fit_flag_has_a_sentence_and_bad_choices_are_refused(capsys: pytes
     with pytest.raises(SystemExit):
         train.main(["fit", "--help"])
     help_text = capsys.readouterr().out
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(RunConfig):
         if f.name not in NOT_FLAGS:
             flag = "--" + f.name.replace("_", "-")
             entry = re.search(rf"^  {flag}( \S+)*\s+(.*?)(?=^  --|\Z)", help_text, flags=re.M | re.S)
@@ -365,14 +365,30 @@ def test_every_fit_flag_has_a_sentence_and_bad_choices_are_refused(capsys: pytes
         train.main(["fit", "--out", "x", "--crop", "circle"])
     assert "invalid choice: 'circle'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="head must be one of binary, dx, got 'softmax'"):
-        TrainConfig.from_dict({"head": "softmax"})
+        RunConfig.from_dict({"head": "softmax"})
 
 
 def test_configs_from_before_one_tta_setting_still_load() -> None:
     """Runs written with ``tta_flips`` (+ ``tta_views``, default 4) read as the one ``tta_views`` setting."""
-    assert TrainConfig.from_dict({"tta_flips": True, "tta_views": 2}).tta_views == 2
-    assert TrainConfig.from_dict({"tta_flips": True}).tta_views == 4
-    assert TrainConfig.from_dict({"tta_flips": False, "tta_views": 4}).tta_views == 1
+    assert RunConfig.from_dict({"tta_flips": True, "tta_views": 2}).tta_views == 2
+    assert RunConfig.from_dict({"tta_flips": True}).tta_views == 4
+    assert RunConfig.from_dict({"tta_flips": False, "tta_views": 4}).tta_views == 1
+
+
+def test_prediction_settings_are_not_training_settings() -> None:
+    """A run's config is how it was trained plus how it predicts; the dashboard and prediction code name RunConfig,
+    never a class called Train (issue 32)."""
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    predict = {f.name for f in dataclasses.fields(PredictionSettings)}
+    assert predict == {"tta_views", "eval_batch_size", "calibration"} and not train & predict
+    assert {f.name for f in dataclasses.fields(RunConfig)} == train | predict
+    assert not hasattr(TrainConfig(), "tta_views")
+    with pytest.raises(ValueError, match="calibration must be two finite numbers"):
+        RunConfig(calibration=[0.0, 1.0])
+    from core.data import PROJECT_ROOT
+    for folder in ("dashboard", "pages"):
+        for path in (PROJECT_ROOT / folder).glob("*.py"):
+            assert "TrainConfig" not in path.read_text(), path
 
 
 def test_a_config_extends_another_and_its_own_settings_win(tmp_path: Path) -> None:
@@ -380,21 +396,21 @@ def test_a_config_extends_another_and_its_own_settings_win(tmp_path: Path) -> No
     (tmp_path / "stage.yaml").write_text("extends: base.yaml\nepochs: 2\n")
     (tmp_path / "deeper").mkdir()
     (tmp_path / "deeper" / "next.yaml").write_text("extends: ../stage.yaml\nlr: 0.0001\n")
-    cfg = TrainConfig.from_yaml(tmp_path / "deeper" / "next.yaml")
+    cfg = RunConfig.from_yaml(tmp_path / "deeper" / "next.yaml")
     assert (cfg.model, cfg.epochs, cfg.lr) == ("efficientnet_lite2", 2, 0.0001)
     (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
     (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ValueError, match="loops back"):
-        TrainConfig.from_yaml(tmp_path / "loop.yaml")
+        RunConfig.from_yaml(tmp_path / "loop.yaml")
     (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ValueError, match="nowhere.yaml does not exist"):
-        TrainConfig.from_yaml(tmp_path / "orphan.yaml")
+        RunConfig.from_yaml(tmp_path / "orphan.yaml")
 
 
 @pytest.mark.parametrize("name", ["reference.yaml", "default.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     from core.data import PROJECT_ROOT
-    TrainConfig.from_yaml(PROJECT_ROOT / "configs" / name)
+    RunConfig.from_yaml(PROJECT_ROOT / "configs" / name)
 
 
 # --- checkpoint files ---------------------------------------------------------------------------------------------
@@ -454,7 +470,7 @@ class _CountingNet(nn.Module):
 def test_tta_views_go_through_the_network_as_one_batch(views: int) -> None:
     torch.manual_seed(0)
     net, images = _CountingNet().eval(), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
-    preprocess = Preprocess(TrainConfig(normalization="imagenet"))
+    preprocess = Preprocess(RunConfig(normalization="imagenet"))
     probs = predict_probabilities(net, images, preprocess, torch.device("cpu"), batch_size=8, tta_views=views)
     assert net.calls == math.ceil(10 / max(1, 8 // views))  # one pass per chunk of images, all its views at once
     with torch.no_grad():

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.images import open_mask, open_rgb
 from core.train.augment import BatchAugment
 from core.transforms import (
@@ -119,7 +119,7 @@ def test_view_shape_and_unknown_crops() -> None:
     with pytest.raises(ValueError, match="unknown crop 'circle'; choose one of square, frame"):
         resize_transform(160, "circle")
     with pytest.raises(ValueError, match="crop must be one of square, frame, got 'wide'"):
-        TrainConfig(crop="wide")
+        RunConfig(crop="wide")
 
 
 def test_frame_crop_keeps_a_4_3_photo_whole_and_trims_wider_ones() -> None:

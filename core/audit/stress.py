@@ -38,7 +38,7 @@ from core.audit.interventions import (
     create_intervention,
     image_key,
 )
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.images import open_rgb
 from core.inference import model_view_masks
 from core.run import Run, load
@@ -271,7 +271,7 @@ def load_originals(paths: list[str], workers: int = 4) -> list[np.ndarray]:
 
 
 def edited_probabilities(score: Scorer, originals: Sequence[np.ndarray], sources: Sequence[str | None],
-                         edits: Sequence[acquisition.AcquisitionEdit], cfg: TrainConfig,
+                         edits: Sequence[acquisition.AcquisitionEdit], cfg: RunConfig,
                          chunk: int = 32) -> dict[str, np.ndarray]:
     """``{"clean": p, edit name: p, …}``: each image and its edited copies cropped and resized as the run's own
     preprocessing does, and scored together per chunk. NaN where an edit does not apply (a source's own colours)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from core import metrics, runs
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import DataError, project_path, read_dataset
 from core.io import atomic_write
 from core.run_files import Metrics
@@ -59,7 +59,7 @@ def fold_row(report: Metrics, k: int | str, key: str = "fold") -> dict:
     return row
 
 
-def cross_validate(cfg: TrainConfig, out_dir: str | Path, folds_file: str | Path,
+def cross_validate(cfg: RunConfig, out_dir: str | Path, folds_file: str | Path,
                    only_folds: list[int] | None = None) -> pd.DataFrame:
     """Train and evaluate every fold (``out_dir/fold<k>``), then write ``cv_folds.csv`` (one row per fold) and
     ``cv_summary.csv`` (mean and sd of each metric). A finished fold is reused and an interrupted one resumed, so
@@ -101,7 +101,7 @@ def own_test_rates(run: Path, split: pd.DataFrame, threshold: float) -> dict:
             "own_test_youden_sensitivity": at["sensitivity"], "own_test_youden_specificity": at["specificity"]}
 
 
-def leave_source_out(cfg: TrainConfig, out_dir: str | Path, held_out: list[str] | None = None) -> pd.DataFrame:
+def leave_source_out(cfg: RunConfig, out_dir: str | Path, held_out: list[str] | None = None) -> pd.DataFrame:
     """Train and evaluate one fold per held-out source (``out_dir/without_<source>``; default: every source), then
     write ``cv_sources.csv``: per held-out source its test size and malignant share, the in-source val AUROC, AUROC
     and rates at the val thresholds on the held-out source, and the same on its images of the original test split

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from core import checkpoint, metrics, runs
 from core.calibration import IDENTITY
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import DataError, project_path
 from core.ensemble import init_weights
 from core.evaluation import evaluate_run
@@ -100,7 +100,7 @@ class Progress:
         return improved
 
 
-def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
+def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train per ``cfg`` into ``run_dir`` (config.yaml, model.safetensors = best by val AUROC, history.csv,
     last.safetensors/last.json for --resume), then evaluate the best checkpoint on val and test.
 
@@ -126,7 +126,7 @@ def fit(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             raise
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
+def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
     dist_info = setup_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -172,7 +172,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     return run_dir
 
 
-def load_training_data(cfg: TrainConfig, device: torch.device) -> TrainingData:
+def load_training_data(cfg: RunConfig, device: torch.device) -> TrainingData:
     """The train and val images decoded once into memory (on ``device``), with what the loss and sampler need."""
     frames = load_splits(cfg)
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def load_training_data(cfg: TrainConfig, device: torch.device) -> TrainingData:
                         val_images, frames["val"]["label"].to_numpy(), time.perf_counter() - t0)
 
 
-def build_training_parts(cfg: TrainConfig, device: torch.device, dist_info: Distributed, data: TrainingData,
+def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distributed, data: TrainingData,
                          init: bool) -> TrainingParts:
     """Model (fine-tuning starts from ``cfg.init_from`` when ``init``; a resumed run restores its own weights),
     EMA, DDP, optimiser, sampler and a cosine schedule over every optimiser step of the run."""
@@ -219,7 +219,7 @@ def build_training_parts(cfg: TrainConfig, device: torch.device, dist_info: Dist
                          val_loss_fn)
 
 
-def validate(cfg: TrainConfig, parts: TrainingParts, data: TrainingData, device: torch.device,
+def validate(cfg: RunConfig, parts: TrainingParts, data: TrainingData, device: torch.device,
              epoch: int) -> tuple[float, float, float]:
     """Val loss, AUROC and seconds of the weights that would be saved (the EMA's, if on); non-finite predictions
     stop the run."""

@@ -19,7 +19,7 @@ from typing import Any, Literal, cast
 import yaml
 
 from core import runs
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.data import PROJECT_ROOT
 
 RECIPE = PROJECT_ROOT / "configs" / "shipped" / "recipe.yaml"
@@ -83,23 +83,23 @@ def stages_dir(out: Path) -> Path:
     return out.with_name(f"{out.name}_stages")
 
 
-def stage_config(stage: Stage, parent: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+def stage_config(stage: Stage, parent: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """The stage's file over the base recipe, with ``overrides`` (data, device, a smaller size) on top and the
     previous stage's run as its starting weights."""
-    settings = {**dataclasses.asdict(TrainConfig.from_yaml(stage.config)), **overrides,
+    settings = {**dataclasses.asdict(RunConfig.from_yaml(stage.config)), **overrides,
                 "init_from": None if parent is None else str(parent)}
-    return TrainConfig.from_dict(settings, source=f"stage {stage.name} with the replay's settings")
+    return RunConfig.from_dict(settings, source=f"stage {stage.name} with the replay's settings")
 
 
 MACHINE_SETTINGS: dict[str, Any] = {"device": "auto", "eval_batch_size": 1, "compile": False}  # how, not what, trains
 
 
-def same_recipe(a: TrainConfig, b: TrainConfig) -> bool:
+def same_recipe(a: RunConfig, b: RunConfig) -> bool:
     """Equal but for the machine it ran on: a replay started on a CPU may go on on a GPU."""
     return dataclasses.replace(a, **MACHINE_SETTINGS) == dataclasses.replace(b, **MACHINE_SETTINGS)
 
 
-def train_stage(cfg: TrainConfig, run_dir: Path, overwrite: bool, parent_retrained: bool) -> str:
+def train_stage(cfg: RunConfig, run_dir: Path, overwrite: bool, parent_retrained: bool) -> str:
     """Train one stage; keep it when it is already trained with this recipe from an unchanged parent, resume it
     when it was cut short. Returns what was done: "trained", "kept" or "resumed"."""
     from core.train.fit import fit

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 from tqdm import tqdm
 
 from core import checkpoint
-from core.config import TrainConfig
+from core.config import RunConfig
 from core.inference import Preprocess, autocast
 from core.model import DX_CLASSES, classifier, create_model, head_outputs
 from core.train.augment import BatchAugment, Twin
@@ -53,7 +53,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable or id(p) in head)
 
 
-def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module, BatchAugment,
+def create_training_parts(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, nn.Module, BatchAugment,
                                                                             Preprocess]:
     """What one training step runs, all on ``device``: model, loss, batch augmentation, preprocessing. Built in one
     place so that a test can run a step on the ``meta`` device and catch a tensor left on the CPU, which on a
@@ -69,7 +69,7 @@ def create_training_parts(cfg: TrainConfig, device: torch.device) -> tuple[nn.Mo
     return model, loss_fn, augment, Preprocess(cfg).to(device)
 
 
-def consistency_weights(cfg: TrainConfig) -> dict[Twin, float]:
+def consistency_weights(cfg: RunConfig) -> dict[Twin, float]:
     """Each consistency twin's weight λ, from the config (0 = off)."""
     return {"corner": cfg.corner_consistency, "camera": cfg.camera_consistency}
 
@@ -106,7 +106,7 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sampler: BalancedSampler | None,
                     augment: BatchAugment, preprocess: Preprocess, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    cfg: TrainConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
+                    cfg: RunConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
                     dist_info: Distributed = SINGLE_PROCESS) -> dict[str, float]:
     """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput."""
     model.train()
@@ -159,7 +159,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             "train_seconds": seconds}
 
 
-def out_of_memory_advice(cfg: TrainConfig) -> str:
+def out_of_memory_advice(cfg: RunConfig) -> str:
     """Halve the batch and double gradient accumulation: the optimiser sees (about) the same effective batch."""
     if cfg.batch_size == 1:
         return "out of GPU memory at batch size 1: try a smaller --input-size or --model"
