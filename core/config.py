@@ -79,6 +79,9 @@ class TrainConfig:
     camera_consistency: float = option(0.0, "weight of a Jensen–Shannon term between each training image's "
                                             "prediction and its copy's re-taken as another camera might (resolution, "
                                             "blur, tone curve, white balance); 0 = off", "loss and sampling")
+    source_adversary: float = option(0.0, "strength λ of an adversarial source head: a small classifier learns each "
+                                          "training image's source from the pooled features while a gradient "
+                                          "reversal makes the backbone hide it; 0 = off", "loss and sampling")
     rotation: float = option(15.0, "random rotation up to ± this many degrees", "augmentation")
     jitter: float = option(0.1, "brightness, contrast and saturation jitter (a factor in 1 ± this)",
                            "augmentation")
@@ -116,11 +119,11 @@ class TrainConfig:
             if hasattr(self, name) and getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("corner_consistency", "camera_consistency"):
+        for name in ("corner_consistency", "camera_consistency", "source_adversary"):
             weight = getattr(self, name)
             if weight < 0 or (weight > 0 and self.mixup > 0):
                 raise ValueError(f"{name} must be ≥ 0 and cannot be combined with mixup (a blended image has no "
-                                 f"unedited twin), got {weight} with mixup {self.mixup}")
+                                 f"unedited twin and no one source), got {weight} with mixup {self.mixup}")
         if not 0 < self.mask_radius <= math.sqrt(2):
             raise ValueError(f"mask_radius must be in (0, √2] (1 = the inscribed circle/ellipse, √2 = the view's "
                              f"corners), got {self.mask_radius}")

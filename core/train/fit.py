@@ -41,6 +41,7 @@ from core.inference import (
     resolve_device,
 )
 from core.io import remove_stale_temp_files
+from core.train.adversary import SourceAdversary, create_adversary, source_targets
 from core.train.augment import BatchAugment
 from core.train.distributed import Distributed, check_ranks_agree, setup_distributed
 from core.train.losses import create_loss
@@ -64,7 +65,7 @@ class TrainingData:
     train_images: torch.Tensor    # uint8 (N, 3, H, W) on the training device
     train_targets: torch.Tensor
     train_labels: np.ndarray      # 0/1, what the balanced sampler balances
-    train_sources: np.ndarray | None  # each training image's source, for source-balanced sampling
+    train_sources: np.ndarray | None  # each training image's source, for source-balanced sampling and the adversary
     val_images: torch.Tensor
     val_labels: np.ndarray
     load_seconds: float
@@ -82,6 +83,8 @@ class TrainingParts:
     augment: BatchAugment
     preprocess: Preprocess
     val_loss_fn: nn.Module
+    adversary: SourceAdversary | None = None  # the adversarial source head, trained beside the model
+    source_index: torch.Tensor | None = None  # each training image's index into ``adversary.sources``
 
 
 @dataclass
@@ -151,7 +154,8 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
         stats = train_one_epoch(model=parts.train_model, images=data.train_images, labels=data.train_targets,
                                 sampler=parts.sampler, augment=parts.augment, preprocess=parts.preprocess,
                                 loss_fn=parts.loss_fn, optimizer=parts.optimizer, scheduler=parts.scheduler, cfg=cfg,
-                                device=device, epoch=epoch, ema=parts.ema, dist_info=dist_info)
+                                device=device, epoch=epoch, ema=parts.ema, dist_info=dist_info,
+                                adversary=parts.adversary, sources=parts.source_index)
         val_loss, val_auroc, val_seconds = validate(cfg, parts, data, device, epoch)
         row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": val_loss, "val_auroc": val_auroc,
                "lr": parts.optimizer.param_groups[0]["lr"], "img_per_s": stats["img_per_s"],
@@ -182,8 +186,12 @@ def load_training_data(cfg: RunConfig, device: torch.device) -> TrainingData:
     sources = train["source"].fillna("unknown").astype(str).to_numpy() if "source" in train else None
     if cfg.source_balanced and cfg.positive_fraction <= 0:
         raise ValueError("--source-balanced balances the sampler within sources: it needs --positive-fraction > 0")
-    if cfg.source_balanced and sources is None:
-        raise DataError("--source-balanced needs each image's source: the data has no dataset/source/site column")
+    for flag, on in (("--source-balanced", cfg.source_balanced), ("--source-adversary", cfg.source_adversary > 0)):
+        if on and sources is None:
+            raise DataError(f"{flag} needs each image's source: the data has no dataset/source/site column")
+    if cfg.source_adversary > 0 and sources is not None and len(set(sources)) < 2:
+        raise DataError(f"--source-adversary needs training images from at least two sources; all come from "
+                        f"{sources[0]!r}")
     return TrainingData(train_images, training_targets(train, cfg.head), train["label"].to_numpy(), sources,
                         val_images, frames["val"]["label"].to_numpy(), time.perf_counter() - t0)
 
@@ -205,7 +213,15 @@ def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distri
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=cfg.head_warmup_epochs > 0)
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adversary, source_index = None, None
+    if cfg.source_adversary > 0 and data.train_sources is not None:
+        if dist_info.world_size > 1:
+            raise ValueError("--source-adversary runs on one process: it reads the features beside DDP's forward")
+        source_index, names = source_targets(data.train_sources)
+        adversary = create_adversary(model, names, cfg.source_adversary)
+        source_index = source_index.to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *(adversary.parameters() if adversary else ())], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     sampler = BalancedSampler(data.train_labels, cfg.positive_fraction, seed=cfg.seed, rank=dist_info.rank,
                               world_size=dist_info.world_size,
                               groups=data.train_sources if cfg.source_balanced else None) \
@@ -216,7 +232,7 @@ def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distri
     # Validation loss is the binary loss of P(malignant) for either head, so runs with different heads compare.
     val_loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
     return TrainingParts(model, train_model, ema, optimizer, scheduler, sampler, loss_fn, augment, preprocess,
-                         val_loss_fn)
+                         val_loss_fn, adversary, source_index)
 
 
 def validate(cfg: RunConfig, parts: TrainingParts, data: TrainingData, device: torch.device,
@@ -250,6 +266,8 @@ def commit_epoch(run_dir: Path, parts: TrainingParts, progress: Progress, epoch:
     tensors = {f"model.{k}": v for k, v in checkpoint._unwrap(parts.model).state_dict().items()}
     if parts.ema is not None:
         tensors |= {f"ema.{k}": v for k, v in parts.ema.module.state_dict().items()}
+    if parts.adversary is not None:
+        tensors |= {f"adversary.{k}": v for k, v in parts.adversary.state_dict().items()}
     optim_tensors, optim_meta = checkpoint.optimizer_to_tensors(parts.optimizer)
     checkpoint.save_training_state(run_dir / runs.STATE_FILE, tensors | optim_tensors,
                                    optim_meta | {"epoch": epoch, "best_auroc": progress.best_auroc,
@@ -262,7 +280,7 @@ def commit_epoch(run_dir: Path, parts: TrainingParts, progress: Progress, epoch:
 
 def restore(run_dir: Path, parts: TrainingParts, dist_info: Distributed) -> Progress:
     """A resumed run: the last committed epoch's state loaded, and where to go on from."""
-    meta = restore_state(run_dir, parts.model, parts.ema, parts.optimizer, parts.scheduler)
+    meta = restore_state(run_dir, parts.model, parts.ema, parts.optimizer, parts.scheduler, parts.adversary)
     start = meta["epoch"] + 1
     progress = Progress(start, meta["best_auroc"], meta["since_best"], runs.committed_history(run_dir, start))
     if dist_info.main:
@@ -272,14 +290,17 @@ def restore(run_dir: Path, parts: TrainingParts, dist_info: Distributed) -> Prog
 
 
 def restore_state(run_dir: Path, model: nn.Module, ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """Load the last committed epoch into model, EMA, optimiser and scheduler; returns its counters."""
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, adversary: nn.Module | None = None) -> dict:
+    """Load the last committed epoch into model, EMA, source adversary, optimiser and scheduler; returns its
+    counters."""
     path = run_dir / runs.STATE_FILE
     tensors, meta = checkpoint.load_training_state(path)
     try:
         checkpoint._unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if ema is not None:
             ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if adversary is not None:
+            adversary.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("adversary.")})
         checkpoint.optimizer_from_tensors(optimizer, tensors, meta)
         scheduler.load_state_dict(meta["scheduler"])
     except (RuntimeError, ValueError, KeyError) as err:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ from core import checkpoint
 from core.config import RunConfig
 from core.inference import Preprocess, autocast
 from core.model import DX_CLASSES, classifier, create_model, head_outputs
+from core.train.adversary import SourceAdversary, logits_and_features
 from core.train.augment import BatchAugment, Twin
 from core.train.distributed import SINGLE_PROCESS, Distributed
 from core.train.losses import create_loss, jensen_shannon
@@ -76,39 +77,50 @@ def consistency_weights(cfg: RunConfig) -> dict[Twin, float]:
 
 def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, preprocess: Preprocess,
                   images: torch.Tensor, targets: torch.Tensor, amp: bool, generator: torch.Generator | None = None,
-                  mixup_lam: float | None = None, consistency: Mapping[Twin, float] | None = None) -> torch.Tensor:
+                  mixup_lam: float | None = None, consistency: Mapping[Twin, float] | None = None,
+                  adversary: SourceAdversary | None = None, sources: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss.
 
     ``consistency`` maps a twin kind to its weight λ (``consistency_weights``). For each kind with λ > 0 every image
     also goes through the model as a twin, in the same batch (``"corner"``: with a random corner artifact;
     ``"camera"``: re-taken as another camera might), and the loss adds λ × the Jensen–Shannon divergence between
     the clean and the twin's prediction: the edit is then trained to change nothing, not only to say nothing about
-    the label on average."""
+    the label on average.
+
+    With an ``adversary`` the loss adds its cross-entropy on the clean images' ``sources`` (indices); its gradient
+    reversal turns that into a penalty on how well the features tell the source."""
     twins = {kind: weight for kind, weight in (consistency or {}).items() if weight > 0}
-    if twins and mixup_lam is not None:
-        raise ValueError("a consistency term cannot be combined with mixup: a blended image has no unedited twin")
-    if twins:
-        views = augment(images.float().div_(255), generator, twins=tuple(twins))
-        with autocast(views[0].device, amp):
-            logits = model(preprocess(torch.cat(views)).contiguous(memory_format=torch.channels_last))
-        clean_logits, *twin_logits = logits.chunk(len(views))
-        return loss_fn(clean_logits, targets) + sum(
-            weight * jensen_shannon(clean_logits, twin) for weight, twin in zip(twins.values(), twin_logits))
-    x = preprocess(augment(images.float().div_(255), generator))
+    if (twins or adversary is not None) and mixup_lam is not None:
+        raise ValueError("a consistency term or a source adversary cannot be combined with mixup: a blended image "
+                         "has no unedited twin and no one source")
+    if adversary is not None and sources is None:
+        raise ValueError("a source adversary needs each image's source")
+    raw = images.float().div_(255)
+    views = cast(tuple[torch.Tensor, ...], augment(raw, generator, twins=tuple(twins))) if twins \
+        else (cast(torch.Tensor, augment(raw, generator)),)
+    x = preprocess(torch.cat(views) if twins else views[0])
     if mixup_lam is not None:
         perm = torch.randperm(len(x), generator=generator, device=x.device)
         x, targets = mixup_lam * x + (1 - mixup_lam) * x[perm], mixup_lam * targets + (1 - mixup_lam) * targets[perm]
     with autocast(x.device, amp):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-    return loss_fn(logits, targets)
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits, features = logits_and_features(model, x) if adversary is not None else (model(x), None)
+    clean_logits, *twin_logits = logits.chunk(len(twins) + 1)
+    loss = loss_fn(clean_logits, targets) + sum(
+        weight * jensen_shannon(clean_logits, twin) for weight, twin in zip(twins.values(), twin_logits))
+    if adversary is not None and features is not None and sources is not None:
+        loss = loss + adversary.loss(features[:len(clean_logits)], sources)
+    return loss
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sampler: BalancedSampler | None,
                     augment: BatchAugment, preprocess: Preprocess, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     cfg: RunConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
-                    dist_info: Distributed = SINGLE_PROCESS) -> dict[str, float]:
-    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput."""
+                    dist_info: Distributed = SINGLE_PROCESS, adversary: SourceAdversary | None = None,
+                    sources: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput. With an
+    ``adversary``, ``sources`` holds each training image's source index."""
     model.train()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
@@ -133,7 +145,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         try:
             loss = training_loss(model, loss_fn, augment, preprocess, images[index].to(device, non_blocking=True),
                                  labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam,
-                                 consistency_weights(cfg))
+                                 consistency_weights(cfg), adversary,
+                                 None if sources is None else sources[index].to(device, non_blocking=True))
             loss_sum += loss.detach() * len(index)
             seen += len(index)
             if (step + 1) % check_every == 0 or step + 1 == steps:
