@@ -24,8 +24,9 @@
 #                                              # on val (never chosen on test)
 #   bash benchmarks/gpu_session.sh camera      # there: issue 31's step 2d and issue 32's replay. Leave one source
 #                                              # out (Rosendahl, ViDIR-modern) with the base recipe and candidates
-#                                              # A (source-balanced + camera augmentation) and B (A + camera
-#                                              # consistency λ 5), beside `train.py shipped` replaying models/default
+#                                              # A (source-balanced + camera augmentation), B (A + camera
+#                                              # consistency λ 5) and C (A + an adversarial source head, λ 0.1),
+#                                              # beside `train.py shipped` replaying models/default
 #                                              # from ImageNet weights; back come cv_sources.csv of each and the
 #                                              # replayed ensemble (resumable: a stopped replay goes on next time)
 # QUICK=1 runs the same steps on the CPU with tiny settings (a smoke test of the script itself).
@@ -214,6 +215,7 @@ pids=()
 launch loso_default "${LOSO[@]}" --out "$R/loso_default"
 launch loso_A "${LOSO[@]}" --source-balanced true --camera-augment 0.5 --out "$R/loso_A"
 launch loso_B "${LOSO[@]}" --source-balanced true --camera-augment 0.5 --camera-consistency 5 --out "$R/loso_B"
+launch loso_C "${LOSO[@]}" --source-balanced true --camera-augment 0.5 --source-adversary 0.1 --out "$R/loso_C"
 launch shipped shipped --out "$R/shipped" --device $DEVICE ${QUICK_LIMIT[@]+"${QUICK_LIMIT[@]}"}
 train_until_deadline
 for run in "$R"/loso_*; do

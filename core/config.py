@@ -82,6 +82,9 @@ class TrainConfig:
     source_adversary: float = option(0.0, "strength λ of an adversarial source head: a small classifier learns each "
                                           "training image's source from the pooled features while a gradient "
                                           "reversal makes the backbone hide it; 0 = off", "loss and sampling")
+    source_adversary_given_dx: bool = option(False, "the source head also sees each image's diagnosis, so the "
+                                                    "features need to hide only what the source says beyond the "
+                                                    "diagnosis mix", "loss and sampling")
     rotation: float = option(15.0, "random rotation up to ± this many degrees", "augmentation")
     jitter: float = option(0.1, "brightness, contrast and saturation jitter (a factor in 1 ± this)",
                            "augmentation")
@@ -124,6 +127,8 @@ class TrainConfig:
             if weight < 0 or (weight > 0 and self.mixup > 0):
                 raise ValueError(f"{name} must be ≥ 0 and cannot be combined with mixup (a blended image has no "
                                  f"unedited twin and no one source), got {weight} with mixup {self.mixup}")
+        if self.source_adversary_given_dx and self.source_adversary <= 0:
+            raise ValueError("source_adversary_given_dx conditions the source head: it needs source_adversary > 0")
         if not 0 < self.mask_radius <= math.sqrt(2):
             raise ValueError(f"mask_radius must be in (0, √2] (1 = the inscribed circle/ellipse, √2 = the view's "
                              f"corners), got {self.mask_radius}")

@@ -15,7 +15,7 @@ from core import checkpoint, runs
 from core.config import RunConfig
 from core.data import DataError, read_ham10000
 from core.inference import load_run
-from core.train.adversary import GradientReversal, create_adversary, logits_and_features, source_targets
+from core.train.adversary import GradientReversal, SourceAdversary, create_adversary, logits_and_features
 from core.train.fit import fit
 from core.train.training import consistency_weights, create_training_parts, training_loss
 
@@ -31,9 +31,17 @@ def test_gradient_reversal_is_the_identity_forward_and_minus_weight_backward() -
     assert torch.allclose(x.grad, -0.4 * grad)
 
 
-def test_source_targets_index_the_sorted_sources() -> None:
-    index, names = source_targets(np.array(["vienna", "rosendahl", "vienna", "molemax"]))
-    assert names == ["molemax", "rosendahl", "vienna"] and index.tolist() == [2, 1, 2, 0]
+def test_the_head_indexes_the_sorted_sources_and_keeps_its_tables_out_of_its_state() -> None:
+    """Each training image's source (and, given, its diagnosis) is a lookup table that follows the head to its
+    device but is never saved: a resumed run rebuilds it from the data."""
+    head = SourceAdversary(8, np.array(["vienna", "rosendahl", "vienna", "molemax"]), 0.1,
+                           given=np.array(["nv", "mel", "nv", "bkl"]))
+    assert head.sources == ["molemax", "rosendahl", "vienna"] and head.source_index.tolist() == [2, 1, 2, 0]
+    assert head.given.tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    assert head.net[0].in_features == 8 + 3 and head.net[-1].out_features == 3
+    assert set(head.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert head(torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 3)
+    assert head.to(META).source_index.device == META and head.given.device == META
 
 
 def _parts(**settings):
@@ -48,9 +56,10 @@ def test_the_adversary_adds_its_cross_entropy_and_reverses_its_gradient_into_the
     """loss = task + CE(source): the head descends the cross-entropy while every backbone parameter gets the task
     gradient minus λ times the cross-entropy's (DANN), so the features are pushed to hide the source."""
     cfg, model, loss_fn, augment, preprocess = _parts(source_adversary=0.5)
-    adversary = create_adversary(model, ["a", "b", "c"], weight=0.5)
+    adversary = create_adversary(model, np.array(["a", "b", "c"] * 3), weight=0.5)
     images = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
-    targets, sources = torch.tensor([0., 1., 0., 1., 0., 1.]), torch.tensor([0, 1, 2, 0, 1, 2])
+    targets, index = torch.tensor([0., 1., 0., 1., 0., 1.]), torch.tensor([0, 1, 2, 3, 4, 8])
+    sources = adversary.source_index[index]
     backbone = [p for name, p in model.named_parameters() if not name.startswith("classifier")]
 
     def run(with_adversary: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -58,7 +67,7 @@ def test_the_adversary_adds_its_cross_entropy_and_reverses_its_gradient_into_the
         adversary.zero_grad(set_to_none=True)
         loss = training_loss(model, loss_fn, augment, preprocess, images.clone(), targets, False,
                              torch.Generator().manual_seed(1), adversary=adversary if with_adversary else None,
-                             sources=sources)
+                             image_index=index)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in backbone]
 
@@ -76,36 +85,36 @@ def test_the_adversary_adds_its_cross_entropy_and_reverses_its_gradient_into_the
     assert any(ce is not None and ce.abs().sum() > 0 for ce in ce_grads)
     # The head itself is not reversed: a small step along its gradient lowers the source cross-entropy.
     with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(adversary(features), sources)
+        before = adversary.loss(features, index)
         for p in adversary.parameters():
             p -= 0.1 * p.grad
-        assert torch.nn.functional.cross_entropy(adversary(features), sources) < before
+        assert adversary.loss(features, index) < before
 
 
 def test_the_adversary_sees_only_the_clean_images_beside_a_consistency_twin() -> None:
     cfg, model, loss_fn, augment, preprocess = _parts(source_adversary=1.0, camera_consistency=1.0)
-    adversary = create_adversary(model, ["a", "b"], weight=1.0)
+    adversary = create_adversary(model, np.array(["a", "b", "b", "a"]), weight=1.0, given=np.array(["x", "y"] * 2))
     images = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
     loss = training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
                          torch.Generator().manual_seed(0), consistency=consistency_weights(cfg),
-                         adversary=adversary, sources=torch.tensor([0, 1, 1, 0]))
+                         adversary=adversary, image_index=torch.arange(4))
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="needs each image's source"):
+    with pytest.raises(ValueError, match="training-image indices"):
         training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
                       adversary=adversary)
     with pytest.raises(ValueError, match="mixup"):
         training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
-                      mixup_lam=0.5, adversary=adversary, sources=torch.tensor([0, 1, 1, 0]))
+                      mixup_lam=0.5, adversary=adversary, image_index=torch.arange(4))
 
 
 def test_an_adversarial_step_runs_wholly_on_another_device() -> None:
     cfg = RunConfig(pretrained=False, input_size=32, source_adversary=0.3)
     model, loss_fn, augment, preprocess = create_training_parts(cfg, META)
-    adversary = create_adversary(model, ["a", "b"], weight=0.3)
+    adversary = create_adversary(model, np.array(["a", "b"] * 4), weight=0.3, given=np.array(["x"] * 4 + ["y"] * 4))
     loss = training_loss(model, loss_fn, augment, preprocess, torch.empty(4, 3, 32, 32, dtype=torch.uint8,
                                                                            device=META),
                          torch.empty(4, device=META), cfg.amp, adversary=adversary,
-                         sources=torch.zeros(4, dtype=torch.long, device=META))
+                         image_index=torch.tensor([0, 2, 5, 7], device=META))
     loss.backward()
     assert loss.device == META and all(p.grad is None or p.grad.device == META for p in adversary.parameters())
 
@@ -115,16 +124,18 @@ def test_bad_adversary_settings_are_refused() -> None:
         RunConfig(source_adversary=-0.1)
     with pytest.raises(ValueError, match="source_adversary.*mixup"):
         RunConfig(source_adversary=0.3, mixup=0.2)
+    with pytest.raises(ValueError, match="source_adversary_given_dx.*needs source_adversary > 0"):
+        RunConfig(source_adversary_given_dx=True)
     with pytest.raises(ValueError, match="at least two sources"):
         create_adversary(create_training_parts(RunConfig(pretrained=False, input_size=32), torch.device("cpu"))[0],
-                         ["only"], 0.3)
+                         np.array(["only"] * 3), 0.3)
 
 
 def test_an_adversarial_fit_saves_a_plain_network_and_resumes_exactly(tiny_config, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The head trains beside the network and is kept in the training state only: the best weights load into the
     plain network, and a run stopped after epoch 1 resumes to the very same weights (head included)."""
-    cfg = tiny_config(source_adversary=0.3, source_balanced=True)
+    cfg = tiny_config(source_adversary=0.3, source_adversary_given_dx=True, source_balanced=True)
     whole = fit(cfg, tmp_path / "whole")
     state = checkpoint.read_tensors(whole / runs.STATE_FILE)
     assert any(k.startswith("adversary.") for k in state)

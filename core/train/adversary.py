@@ -7,6 +7,8 @@ with or without it, and predicting never sees it.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,35 +34,52 @@ class GradientReversal(torch.autograd.Function):
 
 class SourceAdversary(nn.Module):
     """Source logits from pooled features, through a gradient reversal of strength ``weight``: the head itself
-    learns at full rate, the backbone gets ``−weight`` times its gradient."""
+    learns at full rate, the backbone gets ``−weight`` times its gradient.
 
-    def __init__(self, num_features: int, sources: list[str], weight: float) -> None:
+    It knows every training image's source (``sources``, one name per image) and, when ``given`` holds one label per
+    image (the diagnosis), sees that label beside the features: the features then need to hide only what the
+    source says *beyond* the label. HAM10000's sources differ in their mix of diagnoses, not only in their cameras
+    (MoleMax's benign images are follow-up nevi, Rosendahl's are a third keratoses), and an unconditional head makes
+    the backbone hide that mix too. The loss reads a batch's rows by their training-image index."""
+
+    def __init__(self, num_features: int, sources: np.ndarray, weight: float,
+                 given: np.ndarray | None = None) -> None:
         super().__init__()
-        if len(sources) < 2:
-            raise ValueError(f"an adversarial source head needs at least two sources in training, got {sources}")
-        self.sources, self.weight = list(sources), weight
-        self.net = nn.Sequential(nn.Linear(num_features, ADVERSARY_HIDDEN), nn.ReLU(),
-                                 nn.Linear(ADVERSARY_HIDDEN, len(sources)))
+        names, index = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+        if len(names) < 2:
+            raise ValueError(f"an adversarial source head needs at least two sources in training, got "
+                             f"{names.tolist()}")
+        self.sources, self.weight = names.tolist(), weight
+        given_one_hot = None
+        if given is not None:
+            given_index = np.unique(np.asarray(given).astype(str), return_inverse=True)[1]
+            given_one_hot = F.one_hot(torch.from_numpy(given_index.astype(np.int64))).float()
+        # Per-image tables: buffers, so they follow .to(device), but not persistent: never in a saved state.
+        self.register_buffer("source_index", torch.from_numpy(index.astype(np.int64)), persistent=False)
+        self.register_buffer("given", given_one_hot, persistent=False)
+        conditions = 0 if given_one_hot is None else given_one_hot.shape[1]
+        self.net = nn.Sequential(nn.Linear(num_features + conditions, ADVERSARY_HIDDEN), nn.ReLU(),
+                                 nn.Linear(ADVERSARY_HIDDEN, len(names)))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(GradientReversal.apply(features.float(), self.weight))
+    def forward(self, features: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        x = GradientReversal.apply(features.float(), self.weight)
+        given = cast(torch.Tensor | None, self.given)
+        if given is not None:
+            x = torch.cat([x, given[image_index]], dim=1)
+        return self.net(x)
 
-    def loss(self, features: torch.Tensor, source_targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the source prediction: what the head minimises and, reversed, the backbone maximises."""
-        return F.cross_entropy(self.forward(features), source_targets)
+    def loss(self, features: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the source prediction for the training images ``image_index``: what the head minimises
+        and, reversed, the backbone maximises."""
+        return F.cross_entropy(self.forward(features, image_index), cast(torch.Tensor, self.source_index)[image_index])
 
 
-def source_targets(sources: np.ndarray) -> tuple[torch.Tensor, list[str]]:
-    """Each image's source as an index into the sorted list of sources."""
-    names, index = np.unique(sources.astype(str), return_inverse=True)
-    return torch.from_numpy(index.astype(np.int64)), names.tolist()
-
-
-def create_adversary(model: nn.Module, sources: list[str], weight: float) -> SourceAdversary:
+def create_adversary(model: nn.Module, sources: np.ndarray, weight: float,
+                     given: np.ndarray | None = None) -> SourceAdversary:
     """A source head sized to the network's pooled features, on the network's device."""
     head = classifier(model)
     device = next(model.parameters()).device
-    return SourceAdversary(int(getattr(head, "in_features")), sources, weight).to(device)  # noqa: B009
+    return SourceAdversary(int(getattr(head, "in_features")), sources, weight, given).to(device)  # noqa: B009
 
 
 def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

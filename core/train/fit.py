@@ -41,7 +41,7 @@ from core.inference import (
     resolve_device,
 )
 from core.io import remove_stale_temp_files
-from core.train.adversary import SourceAdversary, create_adversary, source_targets
+from core.train.adversary import SourceAdversary, create_adversary
 from core.train.augment import BatchAugment
 from core.train.distributed import Distributed, check_ranks_agree, setup_distributed
 from core.train.losses import create_loss
@@ -66,6 +66,7 @@ class TrainingData:
     train_targets: torch.Tensor
     train_labels: np.ndarray      # 0/1, what the balanced sampler balances
     train_sources: np.ndarray | None  # each training image's source, for source-balanced sampling and the adversary
+    train_dx: np.ndarray | None       # each training image's diagnosis, when the data has one (the adversary's given)
     val_images: torch.Tensor
     val_labels: np.ndarray
     load_seconds: float
@@ -84,7 +85,6 @@ class TrainingParts:
     preprocess: Preprocess
     val_loss_fn: nn.Module
     adversary: SourceAdversary | None = None  # the adversarial source head, trained beside the model
-    source_index: torch.Tensor | None = None  # each training image's index into ``adversary.sources``
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
                                 sampler=parts.sampler, augment=parts.augment, preprocess=parts.preprocess,
                                 loss_fn=parts.loss_fn, optimizer=parts.optimizer, scheduler=parts.scheduler, cfg=cfg,
                                 device=device, epoch=epoch, ema=parts.ema, dist_info=dist_info,
-                                adversary=parts.adversary, sources=parts.source_index)
+                                adversary=parts.adversary)
         val_loss, val_auroc, val_seconds = validate(cfg, parts, data, device, epoch)
         row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": val_loss, "val_auroc": val_auroc,
                "lr": parts.optimizer.param_groups[0]["lr"], "img_per_s": stats["img_per_s"],
@@ -192,7 +192,11 @@ def load_training_data(cfg: RunConfig, device: torch.device) -> TrainingData:
     if cfg.source_adversary > 0 and sources is not None and len(set(sources)) < 2:
         raise DataError(f"--source-adversary needs training images from at least two sources; all come from "
                         f"{sources[0]!r}")
-    return TrainingData(train_images, training_targets(train, cfg.head), train["label"].to_numpy(), sources,
+    dx = train["dx"].astype(str).to_numpy() if "dx" in train and train["dx"].notna().all() else None
+    if cfg.source_adversary_given_dx and dx is None:
+        raise DataError("--source-adversary-given-dx needs each training image's diagnosis: the data has no dx "
+                        "column, or it has gaps")
+    return TrainingData(train_images, training_targets(train, cfg.head), train["label"].to_numpy(), sources, dx,
                         val_images, frames["val"]["label"].to_numpy(), time.perf_counter() - t0)
 
 
@@ -213,13 +217,12 @@ def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distri
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=cfg.head_warmup_epochs > 0)
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-    adversary, source_index = None, None
+    adversary = None
     if cfg.source_adversary > 0 and data.train_sources is not None:
         if dist_info.world_size > 1:
             raise ValueError("--source-adversary runs on one process: it reads the features beside DDP's forward")
-        source_index, names = source_targets(data.train_sources)
-        adversary = create_adversary(model, names, cfg.source_adversary)
-        source_index = source_index.to(device)
+        adversary = create_adversary(model, data.train_sources, cfg.source_adversary,
+                                     data.train_dx if cfg.source_adversary_given_dx else None)
     optimizer = torch.optim.AdamW([*model.parameters(), *(adversary.parameters() if adversary else ())], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     sampler = BalancedSampler(data.train_labels, cfg.positive_fraction, seed=cfg.seed, rank=dist_info.rank,
@@ -232,7 +235,7 @@ def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distri
     # Validation loss is the binary loss of P(malignant) for either head, so runs with different heads compare.
     val_loss_fn = create_loss(cfg.loss, cfg.focal_alpha, cfg.focal_gamma)
     return TrainingParts(model, train_model, ema, optimizer, scheduler, sampler, loss_fn, augment, preprocess,
-                         val_loss_fn, adversary, source_index)
+                         val_loss_fn, adversary)
 
 
 def validate(cfg: RunConfig, parts: TrainingParts, data: TrainingData, device: torch.device,

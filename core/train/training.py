@@ -78,7 +78,7 @@ def consistency_weights(cfg: RunConfig) -> dict[Twin, float]:
 def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, preprocess: Preprocess,
                   images: torch.Tensor, targets: torch.Tensor, amp: bool, generator: torch.Generator | None = None,
                   mixup_lam: float | None = None, consistency: Mapping[Twin, float] | None = None,
-                  adversary: SourceAdversary | None = None, sources: torch.Tensor | None = None) -> torch.Tensor:
+                  adversary: SourceAdversary | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's loss: uint8 images → augment → normalise → (mixup with ``mixup_lam``) → model → loss.
 
     ``consistency`` maps a twin kind to its weight λ (``consistency_weights``). For each kind with λ > 0 every image
@@ -87,14 +87,15 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
     the clean and the twin's prediction: the edit is then trained to change nothing, not only to say nothing about
     the label on average.
 
-    With an ``adversary`` the loss adds its cross-entropy on the clean images' ``sources`` (indices); its gradient
-    reversal turns that into a penalty on how well the features tell the source."""
+    With an ``adversary`` the loss adds its cross-entropy of the clean images' sources (the batch's rows are the
+    training images ``image_index``); its gradient reversal turns that into a penalty on how well the features tell
+    the source."""
     twins = {kind: weight for kind, weight in (consistency or {}).items() if weight > 0}
     if (twins or adversary is not None) and mixup_lam is not None:
         raise ValueError("a consistency term or a source adversary cannot be combined with mixup: a blended image "
                          "has no unedited twin and no one source")
-    if adversary is not None and sources is None:
-        raise ValueError("a source adversary needs each image's source")
+    if adversary is not None and image_index is None:
+        raise ValueError("a source adversary needs the batch's training-image indices, to look up their sources")
     raw = images.float().div_(255)
     views = cast(tuple[torch.Tensor, ...], augment(raw, generator, twins=tuple(twins))) if twins \
         else (cast(torch.Tensor, augment(raw, generator)),)
@@ -108,8 +109,8 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
     clean_logits, *twin_logits = logits.chunk(len(twins) + 1)
     loss = loss_fn(clean_logits, targets) + sum(
         weight * jensen_shannon(clean_logits, twin) for weight, twin in zip(twins.values(), twin_logits))
-    if adversary is not None and features is not None and sources is not None:
-        loss = loss + adversary.loss(features[:len(clean_logits)], sources)
+    if adversary is not None and features is not None and image_index is not None:
+        loss = loss + adversary.loss(features[:len(clean_logits)], image_index)
     return loss
 
 
@@ -117,10 +118,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     augment: BatchAugment, preprocess: Preprocess, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     cfg: RunConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
-                    dist_info: Distributed = SINGLE_PROCESS, adversary: SourceAdversary | None = None,
-                    sources: torch.Tensor | None = None) -> dict[str, float]:
-    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput. With an
-    ``adversary``, ``sources`` holds each training image's source index."""
+                    dist_info: Distributed = SINGLE_PROCESS,
+                    adversary: SourceAdversary | None = None) -> dict[str, float]:
+    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput."""
     model.train()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
@@ -146,7 +146,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             loss = training_loss(model, loss_fn, augment, preprocess, images[index].to(device, non_blocking=True),
                                  labels[index].to(device, non_blocking=True), cfg.amp, generator, mixup_lam,
                                  consistency_weights(cfg), adversary,
-                                 None if sources is None else sources[index].to(device, non_blocking=True))
+                                 None if adversary is None else index.to(device, non_blocking=True))
             loss_sum += loss.detach() * len(index)
             seen += len(index)
             if (step + 1) % check_every == 0 or step + 1 == steps:
