@@ -29,6 +29,9 @@ def recipe(cfg: RunConfig) -> str:
         text += f"; camera re-takes on {cfg.camera_augment:.0%} of training images"
     if cfg.camera_consistency:
         text += f"; camera consistency λ {cfg.camera_consistency:g}"
+    if cfg.source_adversary:
+        text += (f"; adversarial source head λ {cfg.source_adversary:g}"
+                 f"{' (given the diagnosis)' if cfg.source_adversary_given_dx else ''}")
     return text
 
 
