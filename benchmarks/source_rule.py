@@ -19,6 +19,11 @@ Among those that qualify, the best stratified val AUROC is taken.
 
     python -m benchmarks.source_rule --incumbent models/default [--incumbent-loso runs/loso_inc]
         [--candidates runs/A runs/B --loso runs/loso_A runs/loso_B]
+
+Step 4 judges a *recipe*, and a recipe that fails it is out before any model is built from it: ``--recipes`` screens
+recipes' ``cv --by source`` folders on that step alone.
+
+    python -m benchmarks.source_rule --incumbent-loso runs/loso_default --recipes runs/loso_A runs/loso_B
 """
 from __future__ import annotations
 
@@ -58,6 +63,31 @@ def held_out(loso: Path | None) -> dict | None:
     return {"sensitivity": float(table["test_youden_sensitivity"].mean()), "auroc": float(table["test_auroc"].mean())}
 
 
+def held_out_failures(mine: dict, incumbent: dict) -> list[str]:
+    """Step 4: a higher mean held-out sensitivity than the incumbent recipe's, and a mean held-out AUROC at most
+    :data:`MAX_AUROC_DROP` lower."""
+    if mine["sensitivity"] > incumbent["sensitivity"] and mine["auroc"] >= incumbent["auroc"] - MAX_AUROC_DROP:
+        return []
+    return [f"held-out sources: sensitivity {mine['sensitivity']:.3f} vs {incumbent['sensitivity']:.3f}, AUROC "
+            f"{mine['auroc']:.3f} vs {incumbent['auroc']:.3f} (at least {incumbent['auroc'] - MAX_AUROC_DROP:.3f})"]
+
+
+def screen_recipes(incumbent_loso: Path, recipes: list[Path]) -> int:
+    """Step 4 alone, for recipes whose models are not built yet."""
+    incumbent = held_out(incumbent_loso)
+    assert incumbent is not None
+    print(f"{incumbent_loso} (the incumbent recipe): held-out sensitivity {incumbent['sensitivity']:.3f}, AUROC "
+          f"{incumbent['auroc']:.3f}")
+    for loso in recipes:
+        mine = held_out(loso)
+        assert mine is not None
+        failures = held_out_failures(mine, incumbent)
+        print(f"{loso}: held-out sensitivity {mine['sensitivity']:.3f}, AUROC {mine['auroc']:.3f}\n  "
+              + ("passes step 4: build its model and judge it on the other steps" if not failures
+                 else "fails step 4, " + "; ".join(failures)))
+    return 0
+
+
 def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | None) -> dict:
     """One run against the four steps: its figures and the reasons it fails (empty: it qualifies)."""
     new, old = runs.read_predictions(run, "val"), runs.read_predictions(incumbent, "val")
@@ -81,11 +111,8 @@ def judge(run: Path, incumbent: Path, loso: Path | None, incumbent_loso: dict | 
     failures += corners.failures()
     if mine is None or incumbent_loso is None:
         failures.append("no held-out-source result to compare (train.py cv --by source, for it and the incumbent)")
-    elif not (mine["sensitivity"] > incumbent_loso["sensitivity"]
-              and mine["auroc"] >= incumbent_loso["auroc"] - MAX_AUROC_DROP):
-        failures.append(f"held-out sources: sensitivity {mine['sensitivity']:.3f} vs "
-                        f"{incumbent_loso['sensitivity']:.3f}, AUROC {mine['auroc']:.3f} vs "
-                        f"{incumbent_loso['auroc']:.3f}")
+    else:
+        failures += held_out_failures(mine, incumbent_loso)
     test = runs.read_predictions(run, "test")
     return {"run": str(run), "stratified_val_auroc": stratified(run), "gain": gain,
             "worst_camera_edit": holds.worst,
@@ -100,7 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--incumbent-loso", type=Path, help="the incumbent recipe's `cv --by source` folder")
     parser.add_argument("--candidates", type=Path, nargs="*", default=[])
     parser.add_argument("--loso", type=Path, nargs="*", default=[], help="each candidate's `cv --by source` folder")
+    parser.add_argument("--recipes", type=Path, nargs="*", default=[],
+                        help="screen these recipes' `cv --by source` folders on step 4 alone (needs --incumbent-loso)")
     args = parser.parse_args(argv)
+    if args.recipes:
+        if args.incumbent_loso is None or args.candidates:
+            parser.error("--recipes screens recipes against --incumbent-loso, and nothing else")
+        try:
+            return screen_recipes(args.incumbent_loso, args.recipes)
+        except (runs.RunError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.loso and len(args.loso) != len(args.candidates):
         parser.error(f"{len(args.candidates)} candidates but {len(args.loso)} --loso folders")
     try:

@@ -237,3 +237,28 @@ def test_the_source_rule_judges_the_incumbent_by_its_own_files(tmp_path: Path) -
         loso / "cv_sources.csv", index=False)
     code, out, err = run_main(source_rule.main, "--incumbent-loso", str(loso))
     assert code == 2 and "lacks vidir_modern" in err
+
+
+def test_the_source_rule_screens_recipes_on_the_held_out_sources(tmp_path: Path) -> None:
+    """Step 4 alone, from each recipe's cv_sources.csv: a higher mean held-out sensitivity passes only with the mean
+    AUROC at most 0.01 lower; the other source rows are not read."""
+    def folds(name: str, sensitivity: tuple[float, float], auroc: tuple[float, float]) -> Path:
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"held_out": ["rosendahl", "vidir_modern", "vienna_dias"],
+                      "test_youden_sensitivity": [*sensitivity, 0.0], "test_auroc": [*auroc, 0.0]}).to_csv(
+            tmp_path / name / "cv_sources.csv", index=False)
+        return tmp_path / name
+
+    incumbent = folds("incumbent", (0.9, 0.7), (0.72, 0.76))
+    better = folds("better", (0.9, 0.72), (0.71, 0.76))          # sensitivity 0.81, AUROC 0.735 ≥ 0.73
+    worse_ranking = folds("worse_ranking", (0.95, 0.8), (0.70, 0.74))  # sensitivity up, AUROC 0.72 < 0.73
+    fewer_hits = folds("fewer_hits", (0.9, 0.69), (0.80, 0.80))
+    code, out, err = run_main(source_rule.main, "--incumbent-loso", str(incumbent), "--recipes", str(better),
+                              str(worse_ranking), str(fewer_hits))
+    assert code == 0, err
+    assert "held-out sensitivity 0.800, AUROC 0.740" in out
+    verdicts = re.findall(r"\n  (passes step 4|fails step 4)", out)
+    assert verdicts == ["passes step 4", "fails step 4", "fails step 4"]
+    assert "AUROC 0.720 vs 0.740 (at least 0.730)" in out
+    code, _, err = run_main(source_rule.main, "--recipes", str(better))
+    assert code == 2 and "--recipes screens recipes against --incumbent-loso" in err
