@@ -2,16 +2,16 @@
 (fixed 2026-12-06, before any candidate), applied on **val** and on the held-out sources; test AUROC is printed for
 the record, never read.
 
-A candidate qualifies when all four hold:
+A candidate qualifies when all four hold (steps 2a–2d of the rule in experiments.md):
 
-1. **Source-stratified val AUROC not below the incumbent's**: the 5th percentile of the paired gain (lesions
+2a. **Source-stratified val AUROC not below the incumbent's**: the 5th percentile of the paired gain (lesions
    resampled whole within their source, ``core.metrics.paired_stratified_auroc_gain``, 2,000 resamples, 90 %
    interval) is ≥ −0.005.
-2. **Acquisition**: on its val acquisition stress test (``train.py stress --split val --suite acquisition``, seed 0,
+2b. **Acquisition**: on its val acquisition stress test (``train.py stress --split val --suite acquisition``, seed 0,
    500 images, every edit) each camera edit flips at most 1.5 × the floor (the largest neutral-edit flip rate).
-3. **Corners**: issue 15's rule still met (``benchmarks/corner_rule.py``: every corner intervention ≤ 3 % on val,
+2c. **Corners**: issue 15's rule still met (``benchmarks/corner_rule.py``: every corner intervention ≤ 3 % on val,
    ≤ 4 network passes, ≤ 25 MB).
-4. **Held-out sources**: its recipe's ``train.py cv --by source`` folds (at least rosendahl and vidir_modern held
+2d. **Held-out sources**: its recipe's ``train.py cv --by source`` folds (at least rosendahl and vidir_modern held
    out) give a higher mean sensitivity at each fold's own val Youden threshold than the incumbent recipe's, with
    the mean held-out AUROC at most 0.01 lower.
 
@@ -20,7 +20,7 @@ Among those that qualify, the best stratified val AUROC is taken.
     python -m benchmarks.source_rule --incumbent models/default [--incumbent-loso runs/loso_inc]
         [--candidates runs/A runs/B --loso runs/loso_A runs/loso_B]
 
-Step 4 judges a *recipe*, and a recipe that fails it is out before any model is built from it: ``--recipes`` screens
+Step 2d judges a *recipe*, and a recipe that fails it is out before any model is built from it: ``--recipes`` screens
 recipes' ``cv --by source`` folders on that step alone.
 
     python -m benchmarks.source_rule --incumbent-loso runs/loso_default --recipes runs/loso_A runs/loso_B
@@ -37,8 +37,8 @@ from benchmarks import corner_rule
 from core import metrics, runs
 from core.audit import acquisition as acquisition_module
 
-MIN_GAIN_LOW = -0.005    # step 1
-MAX_AUROC_DROP = 0.01    # step 4
+MIN_GAIN_LOW = -0.005    # step 2a
+MAX_AUROC_DROP = 0.01    # step 2d
 LOSO_SOURCES = ("rosendahl", "vidir_modern")
 
 
@@ -64,7 +64,7 @@ def held_out(loso: Path | None) -> dict | None:
 
 
 def held_out_failures(mine: dict, incumbent: dict) -> list[str]:
-    """Step 4: a higher mean held-out sensitivity than the incumbent recipe's, and a mean held-out AUROC at most
+    """Step 2d: a higher mean held-out sensitivity than the incumbent recipe's, and a mean held-out AUROC at most
     :data:`MAX_AUROC_DROP` lower."""
     if mine["sensitivity"] > incumbent["sensitivity"] and mine["auroc"] >= incumbent["auroc"] - MAX_AUROC_DROP:
         return []
@@ -73,7 +73,7 @@ def held_out_failures(mine: dict, incumbent: dict) -> list[str]:
 
 
 def screen_recipes(incumbent_loso: Path, recipes: list[Path]) -> int:
-    """Step 4 alone, for recipes whose models are not built yet."""
+    """Step 2d alone, for recipes whose models are not built yet."""
     incumbent = held_out(incumbent_loso)
     assert incumbent is not None
     print(f"{incumbent_loso} (the incumbent recipe): held-out sensitivity {incumbent['sensitivity']:.3f}, AUROC "
@@ -82,9 +82,9 @@ def screen_recipes(incumbent_loso: Path, recipes: list[Path]) -> int:
         mine = held_out(loso)
         assert mine is not None
         failures = held_out_failures(mine, incumbent)
-        print(f"{loso}: held-out sensitivity {mine['sensitivity']:.3f}, AUROC {mine['auroc']:.3f}\n  "
-              + ("passes step 4: build its model and judge it on the other steps" if not failures
-                 else "fails step 4, " + "; ".join(failures)))
+        print(f"{loso}: " + ("passes the held-out-source step (2d in experiments.md): build its model and judge "
+                             "it on the others" if not failures else "fails the held-out-source step (2d in "
+                             "experiments.md): " + "; ".join(failures)))
     return 0
 
 
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=Path, nargs="*", default=[])
     parser.add_argument("--loso", type=Path, nargs="*", default=[], help="each candidate's `cv --by source` folder")
     parser.add_argument("--recipes", type=Path, nargs="*", default=[],
-                        help="screen these recipes' `cv --by source` folders on step 4 alone (needs --incumbent-loso)")
+                        help="screen these recipes' `cv --by source` folders on step 2d alone (needs --incumbent-loso)")
     args = parser.parse_args(argv)
     if args.recipes:
-        if args.incumbent_loso is None or args.candidates:
+        if args.incumbent_loso is None or args.candidates or args.loso:
             parser.error("--recipes screens recipes against --incumbent-loso, and nothing else")
         try:
             return screen_recipes(args.incumbent_loso, args.recipes)

@@ -122,11 +122,16 @@ class TrainConfig:
             if hasattr(self, name) and getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("corner_consistency", "camera_consistency", "source_adversary"):
+        for name, why in (("corner_consistency", "a blended image has no unedited twin"),
+                          ("camera_consistency", "a blended image has no unedited twin"),
+                          ("source_adversary", "a blended image has no one source")):
             weight = getattr(self, name)
             if weight < 0 or (weight > 0 and self.mixup > 0):
-                raise ValueError(f"{name} must be ≥ 0 and cannot be combined with mixup (a blended image has no "
-                                 f"unedited twin and no one source), got {weight} with mixup {self.mixup}")
+                raise ValueError(f"{name} must be ≥ 0 and cannot be combined with mixup ({why}), got {weight} with "
+                                 f"mixup {self.mixup}")
+        if self.source_adversary > 0 and self.compile:
+            raise ValueError("source_adversary reads the pooled features between the network's parts, which "
+                             "torch.compile would bypass: train it without compile")
         if self.source_adversary_given_dx and self.source_adversary <= 0:
             raise ValueError("source_adversary_given_dx conditions the source head: it needs source_adversary > 0")
         if not 0 < self.mask_radius <= math.sqrt(2):

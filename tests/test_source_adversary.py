@@ -91,20 +91,39 @@ def test_the_adversary_adds_its_cross_entropy_and_reverses_its_gradient_into_the
         assert adversary.loss(features, index) < before
 
 
-def test_the_adversary_sees_only_the_clean_images_beside_a_consistency_twin() -> None:
+def test_the_adversary_sees_only_the_clean_images_beside_a_consistency_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a camera twin in the same batch the head reads the clean half of the features only, and the loss is the
+    twin loss without it plus the head's cross-entropy on those rows."""
     cfg, model, loss_fn, augment, preprocess = _parts(source_adversary=1.0, camera_consistency=1.0)
     adversary = create_adversary(model, np.array(["a", "b", "b", "a"]), weight=1.0, given=np.array(["x", "y"] * 2))
     images = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
-    loss = training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
-                         torch.Generator().manual_seed(0), consistency=consistency_weights(cfg),
-                         adversary=adversary, image_index=torch.arange(4))
-    assert torch.isfinite(loss)
+    targets = torch.tensor([0., 1., 0., 1.])
+    seen: list[torch.Tensor] = []
+    real = SourceAdversary.loss
+
+    def spy(self: SourceAdversary, features: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        seen.append(features.detach().clone())
+        return real(self, features, image_index)
+
+    monkeypatch.setattr(SourceAdversary, "loss", spy)
+
+    def loss(with_adversary: bool) -> torch.Tensor:
+        return training_loss(model, loss_fn, augment, preprocess, images.clone(), targets, False,
+                             torch.Generator().manual_seed(0), consistency=consistency_weights(cfg),
+                             adversary=adversary if with_adversary else None, image_index=torch.arange(4))
+
+    plain, with_head = loss(False), loss(True)
+    clean, twin = augment(images.clone().float().div_(255), torch.Generator().manual_seed(0), twins=("camera",))
+    _, features = logits_and_features(model, preprocess(torch.cat([clean, twin])))
+    assert len(seen) == 1 and torch.allclose(seen[0], features[:4], atol=1e-6)
+    assert not torch.allclose(seen[0], features[4:], atol=1e-3)
+    assert with_head.item() == pytest.approx(plain.item() + real(adversary, features[:4], torch.arange(4)).item(),
+                                             rel=1e-5)
     with pytest.raises(ValueError, match="training-image indices"):
-        training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
-                      adversary=adversary)
+        training_loss(model, loss_fn, augment, preprocess, images, targets, False, adversary=adversary)
     with pytest.raises(ValueError, match="mixup"):
-        training_loss(model, loss_fn, augment, preprocess, images, torch.tensor([0., 1., 0., 1.]), False,
-                      mixup_lam=0.5, adversary=adversary, image_index=torch.arange(4))
+        training_loss(model, loss_fn, augment, preprocess, images, targets, False, mixup_lam=0.5,
+                      adversary=adversary, image_index=torch.arange(4))
 
 
 def test_an_adversarial_step_runs_wholly_on_another_device() -> None:
@@ -124,6 +143,8 @@ def test_bad_adversary_settings_are_refused() -> None:
         RunConfig(source_adversary=-0.1)
     with pytest.raises(ValueError, match="source_adversary.*mixup"):
         RunConfig(source_adversary=0.3, mixup=0.2)
+    with pytest.raises(ValueError, match="torch.compile would bypass"):
+        RunConfig(source_adversary=0.3, compile=True)
     with pytest.raises(ValueError, match="source_adversary_given_dx.*needs source_adversary > 0"):
         RunConfig(source_adversary_given_dx=True)
     with pytest.raises(ValueError, match="at least two sources"):
@@ -158,6 +179,13 @@ def test_an_adversarial_fit_saves_a_plain_network_and_resumes_exactly(tiny_confi
     resumed = checkpoint.read_tensors(tmp_path / "stopped" / runs.STATE_FILE)
     assert resumed.keys() == state.keys()
     assert all(torch.equal(resumed[k], state[k]) for k in state if k.startswith(("model.", "adversary.")))
+    # The head's outputs are the sources by name: a state whose sources differ is refused, not loaded.
+    meta = checkpoint.load_training_meta(whole / runs.STATE_FILE)
+    assert meta["adversary_sources"] == sorted(meta["adversary_sources"]) and len(meta["adversary_sources"]) >= 2
+    monkeypatch.setattr(checkpoint, "load_training_state", lambda path: (
+        state, {**meta, "adversary_sources": ["elsewhere", *meta["adversary_sources"][1:]]}))
+    with pytest.raises(checkpoint.CheckpointError, match="source head was trained on the sources"):
+        fit(cfg, whole, resume=True)
 
 
 def test_an_adversarial_fit_needs_two_sources(tiny_config, small_split: Path, ham_dir: Path, tmp_path: Path) -> None:

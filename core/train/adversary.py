@@ -39,7 +39,7 @@ class SourceAdversary(nn.Module):
     It knows every training image's source (``sources``, one name per image) and, when ``given`` holds one label per
     image (the diagnosis), sees that label beside the features: the features then need to hide only what the
     source says *beyond* the label. HAM10000's sources differ in their mix of diagnoses, not only in their cameras
-    (MoleMax's benign images are follow-up nevi, Rosendahl's are a third keratoses), and an unconditional head makes
+    (MoleMax's benign images are 95 % follow-up nevi, Rosendahl's a third keratoses), and an unconditional head makes
     the backbone hide that mix too. The loss reads a batch's rows by their training-image index."""
 
     def __init__(self, num_features: int, sources: np.ndarray, weight: float,
@@ -71,7 +71,7 @@ class SourceAdversary(nn.Module):
     def loss(self, features: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the source prediction for the training images ``image_index``: what the head minimises
         and, reversed, the backbone maximises."""
-        return F.cross_entropy(self.forward(features, image_index), cast(torch.Tensor, self.source_index)[image_index])
+        return F.cross_entropy(self(features, image_index), cast(torch.Tensor, self.source_index)[image_index])
 
 
 def create_adversary(model: nn.Module, sources: np.ndarray, weight: float,

@@ -131,6 +131,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
 
 def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
     dist_info = setup_distributed(cfg.device)
+    if cfg.source_adversary > 0 and dist_info.world_size > 1:
+        raise ValueError("--source-adversary runs on one process: it reads the features beside DDP's forward")
     device = resolve_device(cfg.device, dist_info.local_rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick the fastest kernels
     if dist_info.main:
@@ -219,8 +221,6 @@ def build_training_parts(cfg: RunConfig, device: torch.device, dist_info: Distri
     train_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
     adversary = None
     if cfg.source_adversary > 0 and data.train_sources is not None:
-        if dist_info.world_size > 1:
-            raise ValueError("--source-adversary runs on one process: it reads the features beside DDP's forward")
         adversary = create_adversary(model, data.train_sources, cfg.source_adversary,
                                      data.train_dx if cfg.source_adversary_given_dx else None)
     optimizer = torch.optim.AdamW([*model.parameters(), *(adversary.parameters() if adversary else ())], lr=cfg.lr,
@@ -275,7 +275,8 @@ def commit_epoch(run_dir: Path, parts: TrainingParts, progress: Progress, epoch:
     checkpoint.save_training_state(run_dir / runs.STATE_FILE, tensors | optim_tensors,
                                    optim_meta | {"epoch": epoch, "best_auroc": progress.best_auroc,
                                                  "since_best": progress.since_best,
-                                                 "scheduler": parts.scheduler.state_dict()})
+                                                 "scheduler": parts.scheduler.state_dict()}
+                                   | ({"adversary_sources": parts.adversary.sources} if parts.adversary else {}))
     print(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
           f"val AUROC {row['val_auroc']:.4f}{' *' if improved else ''}  {row['img_per_s']:.0f} img/s  "
           f"{row['seconds']:.1f}s", flush=True)
@@ -303,6 +304,10 @@ def restore_state(run_dir: Path, model: nn.Module, ema: ModelEmaV3 | None, optim
         if ema is not None:
             ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         if adversary is not None:
+            saved = meta.get("adversary_sources")
+            if saved != adversary.sources:
+                raise ValueError(f"the source head was trained on the sources {saved}, the data now gives "
+                                 f"{adversary.sources}")
             adversary.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("adversary.")})
         checkpoint.optimizer_from_tensors(optimizer, tensors, meta)
         scheduler.load_state_dict(meta["scheduler"])

@@ -109,7 +109,8 @@ def training_loss(model: nn.Module, loss_fn: nn.Module, augment: BatchAugment, p
     clean_logits, *twin_logits = logits.chunk(len(twins) + 1)
     loss = loss_fn(clean_logits, targets) + sum(
         weight * jensen_shannon(clean_logits, twin) for weight, twin in zip(twins.values(), twin_logits))
-    if adversary is not None and features is not None and image_index is not None:
+    if adversary is not None:
+        assert features is not None and image_index is not None
         loss = loss + adversary.loss(features[:len(clean_logits)], image_index)
     return loss
 
