@@ -42,6 +42,14 @@ def test_the_head_indexes_the_sorted_sources_and_keeps_its_tables_out_of_its_sta
     assert set(head.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     assert head(torch.zeros(2, 8), torch.tensor([0, 3])).shape == (2, 3)
     assert head.to(META).source_index.device == META and head.given.device == META
+    # Guessing the mix (2/4, 1/4, 1/4) scores its entropy; the logged mean is the images' mean cross-entropy.
+    assert head.guess_loss == pytest.approx(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25)))
+    cpu_head = SourceAdversary(8, np.array(["a", "b", "a", "b"]), 0.1)
+    features = torch.randn(4, 8)
+    first = cpu_head.loss(features[:3], torch.tensor([0, 1, 2]))
+    second = cpu_head.loss(features[3:], torch.tensor([3]))
+    assert cpu_head.take_mean_loss() == pytest.approx((3 * first.item() + second.item()) / 4, rel=1e-6)
+    assert cpu_head.take_mean_loss() == 0.0
 
 
 def _parts(**settings):
@@ -162,6 +170,10 @@ def test_an_adversarial_fit_saves_a_plain_network_and_resumes_exactly(tiny_confi
     assert any(k.startswith("adversary.") for k in state)
     assert not any("adversary" in k for k in checkpoint.read_tensors(whole / runs.MODEL_FILE))
     load_run(whole)  # the plain network, as every reader builds it
+    # The head's own cross-entropy is logged each epoch: a part of the train loss, and finite.
+    history = pd.read_csv(whole / runs.HISTORY_FILE)
+    assert np.isfinite(history["source_ce"]).all() and (history["source_ce"] > 0).all()
+    assert (history["train_loss"] > history["source_ce"]).all()
     assert RunConfig.from_yaml(whole / "config.yaml").source_adversary == 0.3
 
     real = checkpoint.save_training_state

@@ -57,6 +57,11 @@ class SourceAdversary(nn.Module):
         # Per-image tables: buffers, so they follow .to(device), but not persistent: never in a saved state.
         self.register_buffer("source_index", torch.from_numpy(index.astype(np.int64)), persistent=False)
         self.register_buffer("given", given_one_hot, persistent=False)
+        # The epoch's summed cross-entropy, kept on the device (no sync a step) and read once an epoch.
+        self.register_buffer("loss_sum", torch.zeros(()), persistent=False)
+        self.seen = 0
+        shares = np.bincount(index) / len(index)
+        self.guess_loss = float(-(shares * np.log(shares)).sum())  # the loss of always answering the source mix
         conditions = 0 if given_one_hot is None else given_one_hot.shape[1]
         self.net = nn.Sequential(nn.Linear(num_features + conditions, ADVERSARY_HIDDEN), nn.ReLU(),
                                  nn.Linear(ADVERSARY_HIDDEN, len(names)))
@@ -71,7 +76,19 @@ class SourceAdversary(nn.Module):
     def loss(self, features: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the source prediction for the training images ``image_index``: what the head minimises
         and, reversed, the backbone maximises."""
-        return F.cross_entropy(self(features, image_index), cast(torch.Tensor, self.source_index)[image_index])
+        loss = F.cross_entropy(self(features, image_index), cast(torch.Tensor, self.source_index)[image_index])
+        cast(torch.Tensor, self.loss_sum).add_(loss.detach() * len(image_index))
+        self.seen += len(image_index)
+        return loss
+
+    def take_mean_loss(self) -> float:
+        """The mean cross-entropy since the last call (one epoch), then start again: how well the source could still
+        be read from the features, to set beside :attr:`guess_loss`."""
+        loss_sum = cast(torch.Tensor, self.loss_sum)
+        mean = loss_sum.item() / max(self.seen, 1)
+        loss_sum.zero_()
+        self.seen = 0
+        return mean
 
 
 def create_adversary(model: nn.Module, sources: np.ndarray, weight: float,

@@ -151,6 +151,10 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
         print(f"{cfg.model} @ {height}×{width} px ({cfg.crop}) on {device_description(device)}; "
               f"train {len(data.train_images)}, val {len(data.val_images)} images preloaded in "
               f"{data.load_seconds:.1f}s")
+        if parts.adversary is not None:
+            print(f"source head over {', '.join(parts.adversary.sources)}: guessing the training images' mix "
+                  f"scores a cross-entropy of {parts.adversary.guess_loss:.3f}; the history's source_ce is the "
+                  "head's, train_loss includes it")
     for epoch in range(progress.start_epoch, cfg.epochs):
         set_backbone_trainable(parts.model, epoch >= cfg.head_warmup_epochs)
         stats = train_one_epoch(model=parts.train_model, images=data.train_images, labels=data.train_targets,
@@ -162,6 +166,8 @@ def _fit(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
         row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_loss": val_loss, "val_auroc": val_auroc,
                "lr": parts.optimizer.param_groups[0]["lr"], "img_per_s": stats["img_per_s"],
                "seconds": stats["train_seconds"] + val_seconds}
+        if "source_ce" in stats:
+            row["source_ce"] = stats["source_ce"]
         improved = progress.record(row)
         if dist_info.main:
             commit_epoch(run_dir, parts, progress, epoch, improved)
@@ -278,7 +284,8 @@ def commit_epoch(run_dir: Path, parts: TrainingParts, progress: Progress, epoch:
                                                  "scheduler": parts.scheduler.state_dict()}
                                    | ({"adversary_sources": parts.adversary.sources} if parts.adversary else {}))
     print(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-          f"val AUROC {row['val_auroc']:.4f}{' *' if improved else ''}  {row['img_per_s']:.0f} img/s  "
+          f"val AUROC {row['val_auroc']:.4f}{' *' if improved else ''}  "
+          + (f"source CE {row['source_ce']:.3f}  " if "source_ce" in row else "") + f"{row['img_per_s']:.0f} img/s  "
           f"{row['seconds']:.1f}s", flush=True)
 
 

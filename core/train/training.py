@@ -121,7 +121,8 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     cfg: RunConfig, device: torch.device, epoch: int, ema: ModelEmaV3 | None = None,
                     dist_info: Distributed = SINGLE_PROCESS,
                     adversary: SourceAdversary | None = None) -> dict[str, float]:
-    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput."""
+    """One pass over ``len(sampler)`` draws (or a shuffle). Returns mean loss and throughput, and with an
+    ``adversary`` its mean cross-entropy (``source_ce``, a part of the loss)."""
     model.train()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
@@ -169,8 +170,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         except torch.OutOfMemoryError as err:
             raise TrainingError(out_of_memory_advice(cfg)) from err
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / max(seen, 1), "img_per_s": seen * dist_info.world_size / seconds,
-            "train_seconds": seconds}
+    stats = {"train_loss": loss_sum.item() / max(seen, 1), "img_per_s": seen * dist_info.world_size / seconds,
+             "train_seconds": seconds}
+    return stats | ({"source_ce": adversary.take_mean_loss()} if adversary is not None else {})
 
 
 def out_of_memory_advice(cfg: RunConfig) -> str:
