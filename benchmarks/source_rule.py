@@ -82,8 +82,9 @@ def screen_recipes(incumbent_loso: Path, recipes: list[Path]) -> int:
         mine = held_out(loso)
         assert mine is not None
         failures = held_out_failures(mine, incumbent)
-        print(f"{loso}: " + ("passes the held-out-source step (2d in experiments.md): build its model and judge "
-                             "it on the others" if not failures else "fails the held-out-source step (2d in "
+        print(f"{loso}: " + (f"passes the held-out-source step (2d in experiments.md) with sensitivity "
+                             f"{mine['sensitivity']:.3f}, AUROC {mine['auroc']:.3f}: build its model and judge it on "
+                             "the others" if not failures else "fails the held-out-source step (2d in "
                              "experiments.md): " + "; ".join(failures)))
     return 0
 
@@ -130,24 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", type=Path, nargs="*", default=[],
                         help="screen these recipes' `cv --by source` folders on step 2d alone (needs --incumbent-loso)")
     args = parser.parse_args(argv)
-    if args.recipes:
-        if args.incumbent_loso is None or args.candidates or args.loso:
-            parser.error("--recipes screens recipes against --incumbent-loso, and nothing else")
-        try:
-            return screen_recipes(args.incumbent_loso, args.recipes)
-        except (runs.RunError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    if args.recipes and (args.incumbent_loso is None or args.candidates or args.loso):
+        parser.error("--recipes screens recipes against --incumbent-loso, and nothing else")
     if args.loso and len(args.loso) != len(args.candidates):
         parser.error(f"{len(args.candidates)} candidates but {len(args.loso)} --loso folders")
     try:
-        incumbent_loso = held_out(args.incumbent_loso)
-        results = [judge(run, args.incumbent, loso, incumbent_loso)
-                   for run, loso in zip([args.incumbent, *args.candidates], [args.incumbent_loso, *args.loso]
-                                        if args.loso else [args.incumbent_loso, *[None] * len(args.candidates)])]
+        if args.recipes:
+            return screen_recipes(args.incumbent_loso, args.recipes)
+        return judge_candidates(args.incumbent, args.incumbent_loso, args.candidates, args.loso)
     except (runs.RunError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def judge_candidates(incumbent: Path, incumbent_loso_dir: Path | None, candidates: list[Path],
+                     loso_dirs: list[Path]) -> int:
+    """Every step for the incumbent and each candidate, then the rule's choice."""
+    incumbent_loso = held_out(incumbent_loso_dir)
+    results = [judge(run, incumbent, loso, incumbent_loso)
+               for run, loso in zip([incumbent, *candidates], [incumbent_loso_dir, *loso_dirs]
+                                    if loso_dirs else [incumbent_loso_dir, *[None] * len(candidates)])]
     for result in results:
         gain, low, high = result["gain"]
         held = result["held_out"]

@@ -257,6 +257,7 @@ def test_the_source_rule_screens_recipes_on_the_held_out_sources(tmp_path: Path)
                               str(worse_ranking), str(fewer_hits))
     assert code == 0, err
     assert "held-out sensitivity 0.800, AUROC 0.740" in out
+    assert "with sensitivity 0.810, AUROC 0.735: build its model" in out
     verdicts = re.findall(r"(passes|fails) the held-out-source step", out)
     assert verdicts == ["passes", "fails", "fails"]
     assert "sensitivity 0.875 vs 0.800, AUROC 0.720 vs 0.740 (at least 0.730)" in out
