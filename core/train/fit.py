@@ -301,7 +301,7 @@ def restore(run_dir: Path, parts: TrainingParts, dist_info: Distributed) -> Prog
 
 
 def restore_state(run_dir: Path, model: nn.Module, ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, adversary: nn.Module | None = None) -> dict:
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, adversary: SourceAdversary | None = None) -> dict:
     """Load the last committed epoch into model, EMA, source adversary, optimiser and scheduler; returns its
     counters."""
     path = run_dir / runs.STATE_FILE
